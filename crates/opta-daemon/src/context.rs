@@ -1,0 +1,101 @@
+//! What every part of one daemon shares: its id, store, inference client and counters.
+//! Passed explicitly (no globals), so one process can run several daemons.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use opta_protocol::RuntimeStats;
+use tokio_util::sync::CancellationToken;
+
+use crate::inference::LmxClient;
+use crate::store::Store;
+
+/// Tunables of the session actors.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionLimits {
+    /// Frames buffered per subscriber before it is dropped as too slow.
+    pub subscriber_buffer: usize,
+    /// How long token/thinking events of a finished turn stay replayable.
+    pub delta_retention: Duration,
+}
+
+impl Default for SessionLimits {
+    fn default() -> Self {
+        Self {
+            subscriber_buffer: 4096,
+            delta_retention: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Live counters, updated by the actors and stream handlers.
+#[derive(Debug, Default)]
+pub struct RuntimeCounters {
+    sessions: AtomicUsize,
+    active_turns: AtomicUsize,
+    queued_turns: AtomicUsize,
+    subscribers: AtomicUsize,
+}
+
+/// Which counter to move.
+#[derive(Debug, Clone, Copy)]
+pub enum Counter {
+    /// Resident sessions.
+    Sessions,
+    /// Running turns.
+    ActiveTurns,
+    /// Queued turns.
+    QueuedTurns,
+    /// Open event subscriptions.
+    Subscribers,
+}
+
+impl RuntimeCounters {
+    fn slot(&self, c: Counter) -> &AtomicUsize {
+        match c {
+            Counter::Sessions => &self.sessions,
+            Counter::ActiveTurns => &self.active_turns,
+            Counter::QueuedTurns => &self.queued_turns,
+            Counter::Subscribers => &self.subscribers,
+        }
+    }
+
+    /// Adds `n`.
+    pub fn add(&self, c: Counter, n: usize) {
+        self.slot(c).fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Subtracts `n`.
+    pub fn sub(&self, c: Counter, n: usize) {
+        self.slot(c).fetch_sub(n, Ordering::Relaxed);
+    }
+
+    /// A reading of all counters.
+    pub fn snapshot(&self) -> RuntimeStats {
+        RuntimeStats {
+            session_count: self.sessions.load(Ordering::Relaxed),
+            active_turn_count: self.active_turns.load(Ordering::Relaxed),
+            queued_turn_count: self.queued_turns.load(Ordering::Relaxed),
+            subscriber_count: self.subscribers.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// The daemon's shared parts.
+#[derive(Debug)]
+pub struct DaemonContext {
+    /// `daemon_` + 8 url-safe characters.
+    pub daemon_id: String,
+    /// The store.
+    pub store: Store,
+    /// The inference server.
+    pub lmx: LmxClient,
+    /// Model for sessions created without one.
+    pub default_model: String,
+    /// Actor tunables.
+    pub limits: SessionLimits,
+    /// Live counters.
+    pub counters: RuntimeCounters,
+    /// Cancelled when the daemon begins to stop.
+    pub shutdown: CancellationToken,
+}

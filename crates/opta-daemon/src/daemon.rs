@@ -1,0 +1,313 @@
+//! Daemon lifecycle: home lock, store, session registry, listener, state file, shutdown.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::context::{DaemonContext, RuntimeCounters, SessionLimits};
+use crate::error::{Error, Result};
+use crate::http::{AppState, router};
+use crate::ids::{new_daemon_id, new_token, now_iso};
+use crate::inference::{LmxClient, LmxTimeouts};
+use crate::session::Registry;
+use crate::store::Store;
+
+/// The default port; when it is taken the daemon tries [`FALLBACK_PORTS`].
+pub const DEFAULT_PORT: u16 = 9999;
+/// Ports tried in order when [`DEFAULT_PORT`] is taken.
+pub const FALLBACK_PORTS: std::ops::RangeInclusive<u16> = 10000..=10020;
+
+/// How to run a daemon.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    /// Address to bind (loopback unless the user opts out).
+    pub host: String,
+    /// Port; [`DEFAULT_PORT`] falls back to [`FALLBACK_PORTS`]; 0 takes any free port.
+    pub port: u16,
+    /// Home directory; daemon files live in `home/daemon/`.
+    pub home: PathBuf,
+    /// Auth token; a random one when `None`.
+    pub token: Option<String>,
+    /// Base URL of the inference server.
+    pub lmx_url: String,
+    /// Model for sessions created without one.
+    pub model: String,
+    /// Inference timeouts.
+    pub lmx_timeouts: LmxTimeouts,
+    /// Session actor tunables.
+    pub limits: SessionLimits,
+    /// Log file reported in the state file.
+    pub logs_path: Option<PathBuf>,
+}
+
+impl DaemonConfig {
+    /// Defaults for `home`: loopback, port 9999, LMX at 127.0.0.1:1234.
+    pub fn new(home: impl Into<PathBuf>) -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: DEFAULT_PORT,
+            home: home.into(),
+            token: None,
+            lmx_url: "http://127.0.0.1:1234".into(),
+            model: "default".into(),
+            lmx_timeouts: LmxTimeouts::default(),
+            limits: SessionLimits::default(),
+            logs_path: None,
+        }
+    }
+
+    /// `home/daemon`.
+    pub fn daemon_dir(&self) -> PathBuf {
+        daemon_dir(&self.home)
+    }
+}
+
+/// `home/daemon`, where the state file, lock, log and database live.
+pub fn daemon_dir(home: &Path) -> PathBuf {
+    home.join("daemon")
+}
+
+/// `home/daemon/state.json`.
+pub fn state_path(home: &Path) -> PathBuf {
+    daemon_dir(home).join("state.json")
+}
+
+/// The state file clients read to find and authenticate to the daemon.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DaemonState {
+    /// Process id.
+    pub pid: u32,
+    /// Daemon instance id.
+    pub daemon_id: String,
+    /// Bound host.
+    pub host: String,
+    /// Bound port.
+    pub port: u16,
+    /// Auth token.
+    pub token: String,
+    /// Start time.
+    pub started_at: String,
+    /// Log file.
+    pub logs_path: String,
+}
+
+/// A running daemon; dropping it does not stop it, call [`RunningDaemon::shutdown`].
+pub struct RunningDaemon {
+    addr: SocketAddr,
+    state: DaemonState,
+    state_path: PathBuf,
+    ctx: Arc<DaemonContext>,
+    registry: Registry,
+    server: JoinHandle<std::io::Result<()>>,
+    _lock: File,
+}
+
+impl std::fmt::Debug for RunningDaemon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningDaemon")
+            .field("addr", &self.addr)
+            .field("daemon_id", &self.state.daemon_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RunningDaemon {
+    /// Starts a daemon: takes the home lock, opens the store, resumes open turns, binds,
+    /// writes the state file.
+    pub async fn start(config: DaemonConfig) -> Result<Self> {
+        let dir = config.daemon_dir();
+        fs::create_dir_all(&dir)?;
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))?;
+        let lock = take_lock(&dir)?;
+
+        let db_path = dir.join("opta.db");
+        let store = tokio::task::spawn_blocking(move || Store::open(&db_path))
+            .await
+            .map_err(|e| Error::Internal(format!("store open task: {e}")))??;
+        let lmx = LmxClient::new(&config.lmx_url, config.lmx_timeouts)
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        let shutdown = CancellationToken::new();
+        let ctx = Arc::new(DaemonContext {
+            daemon_id: new_daemon_id(),
+            store,
+            lmx,
+            default_model: config.model.clone(),
+            limits: config.limits,
+            counters: RuntimeCounters::default(),
+            shutdown: shutdown.clone(),
+        });
+        let registry = Registry::spawn(ctx.clone());
+        for id in ctx.store.sessions_with_open_turns().await? {
+            match opta_protocol::SessionId::parse(&id) {
+                Ok(id) => {
+                    if let Err(e) = registry.get(id.clone()).await {
+                        tracing::error!(session = %id, error = %e, "could not resume session");
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "stored session id is invalid"),
+            }
+        }
+
+        let listener = bind(&config.host, config.port).await?;
+        let addr = listener.local_addr()?;
+        let token: Arc<str> = config.token.clone().unwrap_or_else(new_token).into();
+        let logs_path = config
+            .logs_path
+            .clone()
+            .unwrap_or_else(|| dir.join("daemon.log"));
+        let state = DaemonState {
+            pid: std::process::id(),
+            daemon_id: ctx.daemon_id.clone(),
+            host: config.host.clone(),
+            port: addr.port(),
+            token: token.to_string(),
+            started_at: now_iso(),
+            logs_path: logs_path.display().to_string(),
+        };
+        let state_path = dir.join("state.json");
+        write_state(&state_path, &state)?;
+
+        let app = router(AppState {
+            ctx: ctx.clone(),
+            registry: registry.clone(),
+            token,
+        });
+        let server = tokio::spawn(
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown.cancelled_owned())
+                .into_future(),
+        );
+        tracing::info!(%addr, daemon_id = %ctx.daemon_id, "daemon listening");
+        Ok(Self {
+            addr,
+            state,
+            state_path,
+            ctx,
+            registry,
+            server,
+            _lock: lock,
+        })
+    }
+
+    /// Where it listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// What the state file says.
+    pub fn state(&self) -> &DaemonState {
+        &self.state
+    }
+
+    /// Cancelled when shutdown begins.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.ctx.shutdown.clone()
+    }
+
+    /// Graceful stop: stop accepting, end streams, interrupt running turns, flush the store,
+    /// remove the state file, release the lock.
+    pub async fn shutdown(self) -> Result<()> {
+        self.ctx.shutdown.cancel();
+        match self.server.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "server ended with an error"),
+            Err(e) => tracing::error!(error = %e, "server task failed"),
+        }
+        self.registry.shutdown().await;
+        self.ctx.store.shutdown().await?;
+        if let Err(e) = fs::remove_file(&self.state_path) {
+            tracing::warn!(error = %e, "could not remove the state file");
+        }
+        tracing::info!(daemon_id = %self.ctx.daemon_id, "daemon stopped");
+        Ok(())
+    }
+}
+
+/// Takes an exclusive lock on `dir/daemon.lock`; held for the daemon's lifetime and released
+/// by the OS if the process dies, so a stale state file never blocks a start.
+fn take_lock(dir: &Path) -> Result<File> {
+    let path = dir.join("daemon.lock");
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(fs::TryLockError::WouldBlock) => {
+            let pid = fs::read(dir.join("state.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<DaemonState>(&b).ok())
+                .map(|s| format!(", pid {}", s.pid))
+                .unwrap_or_default();
+            Err(Error::AlreadyRunning { lock: path, pid })
+        }
+        Err(fs::TryLockError::Error(e)) => Err(Error::Io(e)),
+    }
+}
+
+async fn bind(host: &str, port: u16) -> Result<TcpListener> {
+    let candidates: Vec<u16> = if port == DEFAULT_PORT {
+        std::iter::once(DEFAULT_PORT)
+            .chain(FALLBACK_PORTS)
+            .collect()
+    } else {
+        vec![port]
+    };
+    let host_part = if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]")
+    } else {
+        host.to_owned()
+    };
+    let mut last_error = None;
+    for candidate in candidates {
+        match TcpListener::bind(format!("{host_part}:{candidate}")).await {
+            Ok(listener) => {
+                let addr = listener.local_addr()?;
+                if !addr.ip().is_loopback() {
+                    tracing::warn!(%addr, "listening on a non-loopback address: reachable from the network");
+                }
+                return Ok(listener);
+            }
+            Err(e) => last_error = Some(e),
+        }
+    }
+    Err(Error::Bind {
+        host: host.to_owned(),
+        reason: last_error.map_or_else(|| "no port to try".to_owned(), |e| e.to_string()),
+    })
+}
+
+/// Writes the state file atomically with mode 0600.
+fn write_state(path: &Path, state: &DaemonState) -> Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    let json = serde_json::to_vec_pretty(state)
+        .map_err(|e| Error::Internal(format!("state serialisation: {e}")))?;
+    let mut file = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    file.write_all(&json)?;
+    file.sync_all()?;
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600))?;
+    fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// Reads the state file of `home`, if there is one.
+pub fn read_state(home: &Path) -> Option<DaemonState> {
+    let bytes = fs::read(state_path(home)).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}

@@ -1,0 +1,110 @@
+//! The daemon library's error type. The HTTP edge maps it to status + code in one place
+//! (`http::error`).
+
+use std::path::PathBuf;
+
+use opta_protocol::{ErrorDetail, Seq, SessionId};
+
+/// Everything that can go wrong inside the daemon library.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request was malformed or invalid; nothing changed. Retrying the same input fails again.
+    #[error("{message}")]
+    InvalidInput {
+        /// Summary.
+        message: String,
+        /// Which fields are wrong.
+        details: Vec<ErrorDetail>,
+    },
+    /// Missing or wrong token.
+    #[error("Unauthorized")]
+    Unauthorized,
+    /// No session with that id, in memory or on disk.
+    #[error("Session not found: {0}")]
+    SessionNotFound(SessionId),
+    /// No permission request with that id in that session.
+    #[error("Permission request not found: {0}")]
+    PermissionNotFound(String),
+    /// No such route.
+    #[error("Not found: {0}")]
+    RouteNotFound(String),
+    /// The route exists but not with that method.
+    #[error("Method {0} not allowed here")]
+    MethodNotAllowed(String),
+    /// The writer's `lastSeenSeq` is behind the session; nothing was queued. Retry after catching up.
+    #[error(
+        "Session state conflict: lastSeenSeq {last_seen} is behind the session's seq {current}"
+    )]
+    StateConflict {
+        /// What the writer sent.
+        last_seen: Seq,
+        /// The session's seq now.
+        current: Seq,
+    },
+    /// The permission request was already decided.
+    #[error("Permission request {0} was already decided")]
+    PermissionConflict(String),
+    /// The request body exceeds the limit.
+    #[error("Request body too large (limit {limit} bytes)")]
+    PayloadTooLarge {
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// The disk is full; nothing was written. Retry once space is freed.
+    #[error("Storage is full: {0}")]
+    StorageFull(String),
+    /// The store failed for another reason.
+    #[error("Storage error: {0}")]
+    Storage(String),
+    /// The daemon is stopping and takes no new work.
+    #[error("The daemon is shutting down")]
+    ShuttingDown,
+    /// Another daemon holds the lock on this home directory.
+    #[error(
+        "Another opta daemon is already running with this home (lock {lock}{pid}); stop it first or use another --home"
+    )]
+    AlreadyRunning {
+        /// The lock file.
+        lock: PathBuf,
+        /// `, pid N` when the state file names it.
+        pid: String,
+    },
+    /// No port could be bound.
+    #[error("Could not listen on {host}: {reason}")]
+    Bind {
+        /// The host asked for.
+        host: String,
+        /// What failed.
+        reason: String,
+    },
+    /// File system failure outside the store.
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    /// A bug: an invariant did not hold.
+    #[error("Internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// A 400 with one detail.
+    pub fn invalid(path: impl Into<String>, message: impl Into<String>) -> Self {
+        let message = message.into();
+        let path = path.into();
+        Error::InvalidInput {
+            message: format!("Invalid request: {path}: {message}"),
+            details: vec![ErrorDetail { path, message }],
+        }
+    }
+}
+
+impl From<rusqlite::Error> for Error {
+    fn from(e: rusqlite::Error) -> Self {
+        match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DiskFull) => Error::StorageFull(e.to_string()),
+            _ => Error::Storage(e.to_string()),
+        }
+    }
+}
+
+/// Shorthand for the library's results.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

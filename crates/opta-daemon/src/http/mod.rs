@@ -1,0 +1,69 @@
+//! The HTTP edge: router, middleware, and the WebSocket and SSE planes.
+
+mod auth;
+mod cors;
+mod error;
+mod extract;
+mod routes;
+mod sse;
+mod subscribe;
+mod ws;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::middleware;
+use axum::routing::{get, post};
+
+use crate::context::DaemonContext;
+use crate::session::Registry;
+
+pub use cors::is_loopback_origin;
+pub use extract::BODY_LIMIT;
+pub use routes::VERSION;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    /// The daemon's shared parts.
+    pub ctx: Arc<DaemonContext>,
+    /// The session registry.
+    pub registry: Registry,
+    /// The auth token.
+    pub token: Arc<str>,
+}
+
+/// The v3 router with auth, CORS and the body limit.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/health", get(routes::health))
+        .route("/v3/health", get(routes::v3_health))
+        .route("/v3/metrics", get(routes::metrics))
+        .route(
+            "/v3/sessions",
+            post(routes::create_session).get(routes::list_sessions),
+        )
+        .route(
+            "/v3/sessions/{id}",
+            get(routes::get_session).delete(routes::delete_session),
+        )
+        .route("/v3/sessions/{id}/turns", post(routes::submit_turn))
+        .route("/v3/sessions/{id}/events", get(routes::session_events))
+        .route("/v3/sessions/{id}/cancel", post(routes::cancel))
+        .route(
+            "/v3/sessions/{id}/permissions/{request_id}",
+            post(routes::resolve_permission),
+        )
+        .route("/v3/sse/events", get(sse::events))
+        .route("/v3/ws", get(ws::connect))
+        .fallback(routes::not_found)
+        .method_not_allowed_fallback(routes::method_not_allowed)
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_token,
+        ))
+        .layer(middleware::from_fn(cors::loopback_cors))
+        .with_state(state)
+}

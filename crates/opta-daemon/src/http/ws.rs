@@ -1,0 +1,238 @@
+//! The WebSocket event plane: replay then live events out; hello, turn.submit,
+//! permission.resolve and turn.cancel in, each answered with an ack or an error frame.
+
+use std::collections::HashMap;
+
+use axum::extract::State;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::http::{HeaderMap, Uri};
+use axum::response::{IntoResponse, Response};
+use futures_util::{SinkExt, StreamExt};
+use opta_protocol::{
+    AckFrame, CLOSE_BAD_REQUEST, CLOSE_NOT_FOUND, CLOSE_TOO_SLOW, CLOSE_UNAUTHORIZED, ClientFrame,
+    Seq, SessionId,
+};
+use serde::Serialize;
+use serde_json::json;
+use tokio::sync::broadcast::error::RecvError;
+
+use super::AppState;
+use super::auth::is_authorised;
+use super::extract::{BODY_LIMIT, parse_json};
+use super::routes::validate_submit;
+use super::subscribe::{EventFeed, open_feed};
+use crate::error::Error;
+use crate::session::SessionHandle;
+
+type WsSink = futures_util::stream::SplitSink<WebSocket, Message>;
+
+pub async fn connect(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    uri: Uri,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    let authorised = is_authorised(&state.token, &headers, uri.query());
+    let upgrade = match upgrade {
+        Ok(u) => u,
+        Err(_) if !authorised => return Error::Unauthorized.into_response(),
+        Err(rejection) => {
+            return Error::invalid("upgrade", rejection.body_text()).into_response();
+        }
+    };
+    let params: HashMap<String, String> = uri
+        .query()
+        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+        .unwrap_or_default();
+    upgrade
+        .max_message_size(BODY_LIMIT)
+        .on_upgrade(move |socket| serve_socket(socket, state, params, authorised))
+}
+
+async fn serve_socket(
+    socket: WebSocket,
+    state: AppState,
+    params: HashMap<String, String>,
+    authorised: bool,
+) {
+    let (mut sink, mut source) = socket.split();
+    if !authorised {
+        close_with_error(&mut sink, &Error::Unauthorized, CLOSE_UNAUTHORIZED).await;
+        return;
+    }
+    let target = match parse_target(&params) {
+        Ok(t) => t,
+        Err(e) => {
+            close_with_error(&mut sink, &e, CLOSE_BAD_REQUEST).await;
+            return;
+        }
+    };
+    let (session_id, after_seq) = target;
+    let feed = match open_feed(&state, session_id.clone(), after_seq).await {
+        Ok(feed) => feed,
+        Err(e @ Error::SessionNotFound(_)) => {
+            close_with_error(&mut sink, &e, CLOSE_NOT_FOUND).await;
+            return;
+        }
+        Err(e) => {
+            close_with_error(&mut sink, &e, 1011).await;
+            return;
+        }
+    };
+    let EventFeed {
+        handle,
+        replay,
+        mut receiver,
+        current_seq,
+        guard: _guard,
+    } = feed;
+    // A client claiming a seq beyond the session's (say, of a deleted and re-created
+    // session) gets everything live rather than nothing.
+    let mut last_sent: Seq = after_seq.min(current_seq);
+    for frame in replay {
+        if sink.send(text(&frame.json)).await.is_err() {
+            return;
+        }
+        last_sent = frame.seq;
+    }
+    loop {
+        tokio::select! {
+            _ = state.ctx.shutdown.cancelled() => {
+                close(&mut sink, 1001, "daemon shutting down").await;
+                return;
+            }
+            incoming = source.next() => match incoming {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                Some(Ok(Message::Text(body))) => {
+                    let reply = answer_frame(&handle, &session_id, body.as_bytes(), last_sent).await;
+                    if sink.send(text(&reply)).await.is_err() {
+                        return;
+                    }
+                }
+                Some(Ok(Message::Binary(_))) => {
+                    let reply = error_frame(&Error::invalid("frame", "binary frames are not supported"));
+                    if sink.send(text(&reply)).await.is_err() {
+                        return;
+                    }
+                }
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+            },
+            live = receiver.recv() => match live {
+                Ok(frame) if frame.seq <= last_sent => {}
+                Ok(frame) => {
+                    if sink.send(text(&frame.json)).await.is_err() {
+                        return;
+                    }
+                    last_sent = frame.seq;
+                }
+                Err(RecvError::Lagged(_)) => {
+                    let reason = format!("too slow; reconnect with afterSeq={last_sent}");
+                    close(&mut sink, CLOSE_TOO_SLOW, &reason).await;
+                    return;
+                }
+                Err(RecvError::Closed) => {
+                    close(&mut sink, 1000, "session closed").await;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn parse_target(params: &HashMap<String, String>) -> Result<(SessionId, Seq), Error> {
+    let raw = params
+        .get("sessionId")
+        .ok_or_else(|| Error::invalid("query.sessionId", "is required"))?;
+    let id = SessionId::parse(raw).map_err(|e| Error::invalid("query.sessionId", e.to_string()))?;
+    let after_seq = match params.get("afterSeq") {
+        None => 0,
+        Some(v) => v
+            .parse()
+            .map_err(|_| Error::invalid("query.afterSeq", "must be a non-negative integer"))?,
+    };
+    Ok((id, after_seq))
+}
+
+fn text(json: &str) -> Message {
+    Message::Text(Utf8Bytes::from(json))
+}
+
+fn error_frame(error: &Error) -> String {
+    error.body().to_string()
+}
+
+fn ack<T: Serialize>(action: &str, result: &T) -> String {
+    let result = match serde_json::to_value(result) {
+        Ok(serde_json::Value::Object(map)) => map,
+        _ => serde_json::Map::new(),
+    };
+    let frame = AckFrame {
+        kind: "ack".into(),
+        action: action.into(),
+        result,
+    };
+    serde_json::to_string(&frame).unwrap_or_else(|_| json!({"error": "internal"}).to_string())
+}
+
+async fn answer_frame(
+    handle: &SessionHandle,
+    session_id: &SessionId,
+    body: &[u8],
+    last_sent: Seq,
+) -> String {
+    let frame: ClientFrame = match parse_json(body) {
+        Ok(f) => f,
+        Err(e) => return error_frame(&e),
+    };
+    if frame.session_id() != session_id {
+        return error_frame(&Error::invalid(
+            "sessionId",
+            format!("this connection is for session {session_id}"),
+        ));
+    }
+    let action = frame.action();
+    let result = match frame {
+        ClientFrame::Hello { client_id, .. } => Ok(ack(
+            action,
+            &json!({ "clientId": client_id, "sessionId": session_id, "lastSeq": last_sent }),
+        )),
+        ClientFrame::TurnSubmit { turn, .. } => match validate_submit(&turn) {
+            Ok(()) => handle.submit(turn).await.map(|r| ack(action, &r)),
+            Err(e) => Err(e),
+        },
+        ClientFrame::PermissionResolve { resolution, .. } => handle
+            .resolve_permission(resolution.request_id.clone(), resolution)
+            .await
+            .map(|r| ack(action, &r)),
+        ClientFrame::TurnCancel { cancel, .. } => {
+            handle.cancel(cancel).await.map(|r| ack(action, &r))
+        }
+    };
+    result.unwrap_or_else(|e| {
+        let mut body = e.body();
+        if let Some(map) = body.as_object_mut() {
+            map.insert("action".into(), action.into());
+        }
+        body.to_string()
+    })
+}
+
+async fn close(sink: &mut WsSink, code: u16, reason: &str) {
+    let _ = sink
+        .send(Message::Close(Some(CloseFrame {
+            code,
+            reason: Utf8Bytes::from(reason),
+        })))
+        .await;
+}
+
+async fn close_with_error(sink: &mut WsSink, error: &Error, code: u16) {
+    let _ = sink.send(text(&error_frame(error))).await;
+    // Close reasons are limited to 123 bytes.
+    let mut reason = error.to_string();
+    while reason.len() > 120 {
+        reason.pop();
+    }
+    close(sink, code, &reason).await;
+}

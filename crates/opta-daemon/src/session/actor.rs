@@ -1,0 +1,886 @@
+//! The session actor: owns history, queue, the active turn and `seq`.
+//!
+//! Every event is numbered here, committed to the store, and only then broadcast, so the
+//! order subscribers see is the seq order and anything a client saw is on disk.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::ops::ControlFlow;
+use std::sync::Arc;
+use std::time::Instant;
+
+use opta_protocol::{
+    CancelRequest, CancelResponse, ChatMessage, Envelope, Event, Mode, PROTOCOL_VERSION,
+    ResolvePermissionRequest, ResolvePermissionResponse, Role, Seq, SessionCancelled,
+    SessionDetail, SessionId, SessionSnapshot, SessionSnapshotEvent, SessionUpdated,
+    SubmitTurnRequest, SubmitTurnResponse, TurnDone, TurnError, TurnErrorCode, TurnId,
+    TurnOverrides, TurnQueued, TurnStart, TurnStats, TurnText,
+};
+use tokio::sync::{broadcast, mpsc};
+use tokio::task::JoinHandle;
+
+use super::turn::{TurnUpdate, run_turn};
+use super::{Frame, SessionChanges, SessionCommand, SessionHandle, Subscription};
+use crate::context::{Counter, DaemonContext};
+use crate::error::{Error, Result};
+use crate::ids::{new_turn_id, now_iso};
+use crate::inference::{Completion, Delta};
+use crate::store::{LoadedSession, SessionRow, TurnRow, TurnState, WriteOp};
+
+/// Deltas folded into one store commit when the model outpaces the disk.
+const MAX_DELTAS_PER_COMMIT: usize = 256;
+
+/// A turn waiting in the queue.
+#[derive(Debug, Clone)]
+struct PendingTurn {
+    turn_id: TurnId,
+    writer_id: String,
+    client_id: String,
+    content: String,
+    mode: Mode,
+    overrides: Option<TurnOverrides>,
+}
+
+/// The turn being run.
+struct ActiveTurn {
+    turn: PendingTurn,
+    turn_no: u64,
+    started: Instant,
+    first_delta_at: Option<Instant>,
+    text: String,
+    delta_count: u64,
+    /// `None` for a turn recovered after a crash, which has no task.
+    task: Option<JoinHandle<()>>,
+}
+
+/// How the active turn ends.
+enum TurnEnding {
+    Done(Completion),
+    Failed {
+        code: Option<TurnErrorCode>,
+        message: String,
+        state: TurnState,
+    },
+}
+
+pub(crate) struct SessionActor {
+    ctx: Arc<DaemonContext>,
+    id: SessionId,
+    id_arc: Arc<str>,
+    meta: SessionRow,
+    history: Vec<ChatMessage>,
+    seq: Seq,
+    queue: VecDeque<PendingTurn>,
+    active: Option<ActiveTurn>,
+    next_turn_no: u64,
+    idempotency: HashMap<String, TurnId>,
+    events: broadcast::Sender<Frame>,
+    updates_tx: mpsc::Sender<TurnUpdate>,
+    updates: mpsc::Receiver<TurnUpdate>,
+    stopping: bool,
+}
+
+impl SessionActor {
+    /// Starts the actor for a loaded (or just created) session.
+    pub(crate) fn spawn(ctx: Arc<DaemonContext>, loaded: LoadedSession) -> Result<SessionHandle> {
+        let id = SessionId::parse(&loaded.row.id)
+            .map_err(|e| Error::Storage(format!("stored session id is invalid: {e}")))?;
+        let history = loaded
+            .messages
+            .iter()
+            .map(|body| serde_json::from_str::<ChatMessage>(body))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Error::Storage(format!("corrupt message in session {id}: {e}")))?;
+        let (commands_tx, commands) = mpsc::channel(256);
+        let (events, _) = broadcast::channel(ctx.limits.subscriber_buffer);
+        let (updates_tx, updates) = mpsc::channel(256);
+        let actor = SessionActor {
+            id_arc: Arc::from(id.as_str()),
+            id: id.clone(),
+            meta: loaded.row,
+            history,
+            seq: loaded.last_seq,
+            queue: VecDeque::new(),
+            active: None,
+            next_turn_no: 0,
+            idempotency: loaded
+                .idempotency
+                .into_iter()
+                .map(|(k, v)| (k, TurnId(v)))
+                .collect(),
+            events,
+            updates_tx,
+            updates,
+            stopping: false,
+            ctx: ctx.clone(),
+        };
+        ctx.counters.add(Counter::Sessions, 1);
+        tokio::spawn(actor.run(commands, loaded.open_turns, loaded.running_text));
+        Ok(SessionHandle {
+            id,
+            commands: commands_tx,
+        })
+    }
+
+    async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<SessionCommand>,
+        open_turns: Vec<TurnRow>,
+        running_text: HashMap<String, String>,
+    ) {
+        self.recover(open_turns, running_text).await;
+        self.maybe_start_next().await;
+        loop {
+            tokio::select! {
+                biased;
+                command = commands.recv() => {
+                    let Some(command) = command else { break };
+                    if self.handle(command).await.is_break() {
+                        break;
+                    }
+                }
+                Some(update) = self.updates.recv() => self.on_update(update).await,
+            }
+        }
+        if let Some(active) = self.active.take()
+            && let Some(task) = active.task
+        {
+            task.abort();
+            self.ctx.counters.sub(Counter::ActiveTurns, 1);
+        }
+        self.ctx
+            .counters
+            .sub(Counter::QueuedTurns, self.queue.len());
+        self.ctx.counters.sub(Counter::Sessions, 1);
+    }
+
+    async fn handle(&mut self, command: SessionCommand) -> ControlFlow<()> {
+        match command {
+            SessionCommand::Open { changes, reply } => {
+                let _ = reply.send(self.open(changes).await);
+            }
+            SessionCommand::Submit { request, reply } => {
+                let _ = reply.send(self.submit(*request).await);
+                self.maybe_start_next().await;
+            }
+            SessionCommand::Cancel { request, reply } => {
+                let _ = reply.send(self.cancel(request).await);
+                self.maybe_start_next().await;
+            }
+            SessionCommand::ResolvePermission {
+                request_id,
+                request,
+                reply,
+            } => {
+                let _ = reply.send(self.resolve_permission(request_id, request));
+            }
+            SessionCommand::Subscribe { reply } => {
+                let _ = reply.send(Subscription {
+                    receiver: self.events.subscribe(),
+                    current_seq: self.seq,
+                });
+            }
+            SessionCommand::Snapshot { reply } => {
+                let _ = reply.send(self.snapshot());
+            }
+            SessionCommand::Detail { reply } => {
+                let _ = reply.send(SessionDetail {
+                    snapshot: self.snapshot(),
+                    messages: self.history.clone(),
+                });
+            }
+            SessionCommand::Delete { reply } => {
+                let result = self.delete().await;
+                let deleted = result.is_ok();
+                let _ = reply.send(result);
+                if deleted {
+                    return ControlFlow::Break(());
+                }
+            }
+            SessionCommand::Shutdown { reply } => {
+                self.shutdown().await;
+                let _ = reply.send(());
+                return ControlFlow::Break(());
+            }
+        }
+        ControlFlow::Continue(())
+    }
+
+    /// Numbers `events`, commits them with `ops` in one batch, then broadcasts them.
+    /// On failure nothing was committed or broadcast and `seq` is unchanged.
+    async fn emit(&mut self, events: Vec<Event>, mut ops: Vec<WriteOp>) -> Result<()> {
+        let ts = now_iso();
+        let mut frames = Vec::with_capacity(events.len());
+        let mut seq = self.seq;
+        for event in events {
+            seq += 1;
+            let name = event.name();
+            let turn_id = event.turn_id().map(|t| t.0.clone());
+            let envelope = Envelope {
+                v: PROTOCOL_VERSION.to_owned(),
+                event,
+                daemon_id: self.ctx.daemon_id.clone(),
+                session_id: self.id.clone(),
+                seq,
+                ts: ts.clone(),
+            };
+            let json: Arc<str> = serde_json::to_string(&envelope)
+                .map_err(|e| Error::Internal(format!("envelope serialisation: {e}")))?
+                .into();
+            ops.push(WriteOp::AppendEvent {
+                session_id: self.id_arc.clone(),
+                seq,
+                event: name,
+                turn_id,
+                envelope: json.clone(),
+            });
+            frames.push(Frame { seq, json });
+        }
+        self.ctx.store.write(ops).await?;
+        self.seq = seq;
+        for frame in frames {
+            // No receivers is fine: the event is stored and replayable.
+            let _ = self.events.send(frame);
+        }
+        Ok(())
+    }
+
+    fn snapshot(&self) -> SessionSnapshot {
+        let mut writers: HashSet<&str> = self.queue.iter().map(|t| t.writer_id.as_str()).collect();
+        if let Some(active) = &self.active {
+            writers.insert(&active.turn.writer_id);
+        }
+        SessionSnapshot {
+            session_id: self.id.clone(),
+            model: self.meta.model.clone(),
+            title: self.meta.title.clone(),
+            created_at: self.meta.created_at.clone(),
+            updated_at: self.meta.updated_at.clone(),
+            active_turn_id: self.active.as_ref().map(|a| a.turn.turn_id.clone()),
+            queued_turns: self.queue.len(),
+            tool_call_count: self.meta.tool_call_count,
+            writer_count: writers.len(),
+        }
+    }
+
+    fn message_op(
+        &self,
+        message: &ChatMessage,
+        turn_id: &TurnId,
+        partial: bool,
+    ) -> Result<WriteOp> {
+        Ok(WriteOp::AppendMessage {
+            session_id: self.id_arc.clone(),
+            idx: self.history.len() as u64,
+            turn_id: Some(turn_id.0.clone()),
+            body: serde_json::to_string(message)
+                .map_err(|e| Error::Internal(format!("message serialisation: {e}")))?,
+            partial,
+        })
+    }
+
+    async fn open(&mut self, changes: SessionChanges) -> Result<SessionSnapshot> {
+        let mut meta = self.meta.clone();
+        let changed =
+            changes.model.is_some() || changes.title.is_some() || changes.metadata.is_some();
+        if let Some(model) = changes.model {
+            meta.model = model;
+        }
+        if let Some(title) = changes.title {
+            meta.title = Some(title);
+        }
+        if let Some(metadata) = changes.metadata {
+            meta.metadata = Some(metadata.to_string());
+        }
+        let mut ops = Vec::new();
+        if changed {
+            meta.updated_at = now_iso();
+            ops.push(WriteOp::UpdateSession(meta.clone()));
+        }
+        let previous = std::mem::replace(&mut self.meta, meta);
+        let snapshot = self.snapshot();
+        let event = Event::SessionSnapshot(SessionSnapshotEvent {
+            snapshot: snapshot.clone(),
+            messages: self.history.clone(),
+        });
+        if let Err(e) = self.emit(vec![event], ops).await {
+            self.meta = previous;
+            return Err(e);
+        }
+        Ok(snapshot)
+    }
+
+    async fn submit(&mut self, request: SubmitTurnRequest) -> Result<SubmitTurnResponse> {
+        if let Some(last_seen) = request.last_seen_seq
+            && last_seen < self.seq
+        {
+            return Err(Error::StateConflict {
+                last_seen,
+                current: self.seq,
+            });
+        }
+        if let Some(key) = &request.idempotency_key
+            && let Some(turn_id) = self.idempotency.get(key)
+        {
+            return Ok(SubmitTurnResponse {
+                turn_id: turn_id.clone(),
+                queued: false,
+            });
+        }
+        let turn = PendingTurn {
+            turn_id: TurnId(new_turn_id()),
+            writer_id: request.writer_id,
+            client_id: request.client_id,
+            content: request.content,
+            mode: request.mode,
+            overrides: request.overrides,
+        };
+        let row = TurnRow {
+            turn_id: turn.turn_id.0.clone(),
+            session_id: self.id.to_string(),
+            writer_id: turn.writer_id.clone(),
+            client_id: turn.client_id.clone(),
+            content: turn.content.clone(),
+            mode: turn.mode.as_str().to_owned(),
+            metadata: request.metadata.map(|m| m.to_string()),
+            overrides: turn
+                .overrides
+                .as_ref()
+                .and_then(|o| serde_json::to_string(o).ok()),
+            idempotency_key: request.idempotency_key.clone(),
+            state: TurnState::Queued,
+            queued_seq: self.seq + 1,
+            created_at: now_iso(),
+        };
+        let event = Event::TurnQueued(TurnQueued {
+            turn_id: turn.turn_id.clone(),
+            writer_id: turn.writer_id.clone(),
+            client_id: turn.client_id.clone(),
+            queue_size: self.queue.len() + 1,
+        });
+        self.emit(vec![event], vec![WriteOp::InsertTurn(row)])
+            .await?;
+        if let Some(key) = request.idempotency_key {
+            self.idempotency.insert(key, turn.turn_id.clone());
+        }
+        let response = SubmitTurnResponse {
+            turn_id: turn.turn_id.clone(),
+            queued: true,
+        };
+        self.queue.push_back(turn);
+        self.ctx.counters.add(Counter::QueuedTurns, 1);
+        Ok(response)
+    }
+
+    async fn maybe_start_next(&mut self) {
+        while self.active.is_none() && !self.stopping {
+            let Some(turn) = self.queue.pop_front() else {
+                return;
+            };
+            self.ctx.counters.sub(Counter::QueuedTurns, 1);
+            match self.start_turn(turn.clone()).await {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::error!(session = %self.id, turn = %turn.turn_id, error = %e,
+                        "could not start turn");
+                    self.fail_unstarted(turn, &e).await;
+                }
+            }
+        }
+    }
+
+    async fn start_turn(&mut self, turn: PendingTurn) -> Result<()> {
+        let user = ChatMessage::text(Role::User, turn.content.clone());
+        let mut ops = vec![
+            self.message_op(&user, &turn.turn_id, false)?,
+            WriteOp::SetTurnState {
+                turn_id: turn.turn_id.0.clone(),
+                state: TurnState::Running,
+                finished_at: None,
+            },
+        ];
+        let mut meta = self.meta.clone();
+        if meta.title.is_none() {
+            meta.title = Some(title_from(&turn.content));
+            ops.push(WriteOp::UpdateSession(meta.clone()));
+        }
+        let event = Event::TurnStart(TurnStart {
+            turn_id: turn.turn_id.clone(),
+            writer_id: turn.writer_id.clone(),
+            client_id: turn.client_id.clone(),
+            mode: turn.mode,
+        });
+        self.emit(vec![event], ops).await?;
+        self.meta = meta;
+        self.history.push(user);
+        let model = turn
+            .overrides
+            .as_ref()
+            .and_then(|o| o.model.clone())
+            .unwrap_or_else(|| self.meta.model.clone());
+        self.next_turn_no += 1;
+        let turn_no = self.next_turn_no;
+        let task = tokio::spawn(run_turn(
+            self.ctx.lmx.clone(),
+            model,
+            self.history.clone(),
+            turn_no,
+            self.updates_tx.clone(),
+        ));
+        self.active = Some(ActiveTurn {
+            turn,
+            turn_no,
+            started: Instant::now(),
+            first_delta_at: None,
+            text: String::new(),
+            delta_count: 0,
+            task: Some(task),
+        });
+        self.ctx.counters.add(Counter::ActiveTurns, 1);
+        Ok(())
+    }
+
+    /// Best effort terminal event for a turn whose start could not be recorded.
+    async fn fail_unstarted(&mut self, turn: PendingTurn, error: &Error) {
+        let code = match error {
+            Error::StorageFull(_) => Some(TurnErrorCode::StorageFull),
+            _ => None,
+        };
+        let event = Event::TurnError(TurnError {
+            turn_id: turn.turn_id.clone(),
+            writer_id: turn.writer_id,
+            client_id: turn.client_id,
+            message: error.to_string(),
+            code,
+        });
+        let ops = vec![WriteOp::SetTurnState {
+            turn_id: turn.turn_id.0,
+            state: TurnState::Failed,
+            finished_at: Some(now_iso()),
+        }];
+        if let Err(e) = self.emit(vec![event], ops).await {
+            tracing::error!(session = %self.id, error = %e, "could not record failed turn");
+        }
+    }
+
+    async fn on_update(&mut self, first: TurnUpdate) {
+        let current = self.active.as_ref().map(|a| a.turn_no);
+        let mut deltas = Vec::new();
+        let mut finished = None;
+        let mut next = Some(first);
+        while let Some(update) = next.take() {
+            match update {
+                TurnUpdate::Delta { turn_no, delta } => {
+                    if Some(turn_no) == current {
+                        deltas.push(delta);
+                    }
+                }
+                TurnUpdate::Finished { turn_no, result } => {
+                    if Some(turn_no) == current {
+                        finished = Some(result);
+                    }
+                    break;
+                }
+            }
+            if deltas.len() >= MAX_DELTAS_PER_COMMIT {
+                break;
+            }
+            next = self.updates.try_recv().ok();
+        }
+        if !deltas.is_empty() {
+            self.emit_deltas(deltas).await;
+        }
+        if let Some(result) = finished
+            && let Some(active) = self.active.take()
+        {
+            let ending = match result {
+                Ok(completion) => TurnEnding::Done(completion),
+                Err(e) => TurnEnding::Failed {
+                    code: e.code(),
+                    message: e.to_string(),
+                    state: TurnState::Failed,
+                },
+            };
+            self.conclude(active, ending, Vec::new(), Vec::new()).await;
+            self.maybe_start_next().await;
+        }
+    }
+
+    async fn emit_deltas(&mut self, deltas: Vec<Delta>) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        active.first_delta_at.get_or_insert_with(Instant::now);
+        let turn_id = active.turn.turn_id.clone();
+        let mut events = Vec::with_capacity(deltas.len());
+        for delta in deltas {
+            active.delta_count += 1;
+            events.push(match delta {
+                Delta::Content(text) => {
+                    active.text.push_str(&text);
+                    Event::TurnToken(TurnText {
+                        turn_id: turn_id.clone(),
+                        text,
+                    })
+                }
+                Delta::Reasoning(text) => Event::TurnThinking(TurnText {
+                    turn_id: turn_id.clone(),
+                    text,
+                }),
+            });
+        }
+        if let Err(e) = self.emit(events, Vec::new()).await {
+            tracing::error!(session = %self.id, error = %e, "could not record deltas; failing turn");
+            if let Some(active) = self.active.take() {
+                let code = matches!(e, Error::StorageFull(_)).then_some(TurnErrorCode::StorageFull);
+                let ending = TurnEnding::Failed {
+                    code,
+                    message: e.to_string(),
+                    state: TurnState::Failed,
+                };
+                self.conclude(active, ending, Vec::new(), Vec::new()).await;
+            }
+        }
+    }
+
+    /// Ends `active` (already taken out of `self.active`): stores the reply (partial on
+    /// failure), emits `events` + the terminal event + `session.updated` in one commit.
+    async fn conclude(
+        &mut self,
+        active: ActiveTurn,
+        ending: TurnEnding,
+        mut events: Vec<Event>,
+        mut ops: Vec<WriteOp>,
+    ) {
+        if let Some(task) = &active.task {
+            task.abort();
+            self.ctx.counters.sub(Counter::ActiveTurns, 1);
+        }
+        let now = now_iso();
+        let turn = &active.turn;
+        let (reply, partial) = match &ending {
+            TurnEnding::Done(_) => (Some(active.text.clone()), false),
+            TurnEnding::Failed { .. } => {
+                (Some(active.text.clone()).filter(|t| !t.is_empty()), true)
+            }
+        };
+        let reply = reply.map(|text| ChatMessage::text(Role::Assistant, text));
+        if let Some(message) = &reply {
+            match self.message_op(message, &turn.turn_id, partial) {
+                Ok(op) => ops.push(op),
+                Err(e) => tracing::error!(error = %e, "could not encode reply"),
+            }
+        }
+        let (state, terminal) = match ending {
+            TurnEnding::Done(completion) => (
+                TurnState::Done,
+                Event::TurnDone(TurnDone {
+                    turn_id: turn.turn_id.clone(),
+                    writer_id: turn.writer_id.clone(),
+                    client_id: turn.client_id.clone(),
+                    stats: self.stats(&active, &completion),
+                }),
+            ),
+            TurnEnding::Failed {
+                code,
+                message,
+                state,
+            } => (
+                state,
+                Event::TurnError(TurnError {
+                    turn_id: turn.turn_id.clone(),
+                    writer_id: turn.writer_id.clone(),
+                    client_id: turn.client_id.clone(),
+                    message,
+                    code,
+                }),
+            ),
+        };
+        ops.push(WriteOp::SetTurnState {
+            turn_id: turn.turn_id.0.clone(),
+            state,
+            finished_at: Some(now.clone()),
+        });
+        events.push(terminal);
+        let previous_updated_at = std::mem::replace(&mut self.meta.updated_at, now);
+        ops.push(WriteOp::UpdateSession(self.meta.clone()));
+        events.push(Event::SessionUpdated(SessionUpdated {
+            snapshot: self.snapshot(),
+        }));
+        match self.emit(events, ops).await {
+            Ok(()) => {
+                if let Some(message) = reply {
+                    self.history.push(message);
+                }
+            }
+            Err(e) => {
+                self.meta.updated_at = previous_updated_at;
+                tracing::error!(session = %self.id, turn = %turn.turn_id, error = %e,
+                    "could not record the end of a turn; it will be reported as interrupted");
+            }
+        }
+        self.schedule_delta_prune();
+    }
+
+    fn stats(&self, active: &ActiveTurn, completion: &Completion) -> TurnStats {
+        let end = Instant::now();
+        let elapsed = end.duration_since(active.started).as_secs_f64();
+        let estimated_completion = (active.text.len() as u64)
+            .div_ceil(4)
+            .max(active.delta_count);
+        let prompt_chars: usize = self
+            .history
+            .iter()
+            .filter_map(|m| m.content.as_ref().map(String::len))
+            .sum();
+        let (prompt_tokens, completion_tokens) = match completion.usage {
+            Some(u) => (u.prompt_tokens, u.completion_tokens),
+            None => ((prompt_chars as u64).div_ceil(4), estimated_completion),
+        };
+        let generating = active
+            .first_delta_at
+            .map(|t| end.duration_since(t).as_secs_f64())
+            .filter(|s| *s > 0.0)
+            .unwrap_or(elapsed);
+        TurnStats {
+            tokens: completion_tokens,
+            prompt_tokens,
+            completion_tokens,
+            tool_calls: 0,
+            elapsed,
+            speed: if generating > 0.0 {
+                completion_tokens as f64 / generating
+            } else {
+                0.0
+            },
+            first_token_latency_ms: active
+                .first_delta_at
+                .map(|t| t.duration_since(active.started).as_secs_f64() * 1000.0),
+        }
+    }
+
+    /// Token and thinking events stay replayable for a while after their turn ends, so a
+    /// client reconnecting right at the end still gets them; then they are dropped (the
+    /// text lives on in the stored assistant message).
+    fn schedule_delta_prune(&self) {
+        let store = self.ctx.store.clone();
+        let session_id = self.id_arc.clone();
+        let up_to_seq = self.seq;
+        let delay = self.ctx.limits.delta_retention;
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            store.write_detached(vec![WriteOp::PruneDeltas {
+                session_id,
+                up_to_seq,
+            }]);
+        });
+    }
+
+    async fn cancel(&mut self, request: CancelRequest) -> Result<CancelResponse> {
+        let CancelRequest { turn_id, writer_id } = request;
+        let (removed, active_hit) = match (&turn_id, &writer_id) {
+            (None, None) => (Vec::new(), false),
+            (Some(t), w) => {
+                let removed = self.take_queued(|q| &q.turn_id == t);
+                let hit = self.active.as_ref().is_some_and(|a| {
+                    &a.turn.turn_id == t || w.as_deref() == Some(a.turn.writer_id.as_str())
+                });
+                (removed, hit)
+            }
+            (None, Some(w)) => {
+                let removed = self.take_queued(|q| &q.writer_id == w);
+                let hit = self.active.as_ref().is_some_and(|a| &a.turn.writer_id == w);
+                (removed, hit)
+            }
+        };
+        let response = CancelResponse {
+            ok: true,
+            cancelled: removed.len() + usize::from(active_hit),
+            cancelled_queued: removed.len(),
+            cancelled_active: active_hit,
+        };
+        if response.cancelled == 0 {
+            return Ok(response);
+        }
+        let leading = SessionCancelled {
+            cancelled: response.cancelled,
+            turn_id,
+            writer_id,
+        };
+        self.emit_cancellation(leading, removed, active_hit, "Turn cancelled")
+            .await;
+        Ok(response)
+    }
+
+    fn take_queued(&mut self, matches: impl Fn(&PendingTurn) -> bool) -> Vec<PendingTurn> {
+        let (removed, kept): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut self.queue)
+            .into_iter()
+            .partition(|q| matches(q));
+        self.queue = kept;
+        self.ctx.counters.sub(Counter::QueuedTurns, removed.len());
+        removed.into()
+    }
+
+    /// Emits `session.cancelled`, then a `cancelled` `turn.error` for each removed queued turn
+    /// and for the active turn when `active_hit`.
+    async fn emit_cancellation(
+        &mut self,
+        leading: SessionCancelled,
+        removed: Vec<PendingTurn>,
+        active_hit: bool,
+        message: &str,
+    ) {
+        let mut events = vec![Event::SessionCancelled(leading)];
+        let mut ops = Vec::new();
+        let now = now_iso();
+        for turn in removed {
+            ops.push(WriteOp::SetTurnState {
+                turn_id: turn.turn_id.0.clone(),
+                state: TurnState::Cancelled,
+                finished_at: Some(now.clone()),
+            });
+            events.push(Event::TurnError(TurnError {
+                turn_id: turn.turn_id,
+                writer_id: turn.writer_id,
+                client_id: turn.client_id,
+                message: message.to_owned(),
+                code: Some(TurnErrorCode::Cancelled),
+            }));
+        }
+        let active = if active_hit { self.active.take() } else { None };
+        match active {
+            Some(active) => {
+                let ending = TurnEnding::Failed {
+                    code: Some(TurnErrorCode::Cancelled),
+                    message: message.to_owned(),
+                    state: TurnState::Cancelled,
+                };
+                self.conclude(active, ending, events, ops).await;
+            }
+            None => {
+                events.push(Event::SessionUpdated(SessionUpdated {
+                    snapshot: self.snapshot(),
+                }));
+                if let Err(e) = self.emit(events, ops).await {
+                    tracing::error!(session = %self.id, error = %e, "could not record cancellation");
+                }
+            }
+        }
+    }
+
+    fn resolve_permission(
+        &mut self,
+        request_id: String,
+        _request: ResolvePermissionRequest,
+    ) -> Result<ResolvePermissionResponse> {
+        // No tool asks for permission yet (tools arrive with the agent issue), so no request
+        // id can be pending: every id is unknown to this session.
+        Err(Error::PermissionNotFound(request_id))
+    }
+
+    async fn delete(&mut self) -> Result<()> {
+        let removed = self.take_queued(|_| true);
+        let active_hit = self.active.is_some();
+        let cancelled = removed.len() + usize::from(active_hit);
+        if cancelled > 0 {
+            let leading = SessionCancelled {
+                cancelled,
+                turn_id: None,
+                writer_id: None,
+            };
+            self.emit_cancellation(leading, removed, active_hit, "Session deleted")
+                .await;
+        }
+        self.ctx
+            .store
+            .write(vec![WriteOp::DeleteSession {
+                session_id: self.id.to_string(),
+            }])
+            .await
+    }
+
+    async fn shutdown(&mut self) {
+        self.stopping = true;
+        if let Some(active) = self.active.take() {
+            let ending = TurnEnding::Failed {
+                code: Some(TurnErrorCode::Interrupted),
+                message: "The daemon stopped while this turn was running".into(),
+                state: TurnState::Interrupted,
+            };
+            self.conclude(active, ending, Vec::new(), Vec::new()).await;
+        }
+    }
+
+    /// Reports turns that were running when the daemon died and re-queues queued ones.
+    async fn recover(
+        &mut self,
+        open_turns: Vec<TurnRow>,
+        mut running_text: HashMap<String, String>,
+    ) {
+        for row in open_turns {
+            let turn = PendingTurn {
+                turn_id: TurnId(row.turn_id.clone()),
+                writer_id: row.writer_id,
+                client_id: row.client_id,
+                content: row.content,
+                mode: Mode::parse(&row.mode).unwrap_or(Mode::Chat),
+                overrides: row
+                    .overrides
+                    .as_deref()
+                    .and_then(|o| serde_json::from_str(o).ok()),
+            };
+            match row.state {
+                TurnState::Running => {
+                    let active = ActiveTurn {
+                        turn,
+                        turn_no: 0,
+                        started: Instant::now(),
+                        first_delta_at: None,
+                        text: running_text.remove(&row.turn_id).unwrap_or_default(),
+                        delta_count: 0,
+                        task: None,
+                    };
+                    let ending = TurnEnding::Failed {
+                        code: Some(TurnErrorCode::Interrupted),
+                        message: "The daemon stopped while this turn was running".into(),
+                        state: TurnState::Interrupted,
+                    };
+                    self.conclude(active, ending, Vec::new(), Vec::new()).await;
+                }
+                TurnState::Queued => {
+                    self.queue.push_back(turn);
+                    self.ctx.counters.add(Counter::QueuedTurns, 1);
+                }
+                TurnState::Done
+                | TurnState::Failed
+                | TurnState::Cancelled
+                | TurnState::Interrupted => {}
+            }
+        }
+    }
+}
+
+/// First line of the first message, trimmed to 80 characters.
+fn title_from(content: &str) -> String {
+    let line = content
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or("");
+    let mut title: String = line.chars().take(80).collect();
+    if line.chars().count() > 80 {
+        title.push('…');
+    }
+    title
+}
+
+#[cfg(test)]
+mod tests {
+    use super::title_from;
+
+    #[test]
+    fn titles() {
+        assert_eq!(title_from("\n  hello world \nmore"), "hello world");
+        assert_eq!(title_from(&"x".repeat(100)).chars().count(), 81);
+        assert_eq!(title_from(""), "");
+    }
+}

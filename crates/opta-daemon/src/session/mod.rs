@@ -1,0 +1,164 @@
+//! Sessions as actors: one task owns each live session, and every change goes through it.
+
+mod actor;
+mod registry;
+mod turn;
+
+use std::sync::Arc;
+
+use opta_protocol::{
+    CancelRequest, CancelResponse, ResolvePermissionRequest, ResolvePermissionResponse, Seq,
+    SessionDetail, SessionId, SessionSnapshot, SubmitTurnRequest, SubmitTurnResponse,
+};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::error::{Error, Result};
+
+pub use registry::{Opened, Registry};
+
+/// A serialised envelope, shared by every subscriber (serialised once).
+#[derive(Debug, Clone)]
+pub struct Frame {
+    /// The envelope's seq.
+    pub seq: Seq,
+    /// The envelope as JSON text.
+    pub json: Arc<str>,
+}
+
+/// A live subscription: every event after `current_seq` arrives on `receiver`; events up to
+/// `current_seq` are in the store.
+pub struct Subscription {
+    /// Live events.
+    pub receiver: broadcast::Receiver<Frame>,
+    /// Seq of the last event emitted before the subscription began.
+    pub current_seq: Seq,
+}
+
+/// Optional changes applied when a session is (re-)opened.
+#[derive(Debug, Clone, Default)]
+pub struct SessionChanges {
+    /// New model.
+    pub model: Option<String>,
+    /// New title.
+    pub title: Option<String>,
+    /// New metadata.
+    pub metadata: Option<serde_json::Value>,
+}
+
+pub(crate) enum SessionCommand {
+    Open {
+        changes: SessionChanges,
+        reply: oneshot::Sender<Result<SessionSnapshot>>,
+    },
+    Submit {
+        request: Box<SubmitTurnRequest>,
+        reply: oneshot::Sender<Result<SubmitTurnResponse>>,
+    },
+    Cancel {
+        request: CancelRequest,
+        reply: oneshot::Sender<Result<CancelResponse>>,
+    },
+    ResolvePermission {
+        request_id: String,
+        request: ResolvePermissionRequest,
+        reply: oneshot::Sender<Result<ResolvePermissionResponse>>,
+    },
+    Subscribe {
+        reply: oneshot::Sender<Subscription>,
+    },
+    Snapshot {
+        reply: oneshot::Sender<SessionSnapshot>,
+    },
+    Detail {
+        reply: oneshot::Sender<SessionDetail>,
+    },
+    Delete {
+        reply: oneshot::Sender<Result<()>>,
+    },
+    Shutdown {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+/// Address of a session actor; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct SessionHandle {
+    id: SessionId,
+    commands: mpsc::Sender<SessionCommand>,
+}
+
+impl SessionHandle {
+    /// The session's id.
+    pub fn id(&self) -> &SessionId {
+        &self.id
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> SessionCommand) -> Result<T> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(make(reply))
+            .await
+            .map_err(|_| Error::SessionNotFound(self.id.clone()))?;
+        answer
+            .await
+            .map_err(|_| Error::SessionNotFound(self.id.clone()))
+    }
+
+    /// Applies `changes`, emits `session.snapshot` and returns the snapshot.
+    pub async fn open(&self, changes: SessionChanges) -> Result<SessionSnapshot> {
+        self.ask(|reply| SessionCommand::Open { changes, reply })
+            .await?
+    }
+
+    /// Queues a turn; resolves once it is durably queued.
+    pub async fn submit(&self, request: SubmitTurnRequest) -> Result<SubmitTurnResponse> {
+        self.ask(|reply| SessionCommand::Submit {
+            request: Box::new(request),
+            reply,
+        })
+        .await?
+    }
+
+    /// Cancels queued and/or active turns.
+    pub async fn cancel(&self, request: CancelRequest) -> Result<CancelResponse> {
+        self.ask(|reply| SessionCommand::Cancel { request, reply })
+            .await?
+    }
+
+    /// Answers a pending permission request.
+    pub async fn resolve_permission(
+        &self,
+        request_id: String,
+        request: ResolvePermissionRequest,
+    ) -> Result<ResolvePermissionResponse> {
+        self.ask(|reply| SessionCommand::ResolvePermission {
+            request_id,
+            request,
+            reply,
+        })
+        .await?
+    }
+
+    /// Subscribes to live events.
+    pub async fn subscribe(&self) -> Result<Subscription> {
+        self.ask(|reply| SessionCommand::Subscribe { reply }).await
+    }
+
+    /// The session's snapshot.
+    pub async fn snapshot(&self) -> Result<SessionSnapshot> {
+        self.ask(|reply| SessionCommand::Snapshot { reply }).await
+    }
+
+    /// Snapshot plus history.
+    pub async fn detail(&self) -> Result<SessionDetail> {
+        self.ask(|reply| SessionCommand::Detail { reply }).await
+    }
+
+    pub(crate) async fn delete(&self) -> Result<()> {
+        self.ask(|reply| SessionCommand::Delete { reply }).await?
+    }
+
+    pub(crate) async fn shutdown(&self) {
+        let _ = self.ask(|reply| SessionCommand::Shutdown { reply }).await;
+    }
+}

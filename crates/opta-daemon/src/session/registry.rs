@@ -1,0 +1,220 @@
+//! The registry actor: owns the map of resident sessions, creates them and loads them from
+//! the store on first use (one load per session, however many ask at once).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use opta_protocol::{CreateSessionRequest, SessionId};
+use tokio::sync::{mpsc, oneshot};
+
+use super::SessionHandle;
+use super::actor::SessionActor;
+use crate::context::DaemonContext;
+use crate::error::{Error, Result};
+use crate::ids::{new_session_id, now_iso};
+use crate::store::{LoadedSession, SessionRow, WriteOp};
+
+/// Result of opening a session.
+#[derive(Debug)]
+pub enum Opened {
+    /// A new session was created.
+    Created(SessionHandle),
+    /// The id named an existing session.
+    Existing(SessionHandle),
+}
+
+enum RegistryCommand {
+    Open {
+        request: CreateSessionRequest,
+        reply: oneshot::Sender<Result<Opened>>,
+    },
+    Get {
+        id: SessionId,
+        reply: oneshot::Sender<Result<SessionHandle>>,
+    },
+    Delete {
+        id: SessionId,
+        reply: oneshot::Sender<Result<()>>,
+    },
+    Resident {
+        reply: oneshot::Sender<HashMap<SessionId, SessionHandle>>,
+    },
+    Shutdown {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+/// Address of the registry actor; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Registry {
+    commands: mpsc::Sender<RegistryCommand>,
+}
+
+impl Registry {
+    /// Starts the registry actor.
+    pub fn spawn(ctx: Arc<DaemonContext>) -> Self {
+        let (commands, rx) = mpsc::channel(1024);
+        let actor = RegistryActor {
+            ctx,
+            sessions: HashMap::new(),
+        };
+        tokio::spawn(actor.run(rx));
+        Self { commands }
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> RegistryCommand) -> Result<T> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(make(reply))
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+        answer.await.map_err(|_| Error::ShuttingDown)
+    }
+
+    /// Creates a session, or finds the existing one the request names.
+    pub async fn open(&self, request: CreateSessionRequest) -> Result<Opened> {
+        self.ask(|reply| RegistryCommand::Open { request, reply })
+            .await?
+    }
+
+    /// The session's actor, loading it from the store if needed.
+    pub async fn get(&self, id: SessionId) -> Result<SessionHandle> {
+        self.ask(|reply| RegistryCommand::Get { id, reply }).await?
+    }
+
+    /// Cancels the session's turns and removes it with its stored data.
+    pub async fn delete(&self, id: SessionId) -> Result<()> {
+        self.ask(|reply| RegistryCommand::Delete { id, reply })
+            .await?
+    }
+
+    /// Handles of the sessions resident in memory.
+    pub async fn resident(&self) -> Result<HashMap<SessionId, SessionHandle>> {
+        self.ask(|reply| RegistryCommand::Resident { reply }).await
+    }
+
+    /// Stops every session actor (running turns end as `interrupted`).
+    pub async fn shutdown(&self) {
+        let _ = self.ask(|reply| RegistryCommand::Shutdown { reply }).await;
+    }
+}
+
+struct RegistryActor {
+    ctx: Arc<DaemonContext>,
+    sessions: HashMap<SessionId, SessionHandle>,
+}
+
+impl RegistryActor {
+    async fn run(mut self, mut commands: mpsc::Receiver<RegistryCommand>) {
+        while let Some(command) = commands.recv().await {
+            match command {
+                RegistryCommand::Open { request, reply } => {
+                    let _ = reply.send(self.open(request).await);
+                }
+                RegistryCommand::Get { id, reply } => {
+                    let _ = reply.send(self.get(&id).await);
+                }
+                RegistryCommand::Delete { id, reply } => {
+                    let result = match self.get(&id).await {
+                        Ok(handle) => handle.delete().await,
+                        Err(e) => Err(e),
+                    };
+                    if result.is_ok() {
+                        self.sessions.remove(&id);
+                    }
+                    let _ = reply.send(result);
+                }
+                RegistryCommand::Resident { reply } => {
+                    let _ = reply.send(self.sessions.clone());
+                }
+                RegistryCommand::Shutdown { reply } => {
+                    let handles: Vec<_> = self.sessions.drain().map(|(_, h)| h).collect();
+                    futures_util::future::join_all(handles.iter().map(SessionHandle::shutdown))
+                        .await;
+                    let _ = reply.send(());
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn get(&mut self, id: &SessionId) -> Result<SessionHandle> {
+        if let Some(handle) = self.sessions.get(id) {
+            return Ok(handle.clone());
+        }
+        if self.ctx.shutdown.is_cancelled() {
+            return Err(Error::ShuttingDown);
+        }
+        let loaded = self
+            .ctx
+            .store
+            .load_session(id.to_string())
+            .await?
+            .ok_or_else(|| Error::SessionNotFound(id.clone()))?;
+        let handle = SessionActor::spawn(self.ctx.clone(), loaded)?;
+        self.sessions.insert(id.clone(), handle.clone());
+        Ok(handle)
+    }
+
+    async fn open(&mut self, request: CreateSessionRequest) -> Result<Opened> {
+        if let Some(id) = &request.session_id {
+            match self.get(id).await {
+                Ok(handle) => return Ok(Opened::Existing(handle)),
+                Err(Error::SessionNotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        } else if self.ctx.shutdown.is_cancelled() {
+            return Err(Error::ShuttingDown);
+        }
+        let id = match request.session_id {
+            Some(id) => id,
+            None => SessionId::parse(&new_session_id())
+                .map_err(|e| Error::Internal(format!("generated session id: {e}")))?,
+        };
+        let now = now_iso();
+        let row = SessionRow {
+            id: id.to_string(),
+            model: request
+                .model
+                .unwrap_or_else(|| self.ctx.default_model.clone()),
+            title: request.title,
+            metadata: request.metadata.map(|m| m.to_string()),
+            created_at: now.clone(),
+            updated_at: now,
+            tool_call_count: 0,
+        };
+        let messages = request
+            .messages
+            .unwrap_or_default()
+            .iter()
+            .map(serde_json::to_string)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Error::Internal(format!("message serialisation: {e}")))?;
+        let session_arc: Arc<str> = Arc::from(id.as_str());
+        let mut ops = vec![WriteOp::InsertSession(row.clone())];
+        ops.extend(
+            messages
+                .iter()
+                .enumerate()
+                .map(|(i, body)| WriteOp::AppendMessage {
+                    session_id: session_arc.clone(),
+                    idx: i as u64,
+                    turn_id: None,
+                    body: body.clone(),
+                    partial: false,
+                }),
+        );
+        self.ctx.store.write(ops).await?;
+        let loaded = LoadedSession {
+            row,
+            messages,
+            last_seq: 0,
+            open_turns: Vec::new(),
+            idempotency: HashMap::new(),
+            running_text: HashMap::new(),
+        };
+        let handle = SessionActor::spawn(self.ctx.clone(), loaded)?;
+        self.sessions.insert(id, handle.clone());
+        Ok(Opened::Created(handle))
+    }
+}

@@ -1,0 +1,306 @@
+//! SQLite store: one writer thread that batches commits, a small pool of reader threads.
+//!
+//! The async side never touches a connection: writes are sent as [`WriteOp`] batches and
+//! acknowledged once committed; reads are closures run on a reader thread. WAL mode lets
+//! readers proceed while the writer commits.
+
+mod queries;
+mod schema;
+mod writer;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use rusqlite::{Connection, OpenFlags};
+use tokio::sync::oneshot;
+
+use crate::error::{Error, Result};
+
+pub use queries::{LoadedSession, SessionPage};
+
+/// Reader threads; two lets a long replay read overlap a session load.
+const READER_THREADS: usize = 2;
+
+/// A stored session's metadata row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionRow {
+    /// Session id.
+    pub id: String,
+    /// Model of its turns.
+    pub model: String,
+    /// Title.
+    pub title: Option<String>,
+    /// Metadata JSON text.
+    pub metadata: Option<String>,
+    /// Creation time.
+    pub created_at: String,
+    /// Last change.
+    pub updated_at: String,
+    /// Tool calls made.
+    pub tool_call_count: u64,
+}
+
+/// Lifecycle state of a stored turn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TurnState {
+    /// Waiting in the queue.
+    Queued,
+    /// Being run.
+    Running,
+    /// Finished with `turn.done`.
+    Done,
+    /// Finished with `turn.error` (not a cancel or interruption).
+    Failed,
+    /// Cancelled.
+    Cancelled,
+    /// Was running when the daemon stopped.
+    Interrupted,
+}
+
+impl TurnState {
+    /// Column text.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TurnState::Queued => "queued",
+            TurnState::Running => "running",
+            TurnState::Done => "done",
+            TurnState::Failed => "failed",
+            TurnState::Cancelled => "cancelled",
+            TurnState::Interrupted => "interrupted",
+        }
+    }
+}
+
+/// A stored turn.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TurnRow {
+    /// Turn id.
+    pub turn_id: String,
+    /// Owning session.
+    pub session_id: String,
+    /// Writer.
+    pub writer_id: String,
+    /// Client.
+    pub client_id: String,
+    /// User message.
+    pub content: String,
+    /// Mode wire name.
+    pub mode: String,
+    /// Metadata JSON text.
+    pub metadata: Option<String>,
+    /// Overrides JSON text.
+    pub overrides: Option<String>,
+    /// Idempotency key.
+    pub idempotency_key: Option<String>,
+    /// State.
+    pub state: TurnState,
+    /// Seq of its `turn.queued` event (queue order).
+    pub queued_seq: u64,
+    /// Submission time.
+    pub created_at: String,
+}
+
+/// One change to the store. A batch of ops commits atomically.
+#[derive(Debug, Clone)]
+pub enum WriteOp {
+    /// Insert a new session row.
+    InsertSession(SessionRow),
+    /// Overwrite a session's metadata row.
+    UpdateSession(SessionRow),
+    /// Append one event envelope.
+    AppendEvent {
+        /// Session.
+        session_id: Arc<str>,
+        /// Its seq.
+        seq: u64,
+        /// Event name.
+        event: &'static str,
+        /// Turn it belongs to.
+        turn_id: Option<String>,
+        /// Serialised envelope.
+        envelope: Arc<str>,
+    },
+    /// Append one history message.
+    AppendMessage {
+        /// Session.
+        session_id: Arc<str>,
+        /// Position in history.
+        idx: u64,
+        /// Turn that produced it.
+        turn_id: Option<String>,
+        /// Message JSON.
+        body: String,
+        /// True when the reply was cut short.
+        partial: bool,
+    },
+    /// Record a new queued turn.
+    InsertTurn(TurnRow),
+    /// Move a turn to another state.
+    SetTurnState {
+        /// Turn.
+        turn_id: String,
+        /// New state.
+        state: TurnState,
+        /// Time it ended, for terminal states.
+        finished_at: Option<String>,
+    },
+    /// Drop token/thinking events of finished turns up to `up_to_seq`.
+    PruneDeltas {
+        /// Session.
+        session_id: Arc<str>,
+        /// Highest seq to consider.
+        up_to_seq: u64,
+    },
+    /// Remove a session and everything it owns.
+    DeleteSession {
+        /// Session.
+        session_id: String,
+    },
+}
+
+type ReadJob = Box<dyn FnOnce(&Connection) + Send>;
+
+/// Handle to the store; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<StoreInner>,
+}
+
+struct StoreInner {
+    writer: crossbeam_channel::Sender<writer::WriterMsg>,
+    readers: crossbeam_channel::Sender<ReadJob>,
+    threads: std::sync::Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Store")
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path` and migrates it.
+    pub fn open(path: &Path) -> Result<Self> {
+        let mut conn = open_connection(path, false)?;
+        schema::migrate(&mut conn)?;
+        let (wtx, wrx) = crossbeam_channel::unbounded();
+        let (rtx, rrx) = crossbeam_channel::unbounded::<ReadJob>();
+        let mut threads = Vec::new();
+        threads.push(
+            std::thread::Builder::new()
+                .name("opta-store-writer".into())
+                .spawn(move || writer::run(conn, wrx))?,
+        );
+        for i in 0..READER_THREADS {
+            let conn = open_connection(path, true)?;
+            let rrx = rrx.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("opta-store-reader-{i}"))
+                    .spawn(move || {
+                        while let Ok(job) = rrx.recv() {
+                            job(&conn);
+                        }
+                    })?,
+            );
+        }
+        Ok(Self {
+            inner: Arc::new(StoreInner {
+                writer: wtx,
+                readers: rtx,
+                threads: std::sync::Mutex::new(threads),
+            }),
+        })
+    }
+
+    /// Commits `ops` atomically; resolves once they are in the database.
+    pub async fn write(&self, ops: Vec<WriteOp>) -> Result<()> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let (ack, done) = oneshot::channel();
+        self.inner
+            .writer
+            .send(writer::WriterMsg::Batch { ops, ack })
+            .map_err(|_| Error::ShuttingDown)?;
+        done.await.map_err(|_| Error::ShuttingDown)?
+    }
+
+    /// Queues `ops` without waiting for the commit (for housekeeping only).
+    pub fn write_detached(&self, ops: Vec<WriteOp>) {
+        let (ack, _done) = oneshot::channel();
+        // A closed writer means the store is shutting down; housekeeping can be skipped then.
+        let _ = self
+            .inner
+            .writer
+            .send(writer::WriterMsg::Batch { ops, ack });
+    }
+
+    /// Runs `f` on a reader connection.
+    pub async fn read<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let job: ReadJob = Box::new(move |conn| {
+            let _ = tx.send(f(conn));
+        });
+        self.inner
+            .readers
+            .send(job)
+            .map_err(|_| Error::ShuttingDown)?;
+        rx.await.map_err(|_| Error::ShuttingDown)?
+    }
+
+    /// Flushes pending writes, checkpoints the WAL and stops the threads.
+    pub async fn shutdown(&self) -> Result<()> {
+        let (ack, done) = oneshot::channel();
+        if self
+            .inner
+            .writer
+            .send(writer::WriterMsg::Shutdown { ack })
+            .is_ok()
+        {
+            done.await.map_err(|_| Error::ShuttingDown)??;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for StoreInner {
+    fn drop(&mut self) {
+        // Closing the channels ends the threads; wait so the database is closed on return.
+        let (dead_w, _) = crossbeam_channel::bounded(0);
+        let (dead_r, _) = crossbeam_channel::bounded(0);
+        drop(std::mem::replace(&mut self.writer, dead_w));
+        drop(std::mem::replace(&mut self.readers, dead_r));
+        let threads = match self.threads.get_mut() {
+            Ok(t) => std::mem::take(t),
+            Err(poisoned) => std::mem::take(poisoned.into_inner()),
+        };
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+fn open_connection(path: &Path, read_only: bool) -> Result<Connection> {
+    let flags = if read_only {
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    } else {
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    };
+    let conn = Connection::open_with_flags(path, flags)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    if !read_only {
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        // NORMAL in WAL mode: a commit survives a process crash (kill -9); only an OS crash or
+        // power loss can roll back the last commits. This keeps fsync off the per-event path.
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+    }
+    Ok(conn)
+}

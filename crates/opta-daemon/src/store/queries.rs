@@ -1,0 +1,236 @@
+//! Read queries, run on reader threads through [`Store::read`].
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::{SessionRow, Store, TurnRow, TurnState};
+use crate::error::{Error, Result};
+
+/// Everything needed to bring a stored session back into memory.
+#[derive(Debug, Clone)]
+pub struct LoadedSession {
+    /// Metadata row.
+    pub row: SessionRow,
+    /// History as stored message JSON, in order.
+    pub messages: Vec<String>,
+    /// Highest seq used.
+    pub last_seq: u64,
+    /// Turns still queued or running, in queue order.
+    pub open_turns: Vec<TurnRow>,
+    /// Idempotency key → turn id for every turn of the session.
+    pub idempotency: HashMap<String, String>,
+    /// Text streamed so far by each running turn (from its stored token events).
+    pub running_text: HashMap<String, String>,
+}
+
+/// One page of stored sessions.
+#[derive(Debug, Clone)]
+pub struct SessionPage {
+    /// Rows, most recently updated first.
+    pub rows: Vec<SessionRow>,
+    /// Whether more rows follow.
+    pub has_more: bool,
+}
+
+fn session_row(conn: &Connection, id: &str) -> Result<Option<SessionRow>> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT id, model, title, metadata, created_at, updated_at, tool_call_count
+             FROM sessions WHERE id = ?1",
+        )?
+        .query_row(params![id], map_session_row)
+        .optional()?)
+}
+
+fn map_session_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRow> {
+    Ok(SessionRow {
+        id: r.get(0)?,
+        model: r.get(1)?,
+        title: r.get(2)?,
+        metadata: r.get(3)?,
+        created_at: r.get(4)?,
+        updated_at: r.get(5)?,
+        tool_call_count: r.get(6)?,
+    })
+}
+
+fn parse_turn_state(s: &str) -> rusqlite::Result<TurnState> {
+    Ok(match s {
+        "queued" => TurnState::Queued,
+        "running" => TurnState::Running,
+        "done" => TurnState::Done,
+        "failed" => TurnState::Failed,
+        "cancelled" => TurnState::Cancelled,
+        "interrupted" => TurnState::Interrupted,
+        other => {
+            return Err(rusqlite::Error::FromSqlConversionFailure(
+                0,
+                rusqlite::types::Type::Text,
+                format!("unknown turn state {other:?}").into(),
+            ));
+        }
+    })
+}
+
+impl Store {
+    /// Loads a session with its history and open turns; `None` when it does not exist.
+    pub async fn load_session(&self, id: String) -> Result<Option<LoadedSession>> {
+        self.read(move |conn| {
+            let Some(row) = session_row(conn, &id)? else {
+                return Ok(None);
+            };
+            let messages = conn
+                .prepare_cached("SELECT body FROM messages WHERE session_id = ?1 ORDER BY idx")?
+                .query_map(params![id], |r| r.get::<_, String>(0))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let last_seq: u64 = conn
+                .prepare_cached("SELECT COALESCE(MAX(seq), 0) FROM events WHERE session_id = ?1")?
+                .query_row(params![id], |r| r.get(0))?;
+            let open_turns = conn
+                .prepare_cached(
+                    "SELECT turn_id, session_id, writer_id, client_id, content, mode, metadata,
+                     overrides, idempotency_key, state, queued_seq, created_at
+                     FROM turns WHERE session_id = ?1 AND state IN ('queued', 'running')
+                     ORDER BY queued_seq",
+                )?
+                .query_map(params![id], |r| {
+                    Ok(TurnRow {
+                        turn_id: r.get(0)?,
+                        session_id: r.get(1)?,
+                        writer_id: r.get(2)?,
+                        client_id: r.get(3)?,
+                        content: r.get(4)?,
+                        mode: r.get(5)?,
+                        metadata: r.get(6)?,
+                        overrides: r.get(7)?,
+                        idempotency_key: r.get(8)?,
+                        state: parse_turn_state(&r.get::<_, String>(9)?)?,
+                        queued_seq: r.get(10)?,
+                        created_at: r.get(11)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let idempotency = conn
+                .prepare_cached(
+                    "SELECT idempotency_key, turn_id FROM turns
+                     WHERE session_id = ?1 AND idempotency_key IS NOT NULL",
+                )?
+                .query_map(params![id], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<rusqlite::Result<HashMap<String, String>>>()?;
+            let mut running_text = HashMap::new();
+            for turn in open_turns.iter().filter(|t| t.state == TurnState::Running) {
+                let mut text = String::new();
+                let mut stmt = conn.prepare_cached(
+                    "SELECT envelope FROM events WHERE session_id = ?1 AND turn_id = ?2
+                     AND event = 'turn.token' ORDER BY seq",
+                )?;
+                let rows = stmt.query_map(params![id, turn.turn_id], |r| r.get::<_, String>(0))?;
+                for env in rows {
+                    let env = env?;
+                    let parsed: serde_json::Value = serde_json::from_str(&env)
+                        .map_err(|e| Error::Storage(format!("corrupt event: {e}")))?;
+                    if let Some(t) = parsed
+                        .get("payload")
+                        .and_then(|p| p.get("text"))
+                        .and_then(|t| t.as_str())
+                    {
+                        text.push_str(t);
+                    }
+                }
+                running_text.insert(turn.turn_id.clone(), text);
+            }
+            Ok(Some(LoadedSession {
+                row,
+                messages,
+                last_seq,
+                open_turns,
+                idempotency,
+                running_text,
+            }))
+        })
+        .await
+    }
+
+    /// Stored envelopes of a session with `after < seq <= up_to`, ascending; `None` when the
+    /// session does not exist.
+    pub async fn events_after(
+        &self,
+        session_id: String,
+        after: u64,
+        up_to: u64,
+    ) -> Result<Option<Vec<(u64, Arc<str>)>>> {
+        self.read(move |conn| {
+            if session_row(conn, &session_id)?.is_none() {
+                return Ok(None);
+            }
+            let events = conn
+                .prepare_cached(
+                    "SELECT seq, envelope FROM events WHERE session_id = ?1 AND seq > ?2 AND seq <= ?3
+                     ORDER BY seq",
+                )?
+                .query_map(params![session_id, after, i64::try_from(up_to).unwrap_or(i64::MAX)], |r| {
+                    Ok((r.get::<_, u64>(0)?, Arc::<str>::from(r.get::<_, String>(1)?)))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(Some(events))
+        })
+        .await
+    }
+
+    /// A page of sessions ordered by `(updated_at, id)` descending, starting after `cursor`.
+    pub async fn list_sessions(
+        &self,
+        limit: usize,
+        cursor: Option<(String, String)>,
+    ) -> Result<SessionPage> {
+        self.read(move |conn| {
+            let fetch = (limit + 1) as i64;
+            let mut rows = match cursor {
+                Some((updated_at, id)) => conn
+                    .prepare_cached(
+                        "SELECT id, model, title, metadata, created_at, updated_at, tool_call_count
+                         FROM sessions WHERE (updated_at, id) < (?1, ?2)
+                         ORDER BY updated_at DESC, id DESC LIMIT ?3",
+                    )?
+                    .query_map(params![updated_at, id, fetch], map_session_row)?
+                    .collect::<rusqlite::Result<Vec<_>>>()?,
+                None => conn
+                    .prepare_cached(
+                        "SELECT id, model, title, metadata, created_at, updated_at, tool_call_count
+                         FROM sessions ORDER BY updated_at DESC, id DESC LIMIT ?1",
+                    )?
+                    .query_map(params![fetch], map_session_row)?
+                    .collect::<rusqlite::Result<Vec<_>>>()?,
+            };
+            let has_more = rows.len() > limit;
+            rows.truncate(limit);
+            Ok(SessionPage { rows, has_more })
+        })
+        .await
+    }
+
+    /// Ids of sessions with queued or running turns (to resume after a restart).
+    pub async fn sessions_with_open_turns(&self) -> Result<Vec<String>> {
+        self.read(|conn| {
+            Ok(conn
+                .prepare_cached(
+                    "SELECT DISTINCT session_id FROM turns WHERE state IN ('queued', 'running')",
+                )?
+                .query_map([], |r| r.get(0))?
+                .collect::<rusqlite::Result<Vec<String>>>()?)
+        })
+        .await
+    }
+
+    /// Number of stored sessions.
+    pub async fn session_count(&self) -> Result<u64> {
+        self.read(|conn| {
+            Ok(conn
+                .prepare_cached("SELECT COUNT(*) FROM sessions")?
+                .query_row([], |r| r.get(0))?)
+        })
+        .await
+    }
+}

@@ -1,0 +1,217 @@
+//! The single writer thread: drains whatever batches are waiting, commits them in one
+//! transaction (each batch in its own savepoint so one bad batch fails alone), then acks.
+
+use rusqlite::{Connection, Transaction, params};
+use tokio::sync::oneshot;
+
+use super::{TurnState, WriteOp};
+use crate::error::{Error, Result};
+
+/// Upper bound of batches folded into one commit, so acks are not held back for long.
+const MAX_BATCHES_PER_COMMIT: usize = 512;
+
+pub(super) enum WriterMsg {
+    Batch {
+        ops: Vec<WriteOp>,
+        ack: oneshot::Sender<Result<()>>,
+    },
+    Shutdown {
+        ack: oneshot::Sender<Result<()>>,
+    },
+}
+
+pub(super) fn run(mut conn: Connection, rx: crossbeam_channel::Receiver<WriterMsg>) {
+    let mut pending: Vec<(Vec<WriteOp>, oneshot::Sender<Result<()>>)> = Vec::new();
+    while let Ok(first) = rx.recv() {
+        let mut shutdown = None;
+        let mut next = Some(first);
+        while let Some(msg) = next.take() {
+            match msg {
+                WriterMsg::Batch { ops, ack } => pending.push((ops, ack)),
+                WriterMsg::Shutdown { ack } => {
+                    shutdown = Some(ack);
+                    break;
+                }
+            }
+            if pending.len() >= MAX_BATCHES_PER_COMMIT {
+                break;
+            }
+            next = rx.try_recv().ok();
+        }
+        if !pending.is_empty() {
+            commit_batches(&mut conn, &mut pending);
+        }
+        if let Some(ack) = shutdown {
+            let result = conn
+                .pragma_update(None, "wal_checkpoint", "TRUNCATE")
+                .map_err(Error::from);
+            let _ = ack.send(result);
+            return;
+        }
+    }
+}
+
+fn commit_batches(
+    conn: &mut Connection,
+    pending: &mut Vec<(Vec<WriteOp>, oneshot::Sender<Result<()>>)>,
+) {
+    let mut tx = match conn.transaction() {
+        Ok(tx) => tx,
+        Err(e) => {
+            let msg = Error::from(e);
+            for (_, ack) in pending.drain(..) {
+                let _ = ack.send(Err(clone_error(&msg)));
+            }
+            return;
+        }
+    };
+    let mut results = Vec::with_capacity(pending.len());
+    for (ops, _) in pending.iter() {
+        results.push(apply_in_savepoint(&mut tx, ops));
+    }
+    match tx.commit() {
+        Ok(()) => {
+            for ((_, ack), result) in pending.drain(..).zip(results) {
+                let _ = ack.send(result);
+            }
+        }
+        Err(e) => {
+            let err = Error::from(e);
+            tracing::error!(error = %err, "store commit failed");
+            for (_, ack) in pending.drain(..) {
+                let _ = ack.send(Err(clone_error(&err)));
+            }
+        }
+    }
+}
+
+fn clone_error(e: &Error) -> Error {
+    match e {
+        Error::StorageFull(m) => Error::StorageFull(m.clone()),
+        other => Error::Storage(other.to_string()),
+    }
+}
+
+fn apply_in_savepoint(tx: &mut Transaction<'_>, ops: &[WriteOp]) -> Result<()> {
+    let mut sp = tx.savepoint()?;
+    for op in ops {
+        if let Err(e) = apply(&sp, op) {
+            tracing::error!(error = %e, "store write failed; batch rolled back");
+            sp.rollback()?;
+            return Err(e);
+        }
+    }
+    sp.commit()?;
+    Ok(())
+}
+
+fn apply(conn: &Connection, op: &WriteOp) -> Result<()> {
+    match op {
+        WriteOp::InsertSession(row) => {
+            conn.prepare_cached(
+                "INSERT INTO sessions (id, model, title, metadata, created_at, updated_at, tool_call_count)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?
+            .execute(params![
+                row.id,
+                row.model,
+                row.title,
+                row.metadata,
+                row.created_at,
+                row.updated_at,
+                row.tool_call_count
+            ])?;
+        }
+        WriteOp::UpdateSession(row) => {
+            conn.prepare_cached(
+                "UPDATE sessions SET model = ?2, title = ?3, metadata = ?4, updated_at = ?5,
+                 tool_call_count = ?6 WHERE id = ?1",
+            )?
+            .execute(params![
+                row.id,
+                row.model,
+                row.title,
+                row.metadata,
+                row.updated_at,
+                row.tool_call_count
+            ])?;
+        }
+        WriteOp::AppendEvent {
+            session_id,
+            seq,
+            event,
+            turn_id,
+            envelope,
+        } => {
+            conn.prepare_cached(
+                "INSERT INTO events (session_id, seq, event, turn_id, envelope) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![&**session_id, seq, event, turn_id, &**envelope])?;
+        }
+        WriteOp::AppendMessage {
+            session_id,
+            idx,
+            turn_id,
+            body,
+            partial,
+        } => {
+            conn.prepare_cached(
+                "INSERT INTO messages (session_id, idx, turn_id, body, partial) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![&**session_id, idx, turn_id, body, partial])?;
+        }
+        WriteOp::InsertTurn(row) => {
+            conn.prepare_cached(
+                "INSERT INTO turns (turn_id, session_id, writer_id, client_id, content, mode, metadata,
+                 overrides, idempotency_key, state, queued_seq, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            )?
+            .execute(params![
+                row.turn_id,
+                row.session_id,
+                row.writer_id,
+                row.client_id,
+                row.content,
+                row.mode,
+                row.metadata,
+                row.overrides,
+                row.idempotency_key,
+                row.state.as_str(),
+                row.queued_seq,
+                row.created_at
+            ])?;
+        }
+        WriteOp::SetTurnState {
+            turn_id,
+            state,
+            finished_at,
+        } => {
+            conn.prepare_cached(
+                "UPDATE turns SET state = ?2, finished_at = ?3 WHERE turn_id = ?1",
+            )?
+            .execute(params![turn_id, state.as_str(), finished_at])?;
+        }
+        WriteOp::PruneDeltas {
+            session_id,
+            up_to_seq,
+        } => {
+            conn.prepare_cached(
+                "DELETE FROM events WHERE session_id = ?1 AND seq <= ?2
+                 AND event IN ('turn.token', 'turn.thinking')
+                 AND turn_id NOT IN (SELECT turn_id FROM turns WHERE session_id = ?1 AND state = ?3)",
+            )?
+            .execute(params![&**session_id, up_to_seq, TurnState::Running.as_str()])?;
+        }
+        WriteOp::DeleteSession { session_id } => {
+            for sql in [
+                "DELETE FROM events WHERE session_id = ?1",
+                "DELETE FROM messages WHERE session_id = ?1",
+                "DELETE FROM turns WHERE session_id = ?1",
+                "DELETE FROM sessions WHERE id = ?1",
+            ] {
+                conn.prepare_cached(sql)?.execute(params![session_id])?;
+            }
+        }
+    }
+    Ok(())
+}

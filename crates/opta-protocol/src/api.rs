@@ -1,0 +1,252 @@
+//! Request and response bodies of the HTTP control plane.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::events::{Decision, Envelope};
+use crate::ids::{Seq, SessionId, TurnId};
+use crate::model::{ChatMessage, Mode, SessionSnapshot, TurnOverrides};
+
+/// Name of the wire contract reported by `GET /v3/health`.
+pub const CONTRACT_NAME: &str = "opta-daemon-v3";
+/// Version of the wire contract reported by `GET /v3/health`.
+pub const CONTRACT_VERSION: u32 = 1;
+
+/// `GET /health` (no auth).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HealthResponse {
+    /// `"ok"`.
+    pub status: String,
+    /// Daemon version.
+    pub version: String,
+    /// Always true: tells a daemon apart from other servers on the port.
+    pub daemon: bool,
+}
+
+/// The contract a daemon speaks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Contract {
+    /// [`CONTRACT_NAME`].
+    pub name: String,
+    /// [`CONTRACT_VERSION`].
+    pub version: u32,
+}
+
+impl Contract {
+    /// The contract this crate describes.
+    pub fn current() -> Self {
+        Self {
+            name: CONTRACT_NAME.into(),
+            version: CONTRACT_VERSION,
+        }
+    }
+}
+
+/// Live figures of a daemon.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RuntimeStats {
+    /// Sessions resident in memory.
+    pub session_count: usize,
+    /// Turns running now.
+    pub active_turn_count: usize,
+    /// Turns waiting in queues.
+    pub queued_turn_count: usize,
+    /// Open WebSocket and SSE subscriptions.
+    pub subscriber_count: usize,
+}
+
+/// `GET /v3/health`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct V3HealthResponse {
+    /// `"ok"`.
+    pub status: String,
+    /// Daemon version.
+    pub version: String,
+    /// This daemon instance.
+    pub daemon_id: String,
+    /// The wire contract.
+    pub contract: Contract,
+    /// Live figures.
+    pub runtime: RuntimeStats,
+}
+
+/// `GET /v3/metrics`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MetricsResponse {
+    /// This daemon instance.
+    pub daemon_id: String,
+    /// Live figures.
+    pub runtime: RuntimeStats,
+    /// Time of the reading.
+    pub ts: String,
+}
+
+/// `POST /v3/sessions`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CreateSessionRequest {
+    /// Id to create or re-open; generated when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<SessionId>,
+    /// Model for the session's turns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Title.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    /// Initial history (only used when the session is new).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages: Option<Vec<ChatMessage>>,
+    /// Free-form metadata.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Value>,
+}
+
+/// `GET /v3/sessions`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionListResponse {
+    /// One page, most recently updated first.
+    pub sessions: Vec<SessionSnapshot>,
+    /// Pass as `cursor` to get the next page; absent on the last page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+/// `GET /v3/sessions/:id`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionDetail {
+    /// The snapshot fields.
+    #[serde(flatten)]
+    pub snapshot: SessionSnapshot,
+    /// The history.
+    pub messages: Vec<ChatMessage>,
+}
+
+/// `POST /v3/sessions/:id/turns`, and the body of a WebSocket `turn.submit`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SubmitTurnRequest {
+    /// The submitting client.
+    pub client_id: String,
+    /// The writer within the client.
+    pub writer_id: String,
+    /// The user's message.
+    pub content: String,
+    /// Agent mode.
+    pub mode: Mode,
+    /// Free-form metadata.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Value>,
+    /// Highest seq the writer has seen; stale values are refused with 409.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seen_seq: Option<Seq>,
+    /// Per-turn overrides.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overrides: Option<TurnOverrides>,
+    /// Repeating a key on the same session returns the first turn's id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+}
+
+/// 202 answer to a turn submission.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SubmitTurnResponse {
+    /// The turn's id.
+    pub turn_id: TurnId,
+    /// True when this request queued the turn; false when an idempotency key matched.
+    pub queued: bool,
+}
+
+/// `GET /v3/sessions/:id/events`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EventsResponse {
+    /// Envelopes ascending by seq.
+    pub events: Vec<Envelope>,
+}
+
+/// `POST /v3/sessions/:id/cancel`, and the body of a WebSocket `turn.cancel`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CancelRequest {
+    /// A queued or active turn.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub turn_id: Option<TurnId>,
+    /// Every turn of this writer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writer_id: Option<String>,
+}
+
+/// Answer to a cancel.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CancelResponse {
+    /// Always true.
+    pub ok: bool,
+    /// Turns cancelled in all.
+    pub cancelled: usize,
+    /// Queued turns removed.
+    pub cancelled_queued: usize,
+    /// Whether the active turn was aborted.
+    pub cancelled_active: bool,
+}
+
+/// `POST /v3/sessions/:id/permissions/:requestId`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ResolvePermissionRequest {
+    /// Must equal the path's request id.
+    pub request_id: String,
+    /// The answer.
+    pub decision: Decision,
+    /// Who answers.
+    pub decided_by: String,
+}
+
+/// Answer to a permission resolution.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ResolvePermissionResponse {
+    /// True when this answer decided the request.
+    pub ok: bool,
+    /// True when the request had already been decided.
+    pub conflict: bool,
+    /// Why, on conflict.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// One validation problem in a 400 answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ErrorDetail {
+    /// Where in the input (`mode`, `messages[2].role`, `query.limit`...).
+    pub path: String,
+    /// What is wrong there.
+    pub message: String,
+}
+
+/// Body of every non-2xx answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ErrorBody {
+    /// Human message.
+    pub error: String,
+    /// Machine code.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    /// Validation issues.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub details: Option<Vec<ErrorDetail>>,
+    /// The session's current seq, on `state-conflict`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<Seq>,
+}

@@ -1,0 +1,192 @@
+//! A daemon on an ephemeral port in a temporary home, with small HTTP helpers.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use opta_daemon::{DaemonConfig, RunningDaemon};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+use crate::clients::{SseClient, WsClient};
+
+/// How long any single wait in a test may take before it fails instead of hanging.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// A daemon started in-process for a test.
+pub struct TestDaemon {
+    daemon: Option<RunningDaemon>,
+    home: tempfile::TempDir,
+    lmx_url: String,
+    /// `http://127.0.0.1:PORT`.
+    pub base: String,
+    /// The auth token.
+    pub token: String,
+    /// Client for raw requests.
+    pub http: reqwest::Client,
+    configure: fn(&mut DaemonConfig),
+}
+
+impl TestDaemon {
+    /// Starts a daemon talking to the inference server at `lmx_url`.
+    pub async fn start(lmx_url: &str) -> Self {
+        Self::start_with(lmx_url, |_| {}).await
+    }
+
+    /// Starts a daemon, letting `configure` adjust the config first.
+    pub async fn start_with(lmx_url: &str, configure: fn(&mut DaemonConfig)) -> Self {
+        let home = tempfile::tempdir().expect("temp home");
+        Self::start_in(home, lmx_url.to_owned(), configure).await
+    }
+
+    async fn start_in(
+        home: tempfile::TempDir,
+        lmx_url: String,
+        configure: fn(&mut DaemonConfig),
+    ) -> Self {
+        let mut config = DaemonConfig::new(home.path());
+        config.port = 0;
+        config.lmx_url = lmx_url.clone();
+        config.token = Some("test-token-0123456789abcdef0123456789".into());
+        configure(&mut config);
+        let token = config.token.clone().unwrap_or_default();
+        let daemon = RunningDaemon::start(config).await.expect("daemon starts");
+        let base = format!("http://{}", daemon.addr());
+        Self {
+            daemon: Some(daemon),
+            home,
+            lmx_url,
+            base,
+            token,
+            http: reqwest::Client::new(),
+            configure,
+        }
+    }
+
+    /// The daemon's home directory.
+    pub fn home(&self) -> PathBuf {
+        self.home.path().to_owned()
+    }
+
+    /// The running daemon.
+    pub fn daemon(&self) -> &RunningDaemon {
+        self.daemon.as_ref().expect("daemon is running")
+    }
+
+    /// Stops the daemon gracefully and starts a new one on the same home.
+    pub async fn restart(mut self) -> Self {
+        if let Some(d) = self.daemon.take() {
+            d.shutdown().await.expect("clean shutdown");
+        }
+        let home = std::mem::replace(&mut self.home, tempfile::tempdir().expect("temp dir"));
+        Self::start_in(home, self.lmx_url.clone(), self.configure).await
+    }
+
+    /// Stops the daemon gracefully.
+    pub async fn stop(mut self) {
+        if let Some(d) = self.daemon.take() {
+            d.shutdown().await.expect("clean shutdown");
+        }
+    }
+
+    /// Sends a request with the token; returns status and JSON body (`Null` when empty).
+    pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut req = self
+            .http
+            .request(method, format!("{}{}", self.base, path))
+            .bearer_auth(&self.token)
+            .timeout(WAIT);
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let resp = req.send().await.expect("request sent");
+        let status = resp.status();
+        let bytes = resp.bytes().await.expect("body read");
+        let value = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                panic!(
+                    "non-JSON body for {path}: {e}: {}",
+                    String::from_utf8_lossy(&bytes)
+                )
+            })
+        };
+        (status, value)
+    }
+
+    /// GET with the token.
+    pub async fn get(&self, path: &str) -> (StatusCode, Value) {
+        self.request(Method::GET, path, None).await
+    }
+
+    /// POST with the token.
+    pub async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        self.request(Method::POST, path, Some(body)).await
+    }
+
+    /// Creates a session (optionally with an id) and returns its id.
+    pub async fn create_session(&self, id: Option<&str>) -> String {
+        let body = match id {
+            Some(id) => json!({"sessionId": id}),
+            None => json!({}),
+        };
+        let (status, snapshot) = self.post("/v3/sessions", body).await;
+        assert_eq!(status, StatusCode::CREATED, "create session: {snapshot}");
+        snapshot["sessionId"]
+            .as_str()
+            .expect("sessionId")
+            .to_owned()
+    }
+
+    /// Submits a chat turn for writer `w1` and returns its turn id.
+    pub async fn submit(&self, session: &str, content: &str) -> String {
+        self.submit_as(session, "w1", content).await
+    }
+
+    /// Submits a chat turn for `writer` and returns its turn id.
+    pub async fn submit_as(&self, session: &str, writer: &str, content: &str) -> String {
+        let (status, body) = self
+            .post(
+                &format!("/v3/sessions/{session}/turns"),
+                json!({"clientId": "test", "writerId": writer, "content": content, "mode": "chat"}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "submit: {body}");
+        body["turnId"].as_str().expect("turnId").to_owned()
+    }
+
+    /// Stored events after `after_seq`.
+    pub async fn events(&self, session: &str, after_seq: u64) -> Vec<Value> {
+        let (status, body) = self
+            .get(&format!(
+                "/v3/sessions/{session}/events?afterSeq={after_seq}"
+            ))
+            .await;
+        assert_eq!(status, StatusCode::OK, "events: {body}");
+        body["events"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// Opens the WebSocket plane for `session` after `after_seq`.
+    pub async fn ws(&self, session: &str, after_seq: u64) -> WsClient {
+        let url = format!(
+            "{}/v3/ws?sessionId={session}&afterSeq={after_seq}&token={}",
+            self.base.replacen("http://", "ws://", 1),
+            self.token
+        );
+        WsClient::connect(&url).await
+    }
+
+    /// Opens the SSE plane for `session` after `after_seq`.
+    pub async fn sse(&self, session: &str, after_seq: u64) -> SseClient {
+        let url = format!(
+            "{}/v3/sse/events?sessionId={session}&afterSeq={after_seq}",
+            self.base
+        );
+        SseClient::connect(&self.http, &url, &self.token, None).await
+    }
+}

@@ -1,0 +1,369 @@
+//! A scripted OpenAI-compatible inference server for deterministic tests and benchmarks.
+//!
+//! Replies are taken from a queue (see [`Reply`]); when the queue is empty the server echoes
+//! the last user message word by word. It counts requests and notices streams the client
+//! dropped before they finished.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use futures_util::stream;
+use serde_json::{Value, json};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// What the server does with one chat request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Behaviour {
+    /// Stream every chunk, then usage and `[DONE]`.
+    Complete,
+    /// Accept the request and never answer.
+    Hang,
+    /// Stream this many chunks, then break the connection.
+    CutAfter(usize),
+    /// Answer with this HTTP status and an OpenAI-style error message.
+    Status(u16, String),
+}
+
+/// One scripted reply.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply {
+    /// Reasoning deltas sent before the content.
+    pub reasoning: Vec<String>,
+    /// Content deltas.
+    pub chunks: Vec<String>,
+    /// Pause before each chunk.
+    pub chunk_delay: Duration,
+    /// Pause before the response headers.
+    pub first_byte_delay: Duration,
+    /// `(prompt, completion)` usage; `None` sends no usage chunk.
+    pub usage: Option<(u64, u64)>,
+    /// How the reply ends.
+    pub behaviour: Behaviour,
+}
+
+impl Reply {
+    /// A complete reply streaming `chunks` without delay.
+    pub fn chunks<S: Into<String>>(chunks: impl IntoIterator<Item = S>) -> Self {
+        let chunks: Vec<String> = chunks.into_iter().map(Into::into).collect();
+        let completion = chunks.len() as u64;
+        Self {
+            reasoning: Vec::new(),
+            chunks,
+            chunk_delay: Duration::ZERO,
+            first_byte_delay: Duration::ZERO,
+            usage: Some((10, completion)),
+            behaviour: Behaviour::Complete,
+        }
+    }
+
+    /// `count` chunks `"w0 "`, `"w1 "`, ... with `delay` before each: a long, slow reply.
+    pub fn slow(count: usize, delay: Duration) -> Self {
+        Self {
+            chunk_delay: delay,
+            ..Self::chunks((0..count).map(|i| format!("w{i} ")))
+        }
+    }
+
+    /// A reply that never comes.
+    pub fn hang() -> Self {
+        Self {
+            behaviour: Behaviour::Hang,
+            ..Self::chunks(Vec::<String>::new())
+        }
+    }
+
+    /// An HTTP error.
+    pub fn status(code: u16, message: &str) -> Self {
+        Self {
+            behaviour: Behaviour::Status(code, message.to_owned()),
+            ..Self::chunks(Vec::<String>::new())
+        }
+    }
+
+    /// With `delay` before every chunk.
+    pub fn with_chunk_delay(mut self, delay: Duration) -> Self {
+        self.chunk_delay = delay;
+        self
+    }
+
+    /// With reasoning deltas before the content.
+    pub fn with_reasoning<S: Into<String>>(mut self, parts: impl IntoIterator<Item = S>) -> Self {
+        self.reasoning = parts.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Cut after `n` content chunks.
+    pub fn cut_after(mut self, n: usize) -> Self {
+        self.behaviour = Behaviour::CutAfter(n);
+        self
+    }
+
+    /// The echo reply for a user message: `"echo:"` then one chunk per word.
+    pub fn echo(content: &str) -> Self {
+        let mut chunks = vec!["echo:".to_owned()];
+        chunks.extend(content.split_whitespace().map(|w| format!(" {w}")));
+        Self::chunks(chunks)
+    }
+
+    /// The full text the reply streams.
+    pub fn text(&self) -> String {
+        self.chunks.concat()
+    }
+}
+
+#[derive(Default)]
+struct Shared {
+    replies: Mutex<VecDeque<Reply>>,
+    default_chunk_delay: Mutex<Duration>,
+    models: Mutex<Vec<String>>,
+    requests: Mutex<Vec<Value>>,
+    chat_requests: AtomicUsize,
+    model_list_requests: AtomicUsize,
+    streams_dropped: AtomicUsize,
+    streams_finished: AtomicUsize,
+    dropped: Notify,
+}
+
+/// A running scripted server; stops when dropped.
+pub struct ScriptedLmx {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+}
+
+impl Drop for ScriptedLmx {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl ScriptedLmx {
+    /// Starts on an ephemeral loopback port.
+    pub async fn start() -> std::io::Result<Self> {
+        Self::start_on(0).await
+    }
+
+    /// Starts on `port` (0 for any) on loopback.
+    pub async fn start_on(port: u16) -> std::io::Result<Self> {
+        let shared = Arc::new(Shared::default());
+        shared
+            .models
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push("default".into());
+        let app = Router::new()
+            .route("/v1/chat/completions", post(chat))
+            .route("/v1/models", get(models))
+            .with_state(shared.clone());
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+        let addr = listener.local_addr()?;
+        let stop = CancellationToken::new();
+        let stopped = stop.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(stopped.cancelled_owned())
+                .await;
+        });
+        Ok(Self { addr, shared, stop })
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Queues a reply for the next chat request.
+    pub fn push(&self, reply: Reply) {
+        lock(&self.shared.replies).push_back(reply);
+    }
+
+    /// Delay before each chunk of echo replies.
+    pub fn set_echo_delay(&self, delay: Duration) {
+        *lock(&self.shared.default_chunk_delay) = delay;
+    }
+
+    /// Chat requests received.
+    pub fn chat_requests(&self) -> usize {
+        self.shared.chat_requests.load(Ordering::SeqCst)
+    }
+
+    /// Model list requests received.
+    pub fn model_list_requests(&self) -> usize {
+        self.shared.model_list_requests.load(Ordering::SeqCst)
+    }
+
+    /// Streams the client dropped before they finished.
+    pub fn streams_dropped(&self) -> usize {
+        self.shared.streams_dropped.load(Ordering::SeqCst)
+    }
+
+    /// Streams sent to the end.
+    pub fn streams_finished(&self) -> usize {
+        self.shared.streams_finished.load(Ordering::SeqCst)
+    }
+
+    /// Waits until at least `n` streams were dropped by the client.
+    pub async fn wait_streams_dropped(&self, n: usize) {
+        loop {
+            let notified = self.shared.dropped.notified();
+            if self.streams_dropped() >= n {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Bodies of the chat requests received, in order.
+    pub fn requests(&self) -> Vec<Value> {
+        lock(&self.shared.requests).clone()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+async fn models(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    shared.model_list_requests.fetch_add(1, Ordering::SeqCst);
+    let data: Vec<Value> = lock(&shared.models)
+        .iter()
+        .map(|id| json!({"id": id, "object": "model"}))
+        .collect();
+    axum::Json(json!({"object": "list", "data": data}))
+}
+
+/// Counts the stream as dropped unless it reached its end.
+struct StreamGuard {
+    shared: Arc<Shared>,
+    finished: bool,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        if self.finished {
+            self.shared.streams_finished.fetch_add(1, Ordering::SeqCst);
+        } else {
+            self.shared.streams_dropped.fetch_add(1, Ordering::SeqCst);
+            self.shared.dropped.notify_waiters();
+        }
+    }
+}
+
+fn chunk_json(model: &str, delta: Value, finish: Option<&str>) -> Bytes {
+    let chunk = json!({
+        "id": "chatcmpl-scripted", "object": "chat.completion.chunk", "created": 0, "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]
+    });
+    Bytes::from(format!("data: {chunk}\n\n"))
+}
+
+async fn chat(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+    shared.chat_requests.fetch_add(1, Ordering::SeqCst);
+    let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    lock(&shared.requests).push(request.clone());
+    let model = request["model"].as_str().unwrap_or("default").to_owned();
+    let reply = lock(&shared.replies).pop_front().unwrap_or_else(|| {
+        let last_user = request["messages"]
+            .as_array()
+            .and_then(|m| m.iter().rev().find(|m| m["role"] == "user"))
+            .and_then(|m| m["content"].as_str())
+            .unwrap_or("")
+            .to_owned();
+        Reply::echo(&last_user).with_chunk_delay(*lock(&shared.default_chunk_delay))
+    });
+    if !reply.first_byte_delay.is_zero() {
+        tokio::time::sleep(reply.first_byte_delay).await;
+    }
+    match &reply.behaviour {
+        Behaviour::Status(code, message) => {
+            let status = StatusCode::from_u16(*code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            return (status, axum::Json(json!({"error": {"message": message}}))).into_response();
+        }
+        Behaviour::Hang => {
+            let _guard = StreamGuard {
+                shared: shared.clone(),
+                finished: false,
+            };
+            std::future::pending::<()>().await;
+        }
+        Behaviour::Complete | Behaviour::CutAfter(_) => {}
+    }
+    let mut frames: Vec<(Duration, Result<Bytes, std::io::Error>)> = Vec::new();
+    for part in &reply.reasoning {
+        frames.push((
+            reply.chunk_delay,
+            Ok(chunk_json(&model, json!({"reasoning_content": part}), None)),
+        ));
+    }
+    for (i, part) in reply.chunks.iter().enumerate() {
+        if reply.behaviour == Behaviour::CutAfter(i) {
+            break;
+        }
+        frames.push((
+            reply.chunk_delay,
+            Ok(chunk_json(&model, json!({"content": part}), None)),
+        ));
+    }
+    match reply.behaviour {
+        Behaviour::CutAfter(_) => frames.push((
+            Duration::ZERO,
+            Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "scripted cut",
+            )),
+        )),
+        _ => {
+            frames.push((
+                Duration::ZERO,
+                Ok(chunk_json(&model, json!({}), Some("stop"))),
+            ));
+            if let Some((prompt, completion)) = reply.usage {
+                let usage = json!({"id": "chatcmpl-scripted", "object": "chat.completion.chunk",
+                    "choices": [], "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
+                    "total_tokens": prompt + completion}});
+                frames.push((
+                    Duration::ZERO,
+                    Ok(Bytes::from(format!("data: {usage}\n\n"))),
+                ));
+            }
+            frames.push((Duration::ZERO, Ok(Bytes::from_static(b"data: [DONE]\n\n"))));
+        }
+    }
+    let guard = StreamGuard {
+        shared,
+        finished: false,
+    };
+    let body = stream::unfold(
+        (frames.into_iter(), guard),
+        |(mut frames, mut guard)| async move {
+            match frames.next() {
+                Some((delay, frame)) => {
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
+                    }
+                    Some((frame, (frames, guard)))
+                }
+                None => {
+                    guard.finished = true;
+                    drop(guard);
+                    None
+                }
+            }
+        },
+    );
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(Body::from_stream(body))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
