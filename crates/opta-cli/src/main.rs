@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use opta_daemon::context::SessionLimits;
+use opta_daemon::context::Tunables;
 use opta_daemon::inference::LmxTimeouts;
 use opta_daemon::{DaemonConfig, RunningDaemon};
 use tracing_subscriber::EnvFilter;
@@ -120,7 +120,7 @@ async fn run_daemon(args: DaemonArgs) -> Result<()> {
             first_byte: Duration::from_millis(args.lmx_first_byte_timeout_ms),
             idle: Duration::from_millis(args.lmx_idle_timeout_ms),
         },
-        limits: SessionLimits::default(),
+        limits: Tunables::default(),
         logs_path: Some(logs_path),
     };
     let daemon = RunningDaemon::start(config).await?;

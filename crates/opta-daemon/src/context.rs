@@ -10,20 +10,23 @@ use tokio_util::sync::CancellationToken;
 use crate::inference::LmxClient;
 use crate::store::Store;
 
-/// Tunables of the session actors.
+/// Tunables of sessions and event streams.
 #[derive(Debug, Clone, Copy)]
-pub struct SessionLimits {
+pub struct Tunables {
     /// Frames buffered per subscriber before it is dropped as too slow.
     pub subscriber_buffer: usize,
     /// How long token/thinking events of a finished turn stay replayable.
     pub delta_retention: Duration,
+    /// Interval of the SSE `: ping` comment.
+    pub sse_ping: Duration,
 }
 
-impl Default for SessionLimits {
+impl Default for Tunables {
     fn default() -> Self {
         Self {
             subscriber_buffer: 4096,
             delta_retention: Duration::from_secs(60),
+            sse_ping: Duration::from_secs(15),
         }
     }
 }
@@ -92,8 +95,8 @@ pub struct DaemonContext {
     pub lmx: LmxClient,
     /// Model for sessions created without one.
     pub default_model: String,
-    /// Actor tunables.
-    pub limits: SessionLimits,
+    /// Session and stream tunables.
+    pub limits: Tunables,
     /// Live counters.
     pub counters: RuntimeCounters,
     /// Cancelled when the daemon begins to stop.

@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::context::{DaemonContext, RuntimeCounters, SessionLimits};
+use crate::context::{DaemonContext, RuntimeCounters, Tunables};
 use crate::error::{Error, Result};
 use crate::http::{AppState, router};
 use crate::ids::{new_daemon_id, new_token, now_iso};
@@ -43,7 +43,7 @@ pub struct DaemonConfig {
     /// Inference timeouts.
     pub lmx_timeouts: LmxTimeouts,
     /// Session actor tunables.
-    pub limits: SessionLimits,
+    pub limits: Tunables,
     /// Log file reported in the state file.
     pub logs_path: Option<PathBuf>,
 }
@@ -59,7 +59,7 @@ impl DaemonConfig {
             lmx_url: "http://127.0.0.1:1234".into(),
             model: "default".into(),
             lmx_timeouts: LmxTimeouts::default(),
-            limits: SessionLimits::default(),
+            limits: Tunables::default(),
             logs_path: None,
         }
     }

@@ -35,6 +35,9 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
         } else {
             &bytes
         };
+        if text.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(Error::invalid("body", "must be a JSON object"));
+        }
         parse_json(text).map(ApiJson)
     }
 }
@@ -43,9 +46,20 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
 pub fn parse_json<T: DeserializeOwned>(text: &[u8]) -> Result<T, Error> {
     let de = &mut serde_json::Deserializer::from_slice(text);
     serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
-        let path = if path == "." { "body".to_owned() } else { path };
         let message = e.inner().to_string();
+        let mut path = e.path().to_string();
+        // serde names a missing field only in its message; make it part of the path.
+        if let Some(field) = message
+            .strip_prefix("missing field `")
+            .and_then(|rest| rest.split('`').next())
+        {
+            path = if path == "." {
+                field.to_owned()
+            } else {
+                format!("{path}.{field}")
+            };
+        }
+        let path = if path == "." { "body".to_owned() } else { path };
         Error::InvalidInput {
             message: format!("Invalid request body: {path}: {message}"),
             details: vec![ErrorDetail { path, message }],

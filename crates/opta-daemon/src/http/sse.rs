@@ -1,7 +1,6 @@
 //! The SSE event plane: `: connected`, replay, then live events; `: ping` every 15 s.
 
 use std::convert::Infallible;
-use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::HeaderMap;
@@ -51,6 +50,7 @@ pub async fn events(
     let after_seq = query.after_seq.or(last_event_id).unwrap_or(0);
     let feed = open_feed(&state, id, after_seq).await?;
     let shutdown = state.ctx.shutdown.clone();
+    let ping = state.ctx.limits.sse_ping;
     let connected = stream::once(async { Ok(Event::default().comment("connected")) });
     let replay = stream::iter(feed.replay.into_iter().map(|f| Ok(sse_event(&f))));
     let live_state = (feed.receiver, feed.current_seq, feed.guard, feed.handle);
@@ -74,9 +74,6 @@ pub async fn events(
             }
         }
     });
-    Ok(Sse::new(connected.chain(replay).chain(live)).keep_alive(
-        KeepAlive::new()
-            .interval(Duration::from_secs(15))
-            .text("ping"),
-    ))
+    Ok(Sse::new(connected.chain(replay).chain(live))
+        .keep_alive(KeepAlive::new().interval(ping).text("ping")))
 }

@@ -10,8 +10,8 @@ use axum::http::{HeaderMap, Uri};
 use axum::response::{IntoResponse, Response};
 use futures_util::{SinkExt, StreamExt};
 use opta_protocol::{
-    AckFrame, CLOSE_BAD_REQUEST, CLOSE_NOT_FOUND, CLOSE_TOO_SLOW, CLOSE_UNAUTHORIZED, ClientFrame,
-    Seq, SessionId,
+    AckFrame, CLOSE_BAD_REQUEST, CLOSE_NOT_FOUND, CLOSE_TOO_SLOW, CLOSE_UNAUTHORIZED,
+    CancelRequest, ClientFrame, ResolvePermissionRequest, Seq, SessionId, SubmitTurnRequest,
 };
 use serde::Serialize;
 use serde_json::json;
@@ -181,7 +181,7 @@ async fn answer_frame(
     body: &[u8],
     last_sent: Seq,
 ) -> String {
-    let frame: ClientFrame = match parse_json(body) {
+    let frame = match parse_client_frame(body) {
         Ok(f) => f,
         Err(e) => return error_frame(&e),
     };
@@ -215,6 +215,31 @@ async fn answer_frame(
             map.insert("action".into(), action.into());
         }
         body.to_string()
+    })
+}
+
+/// Parses a client frame. serde reports errors inside an internally tagged enum without a
+/// path, so on failure the variant's body is parsed again to name the offending field.
+fn parse_client_frame(body: &[u8]) -> Result<ClientFrame, Error> {
+    let value: serde_json::Value = parse_json(body)?;
+    let kind = value
+        .get("type")
+        .and_then(serde_json::Value::as_str)
+        .map(str::to_owned);
+    serde_json::from_value::<ClientFrame>(value).map_err(|e| {
+        let precise = match kind.as_deref() {
+            Some("turn.submit") => parse_json::<SubmitTurnRequest>(body).err(),
+            Some("permission.resolve") => parse_json::<ResolvePermissionRequest>(body).err(),
+            Some("turn.cancel") => parse_json::<CancelRequest>(body).err(),
+            _ => None,
+        };
+        precise.unwrap_or_else(|| {
+            let path = match kind {
+                Some(_) => "frame",
+                None => "type",
+            };
+            Error::invalid(path, e.to_string())
+        })
     })
 }
 

@@ -1,0 +1,487 @@
+//! Every HTTP route's success and error answers, auth, CORS, limits and validation.
+
+use opta_test_support::{ScriptedLmx, TestDaemon, is_terminal_of};
+use pretty_assertions::assert_eq;
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+async fn daemon() -> (ScriptedLmx, TestDaemon) {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let d = TestDaemon::start(&lmx.url()).await;
+    (lmx, d)
+}
+
+#[tokio::test]
+async fn health_routes() {
+    let (_lmx, d) = daemon().await;
+    let resp = d
+        .http
+        .get(format!("{}/health", d.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(
+        body,
+        json!({"status": "ok", "version": env!("CARGO_PKG_VERSION"), "daemon": true})
+    );
+
+    let (status, body) = d.get("/v3/health").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        body,
+        json!({
+            "status": "ok", "version": env!("CARGO_PKG_VERSION"),
+            "daemonId": d.daemon().state().daemon_id,
+            "contract": {"name": "opta-daemon-v3", "version": 1},
+            "runtime": {"sessionCount": 0, "activeTurnCount": 0, "queuedTurnCount": 0, "subscriberCount": 0}
+        })
+    );
+    let (status, body) = d.get("/v3/metrics").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["daemonId"], d.daemon().state().daemon_id.as_str());
+    assert!(body["ts"].as_str().unwrap().ends_with('Z'));
+}
+
+#[tokio::test]
+async fn every_route_but_health_needs_the_token() {
+    let (_lmx, d) = daemon().await;
+    let s = d.create_session(Some("authz")).await;
+    let routes = [
+        (Method::GET, "/v3/health".to_owned()),
+        (Method::GET, "/v3/metrics".to_owned()),
+        (Method::POST, "/v3/sessions".to_owned()),
+        (Method::GET, "/v3/sessions".to_owned()),
+        (Method::GET, format!("/v3/sessions/{s}")),
+        (Method::DELETE, format!("/v3/sessions/{s}")),
+        (Method::POST, format!("/v3/sessions/{s}/turns")),
+        (Method::GET, format!("/v3/sessions/{s}/events")),
+        (Method::POST, format!("/v3/sessions/{s}/cancel")),
+        (Method::POST, format!("/v3/sessions/{s}/permissions/perm_1")),
+        (Method::GET, format!("/v3/sse/events?sessionId={s}")),
+        (Method::GET, "/v3/nope".to_owned()),
+    ];
+    for (method, path) in routes {
+        for auth in [None, Some("Bearer wrong"), Some("Basic abc")] {
+            let mut req = d.http.request(method.clone(), format!("{}{path}", d.base));
+            if let Some(a) = auth {
+                req = req.header("authorization", a);
+            }
+            let resp = req.send().await.unwrap();
+            assert_eq!(
+                resp.status(),
+                StatusCode::UNAUTHORIZED,
+                "{method} {path} {auth:?}"
+            );
+            assert_eq!(
+                resp.json::<Value>().await.unwrap(),
+                json!({"error": "Unauthorized"})
+            );
+        }
+    }
+    // The query token works too (browsers cannot set headers on EventSource).
+    let resp = d
+        .http
+        .get(format!("{}/v3/health?token={}", d.base, d.token))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    // Nothing was deleted by the refused DELETE.
+    assert_eq!(d.get(&format!("/v3/sessions/{s}")).await.0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn cors_echoes_only_loopback_origins_and_options_is_204() {
+    let (_lmx, d) = daemon().await;
+    for (origin, allowed) in [
+        ("http://localhost:5173", true),
+        ("https://127.0.0.1", true),
+        ("http://[::1]:8080", true),
+        ("http://evil.example", false),
+        ("http://localhost.evil.example", false),
+    ] {
+        let resp = d
+            .http
+            .request(Method::OPTIONS, format!("{}/v3/sessions", d.base))
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::NO_CONTENT, "{origin}");
+        let echoed = resp
+            .headers()
+            .get("access-control-allow-origin")
+            .map(|v| v.to_str().unwrap().to_owned());
+        assert_eq!(echoed, allowed.then(|| origin.to_owned()), "{origin}");
+        if allowed {
+            let h = resp.headers();
+            assert_eq!(h["access-control-allow-credentials"], "true");
+            assert!(
+                h["access-control-allow-methods"]
+                    .to_str()
+                    .unwrap()
+                    .contains("DELETE")
+            );
+            assert!(
+                h["access-control-allow-headers"]
+                    .to_str()
+                    .unwrap()
+                    .contains("Authorization")
+            );
+        }
+        assert!(resp.headers().get_all("vary").iter().any(|v| v == "Origin"));
+    }
+    // A plain OPTIONS (no preflight headers) is 204 too, and a normal response carries CORS.
+    let resp = d
+        .http
+        .request(Method::OPTIONS, format!("{}/anything", d.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+    let resp = d
+        .http
+        .get(format!("{}/health", d.base))
+        .header("origin", "http://localhost:3000")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.headers()["access-control-allow-origin"],
+        "http://localhost:3000"
+    );
+}
+
+#[tokio::test]
+async fn unknown_routes_and_methods_are_json() {
+    let (_lmx, d) = daemon().await;
+    let (status, body) = d.get("/v3/nothing-here").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(body["code"], "not-found");
+    let (status, body) = d.request(Method::PUT, "/v3/sessions", None).await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(body["code"], "method-not-allowed");
+    let (status, body) = d.post("/v1/chat", json!({"message": "hi"})).await;
+    assert_eq!(
+        status,
+        StatusCode::NOT_FOUND,
+        "there is no v1 route: {body}"
+    );
+}
+
+#[tokio::test]
+async fn sessions_create_reopen_get_list_delete() {
+    let (_lmx, d) = daemon().await;
+    let (status, created) = d
+        .post(
+            "/v3/sessions",
+            json!({"sessionId": "s-1", "model": "m1", "title": "T", "metadata": {"k": 1},
+                "messages": [{"role": "system", "content": "be brief"}], "futureField": true}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let created_at = created["createdAt"].clone();
+    assert_eq!(
+        created,
+        json!({"sessionId": "s-1", "model": "m1", "title": "T", "createdAt": created_at,
+            "updatedAt": created["updatedAt"], "queuedTurns": 0, "toolCallCount": 0, "writerCount": 0})
+    );
+    // Re-open: same session, model change applied, history kept, snapshot event emitted.
+    let (status, reopened) = d
+        .post("/v3/sessions", json!({"sessionId": "s-1", "model": "m2"}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(
+        (reopened["model"].clone(), reopened["createdAt"].clone()),
+        (json!("m2"), created_at)
+    );
+    let (status, detail) = d.get("/v3/sessions/s-1").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        detail["messages"],
+        json!([{"role": "system", "content": "be brief"}])
+    );
+    let events = d.events("s-1", 0).await;
+    let kinds: Vec<_> = events
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, vec!["session.snapshot", "session.snapshot"]);
+    assert_eq!(events[1]["payload"]["messages"], detail["messages"]);
+
+    // A generated id matches the pattern.
+    let (_, generated) = d.post("/v3/sessions", json!({})).await;
+    let id = generated["sessionId"].as_str().unwrap();
+    assert!(
+        id.len() <= 64
+            && id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    );
+    assert_eq!(generated["model"], "default");
+
+    // Delete: 204, then 404 everywhere, and the id can be created afresh.
+    let (status, body) = d.request(Method::DELETE, "/v3/sessions/s-1", None).await;
+    assert_eq!((status, body), (StatusCode::NO_CONTENT, Value::Null));
+    for path in ["/v3/sessions/s-1", "/v3/sessions/s-1/events"] {
+        let (status, body) = d.get(path).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}");
+        assert_eq!(body["code"], "session-not-found");
+    }
+    let (status, _) = d.request(Method::DELETE, "/v3/sessions/s-1", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = d
+        .post(
+            "/v3/sessions/s-1/turns",
+            json!({"clientId": "c", "writerId": "w", "content": "x", "mode": "chat"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn delete_cancels_running_turns_first() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    lmx.push(opta_test_support::Reply::hang());
+    let d = TestDaemon::start(&lmx.url()).await;
+    let s = d.create_session(None).await;
+    let mut ws = d.ws(&s, 0).await;
+    let turn = d.submit(&s, "hang").await;
+    ws.envelopes_until(|e| e["event"] == "turn.start").await;
+    let (status, _) = d
+        .request(Method::DELETE, &format!("/v3/sessions/{s}"), None)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let events = ws.envelopes_until(is_terminal_of(&turn)).await;
+    assert_eq!(events.last().unwrap()["payload"]["code"], "cancelled");
+    lmx.wait_streams_dropped(1).await;
+}
+
+#[tokio::test]
+async fn session_list_is_paginated_newest_first() {
+    let (_lmx, d) = daemon().await;
+    for i in 0..7 {
+        d.create_session(Some(&format!("list-{i}"))).await;
+    }
+    // Touch list-2 so it becomes the most recently updated.
+    d.post(
+        "/v3/sessions",
+        json!({"sessionId": "list-2", "title": "touched"}),
+    )
+    .await;
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/v3/sessions?limit=3&cursor={c}"),
+            None => "/v3/sessions?limit=3".to_owned(),
+        };
+        let (status, page) = d.get(&path).await;
+        assert_eq!(status, StatusCode::OK);
+        let ids: Vec<String> = page["sessions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["sessionId"].as_str().unwrap().to_owned())
+            .collect();
+        assert!(ids.len() <= 3);
+        seen.extend(ids);
+        match page["nextCursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 7, "{seen:?}");
+    assert_eq!(seen[0], "list-2");
+    let mut unique = seen.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), 7);
+    for bad in ["limit=0", "limit=501", "limit=x", "cursor=%%%"] {
+        let (status, body) = d.get(&format!("/v3/sessions?{bad}")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
+        assert!(
+            body["details"][0]["path"]
+                .as_str()
+                .unwrap()
+                .starts_with("query."),
+            "{body}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn bad_input_is_400_with_details_and_changes_nothing() {
+    let (_lmx, d) = daemon().await;
+    let s = d.create_session(Some("valid")).await;
+    let turns = format!("/v3/sessions/{s}/turns");
+    let cases = [
+        (
+            json!({"writerId": "w", "content": "x", "mode": "chat"}),
+            "clientId",
+        ),
+        (
+            json!({"clientId": 5, "writerId": "w", "content": "x", "mode": "chat"}),
+            "clientId",
+        ),
+        (
+            json!({"clientId": "c", "writerId": "w", "content": "x", "mode": "dance"}),
+            "mode",
+        ),
+        (
+            json!({"clientId": "c", "writerId": "w", "content": "x", "mode": "chat", "lastSeenSeq": -1}),
+            "lastSeenSeq",
+        ),
+        (
+            json!({"clientId": "c", "writerId": "w", "content": "x", "mode": "chat", "overrides": {"format": "yaml"}}),
+            "overrides.format",
+        ),
+        (
+            json!({"clientId": "c", "writerId": "w", "content": "  ", "mode": "chat"}),
+            "content",
+        ),
+        (
+            json!({"clientId": "", "writerId": "w", "content": "x", "mode": "chat"}),
+            "clientId",
+        ),
+        (json!([1, 2]), "body"),
+    ];
+    for (body, path) in cases {
+        let (status, answer) = d.post(&turns, body.clone()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert_eq!(answer["code"], "invalid-request");
+        assert_eq!(answer["details"][0]["path"], path, "{body}: {answer}");
+        assert!(answer["error"].as_str().is_some());
+    }
+    // Malformed JSON.
+    let resp = d
+        .http
+        .post(format!("{}{turns}", d.base))
+        .bearer_auth(&d.token)
+        .header("content-type", "application/json")
+        .body("{\"clientId\": ")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(
+        resp.json::<Value>().await.unwrap()["code"],
+        "invalid-request"
+    );
+    // Bad session ids never reach the store.
+    for bad in ["a.b", "a%20b", "a%2Fb", &"x".repeat(65)] {
+        let (status, body) = d.get(&format!("/v3/sessions/{bad}")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
+    }
+    let (status, _) = d.post("/v3/sessions", json!({"sessionId": "../etc"})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _) = d.get("/v3/sse/events").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _) = d.get("/v3/sse/events?sessionId=missing").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = d.get(&format!("/v3/sessions/{s}/events?afterSeq=-3")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    // Nothing changed: only the creation event exists, nothing queued.
+    assert_eq!(d.events(&s, 0).await.len(), 1);
+    let (_, detail) = d.get(&format!("/v3/sessions/{s}")).await;
+    assert_eq!(detail["queuedTurns"], 0);
+}
+
+#[tokio::test]
+async fn bodies_over_10_mib_are_413() {
+    let (_lmx, d) = daemon().await;
+    let s = d.create_session(None).await;
+    let content = "x".repeat(10 * 1024 * 1024 + 1);
+    let (status, body) = d
+        .post(
+            &format!("/v3/sessions/{s}/turns"),
+            json!({"clientId": "c", "writerId": "w", "content": content, "mode": "chat"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(body["code"], "payload-too-large");
+    assert_eq!(d.events(&s, 0).await.len(), 1);
+}
+
+#[tokio::test]
+async fn events_route_filters_by_after_seq() {
+    let (_lmx, d) = daemon().await;
+    let s = d.create_session(None).await;
+    let turn = d.submit(&s, "hi").await;
+    d.ws(&s, 0)
+        .await
+        .envelopes_until(is_terminal_of(&turn))
+        .await;
+    let all = d.events(&s, 0).await;
+    let tail = d.events(&s, 3).await;
+    assert_eq!(tail, all[3..].to_vec());
+    assert!(d.events(&s, 10_000).await.is_empty());
+}
+
+#[tokio::test]
+async fn permission_route_validates_and_answers_404_for_unknown_requests() {
+    let (_lmx, d) = daemon().await;
+    let s = d.create_session(None).await;
+    let path = format!("/v3/sessions/{s}/permissions/perm_abc");
+    let (status, body) = d
+        .post(
+            &path,
+            json!({"requestId": "perm_abc", "decision": "allow", "decidedBy": "me"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(body["code"], "permission-not-found");
+    let (status, _) = d
+        .post(
+            &path,
+            json!({"requestId": "perm_other", "decision": "allow", "decidedBy": "me"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, body) = d
+        .post(
+            &path,
+            json!({"requestId": "perm_abc", "decision": "maybe", "decidedBy": "me"}),
+        )
+        .await;
+    assert_eq!(
+        (status, body["details"][0]["path"].clone()),
+        (StatusCode::BAD_REQUEST, json!("decision"))
+    );
+    let (status, _) = d
+        .post(
+            "/v3/sessions/none/permissions/perm_abc",
+            json!({"requestId": "perm_abc", "decision": "deny", "decidedBy": "me"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn runtime_counters_follow_sessions_turns_and_subscribers() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    lmx.push(opta_test_support::Reply::hang());
+    let d = TestDaemon::start(&lmx.url()).await;
+    let s = d.create_session(None).await;
+    let mut ws = d.ws(&s, 0).await;
+    let t1 = d.submit(&s, "one").await;
+    d.submit(&s, "two").await;
+    ws.envelopes_until(|e| e["event"] == "turn.start").await;
+    let (_, health) = d.get("/v3/health").await;
+    assert_eq!(
+        health["runtime"],
+        json!({"sessionCount": 1, "activeTurnCount": 1, "queuedTurnCount": 1, "subscriberCount": 1})
+    );
+    let (_, detail) = d.get(&format!("/v3/sessions/{s}")).await;
+    assert_eq!(
+        (
+            detail["activeTurnId"].clone(),
+            detail["queuedTurns"].clone(),
+            detail["writerCount"].clone()
+        ),
+        (json!(t1), json!(1), json!(1))
+    );
+}
