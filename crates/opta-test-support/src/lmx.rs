@@ -315,8 +315,10 @@ async fn chat(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
         ));
     }
     match reply.behaviour {
+        // The pause lets the chunks before the cut reach the client: a broken body aborts the
+        // connection and would discard anything still in the server's write buffer.
         Behaviour::CutAfter(_) => frames.push((
-            Duration::ZERO,
+            Duration::from_millis(50),
             Err(std::io::Error::new(
                 std::io::ErrorKind::ConnectionReset,
                 "scripted cut",

@@ -1,0 +1,238 @@
+//! `opta daemon run` as a real process: state file, home lock, signals, kill -9 recovery.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use opta_test_support::{
+    Reply, ScriptedLmx, WsClient, assert_contiguous, is_terminal_of, token_text,
+};
+use pretty_assertions::assert_eq;
+use serde_json::{Value, json};
+
+const TOKEN: &str = "process-test-token-0123456789abcdef";
+
+fn spawn_daemon(home: &Path, lmx_url: &str) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_opta"))
+        .args(["daemon", "run", "--port", "0", "--lmx-url", lmx_url])
+        .env("OPTA_HOME", home)
+        .env("OPTA_TOKEN", TOKEN)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn opta daemon run")
+}
+
+fn state_file(home: &Path) -> PathBuf {
+    home.join("daemon").join("state.json")
+}
+
+/// Waits until the daemon wrote its state file and answers /health; returns the state.
+async fn wait_ready(home: &Path, child: &mut Child) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("daemon exited early: {status}");
+        }
+        if let Ok(bytes) = std::fs::read(state_file(home))
+            && let Ok(state) = serde_json::from_slice::<Value>(&bytes)
+            && state["pid"].as_u64() == Some(u64::from(child.id()))
+        {
+            let url = format!("http://127.0.0.1:{}/health", state["port"]);
+            if reqwest::get(&url)
+                .await
+                .is_ok_and(|r| r.status().is_success())
+            {
+                return state;
+            }
+        }
+        assert!(Instant::now() < deadline, "daemon not ready in time");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn signal(child: &Child, name: &str) {
+    let status = Command::new("kill")
+        .args([format!("-{name}"), child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "daemon did not exit in time");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+async fn call(port: u64, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+    let mut req = reqwest::Client::new()
+        .request(method, format!("http://127.0.0.1:{port}{path}"))
+        .bearer_auth(TOKEN);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let bytes = resp.bytes().await.unwrap();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+#[tokio::test]
+async fn state_file_lock_and_graceful_stop() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let mut daemon = spawn_daemon(home.path(), &lmx.url());
+    let state = wait_ready(home.path(), &mut daemon).await;
+
+    let keys: Vec<_> = state.as_object().unwrap().keys().cloned().collect();
+    assert_eq!(
+        keys,
+        vec![
+            "daemonId",
+            "host",
+            "logsPath",
+            "pid",
+            "port",
+            "startedAt",
+            "token"
+        ]
+    );
+    assert_eq!(state["token"], TOKEN);
+    assert_eq!(state["host"], "127.0.0.1");
+    assert!(state["daemonId"].as_str().unwrap().starts_with("daemon_"));
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&state_file(home.path())), 0o600);
+    assert_eq!(mode(&home.path().join("daemon")), 0o700);
+    assert!(Path::new(state["logsPath"].as_str().unwrap()).exists());
+
+    // A second daemon on the same home refuses with a clear message.
+    let second = Command::new(env!("CARGO_BIN_EXE_opta"))
+        .args(["daemon", "run", "--port", "0", "--lmx-url", &lmx.url()])
+        .env("OPTA_HOME", home.path())
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(stderr.contains("already running"), "{stderr}");
+    assert!(stderr.contains(&format!("pid {}", daemon.id())), "{stderr}");
+
+    // SIGTERM: graceful stop, state file removed, exit 0.
+    signal(&daemon, "TERM");
+    let status = wait_exit(&mut daemon);
+    assert!(status.success(), "{status}");
+    assert!(!state_file(home.path()).exists());
+    // The token never reaches the log.
+    let log = std::fs::read_to_string(state["logsPath"].as_str().unwrap()).unwrap();
+    assert!(!log.contains(TOKEN));
+}
+
+#[tokio::test]
+async fn a_stale_state_file_does_not_block_a_start() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let home = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(home.path().join("daemon")).unwrap();
+    std::fs::write(
+        state_file(home.path()),
+        json!({"pid": 999_999, "daemonId": "daemon_deadbeef", "host": "127.0.0.1", "port": 1,
+            "token": "x", "startedAt": "2020-01-01T00:00:00.000Z", "logsPath": "/nowhere"})
+        .to_string(),
+    )
+    .unwrap();
+    let mut daemon = spawn_daemon(home.path(), &lmx.url());
+    let state = wait_ready(home.path(), &mut daemon).await;
+    assert_ne!(state["daemonId"], "daemon_deadbeef");
+    signal(&daemon, "INT");
+    assert!(wait_exit(&mut daemon).success());
+}
+
+#[tokio::test]
+async fn kill_9_mid_turn_loses_nothing_acknowledged_and_seq_continues() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    lmx.push(Reply::slow(400, Duration::from_millis(5)));
+    let home = tempfile::tempdir().unwrap();
+    let mut daemon = spawn_daemon(home.path(), &lmx.url());
+    let state = wait_ready(home.path(), &mut daemon).await;
+    let port = state["port"].as_u64().unwrap();
+
+    let (status, _) = call(
+        port,
+        reqwest::Method::POST,
+        "/v3/sessions",
+        Some(json!({"sessionId": "crash"})),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let ws_url = |p: u64, after: u64| {
+        format!("ws://127.0.0.1:{p}/v3/ws?sessionId=crash&afterSeq={after}&token={TOKEN}")
+    };
+    let mut ws = WsClient::connect(&ws_url(port, 0)).await;
+    let (status, body) = call(
+        port,
+        reqwest::Method::POST,
+        "/v3/sessions/crash/turns",
+        Some(json!({"clientId": "c", "writerId": "w", "content": "go", "mode": "chat"})),
+    )
+    .await;
+    assert_eq!(status, 202);
+    let turn = body["turnId"].as_str().unwrap().to_owned();
+    // A second turn is acknowledged (202) and must survive the crash.
+    let (status, body) = call(
+        port,
+        reqwest::Method::POST,
+        "/v3/sessions/crash/turns",
+        Some(
+            json!({"clientId": "c", "writerId": "w", "content": "after the crash", "mode": "chat"}),
+        ),
+    )
+    .await;
+    assert_eq!(status, 202);
+    let survivor = body["turnId"].as_str().unwrap().to_owned();
+    let before = ws
+        .envelopes_until(|e| e["event"] == "turn.token" && e["payload"]["text"] == "w20 ")
+        .await;
+    daemon.kill().unwrap();
+    wait_exit(&mut daemon);
+    let seen = before.last().unwrap()["seq"].as_u64().unwrap();
+
+    let mut daemon = spawn_daemon(home.path(), &lmx.url());
+    let state = wait_ready(home.path(), &mut daemon).await;
+    let port = state["port"].as_u64().unwrap();
+    let mut ws = WsClient::connect(&ws_url(port, seen)).await;
+    let after = ws.envelopes_until(is_terminal_of(&survivor)).await;
+    // Every seq after the last one seen arrives once, in order; nothing is reused.
+    assert_contiguous(&after, seen + 1);
+    let interrupted: Vec<_> = after.iter().filter(|e| is_terminal_of(&turn)(e)).collect();
+    assert_eq!(interrupted.len(), 1);
+    assert_eq!(interrupted[0]["payload"]["code"], "interrupted");
+    assert_eq!(after.last().unwrap()["event"], "turn.done");
+    // The partial reply is exactly the text streamed before the crash.
+    let mut all = before;
+    all.extend(after);
+    let streamed = token_text(&all, &turn);
+    assert!(
+        streamed.starts_with("w0 w1 ") && streamed.contains("w20 "),
+        "{streamed}"
+    );
+    let (_, detail) = call(port, reqwest::Method::GET, "/v3/sessions/crash", None).await;
+    assert_eq!(
+        detail["messages"][1],
+        json!({"role": "assistant", "content": streamed})
+    );
+    assert_eq!(
+        detail["messages"][3],
+        json!({"role": "assistant", "content": "echo: after the crash"})
+    );
+    signal(&daemon, "TERM");
+    assert!(wait_exit(&mut daemon).success());
+}
