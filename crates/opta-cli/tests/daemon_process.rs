@@ -1,4 +1,5 @@
 //! `opta daemon run` as a real process: state file, home lock, signals, kill -9 recovery.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure report
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};

@@ -1,4 +1,5 @@
 //! Every HTTP route's success and error answers, auth, CORS, limits and validation.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure report
 
 use opta_test_support::{ScriptedLmx, TestDaemon, is_terminal_of};
 use pretty_assertions::assert_eq;

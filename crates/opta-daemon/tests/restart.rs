@@ -1,4 +1,5 @@
 //! A daemon restarted on the same home keeps sessions, history, durable events and `seq`.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure report
 
 use opta_test_support::{Reply, ScriptedLmx, TestDaemon, assert_contiguous, is_terminal_of};
 use pretty_assertions::assert_eq;

@@ -1,4 +1,5 @@
 //! The WebSocket and SSE planes: replay then live, reconnects, auth, inbound frames.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure report
 
 use std::time::Duration;
 

@@ -1,4 +1,5 @@
 //! Turns end to end: streaming, ordering, optimistic concurrency, idempotency, cancel.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure report
 
 use std::time::Duration;
 

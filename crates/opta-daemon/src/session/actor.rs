@@ -52,6 +52,24 @@ struct ActiveTurn {
     task: Option<JoinHandle<()>>,
 }
 
+/// A turn start prepared but not yet committed.
+struct TurnStartPlan {
+    events: Vec<Event>,
+    ops: Vec<WriteOp>,
+    meta: SessionRow,
+    user: ChatMessage,
+    active: ActiveTurn,
+}
+
+impl TurnStartPlan {
+    /// Stops the inference request of a start that could not be committed.
+    fn abort(self) {
+        if let Some(task) = self.active.task {
+            task.abort();
+        }
+    }
+}
+
 /// How the active turn ends.
 enum TurnEnding {
     Done(Completion),
@@ -357,17 +375,38 @@ impl SessionActor {
             client_id: turn.client_id.clone(),
             queue_size: self.queue.len() + 1,
         });
-        self.emit(vec![event], vec![WriteOp::InsertTurn(row)])
-            .await?;
-        if let Some(key) = request.idempotency_key {
-            self.idempotency.insert(key, turn.turn_id.clone());
-        }
         let response = SubmitTurnResponse {
             turn_id: turn.turn_id.clone(),
             queued: true,
         };
-        self.queue.push_back(turn);
-        self.ctx.counters.add(Counter::QueuedTurns, 1);
+        let mut events = vec![event];
+        let mut ops = vec![WriteOp::InsertTurn(row)];
+        // An idle session starts the turn in the same commit as its queueing.
+        let mut start = if self.active.is_none() && self.queue.is_empty() && !self.stopping {
+            Some(self.prepare_start(turn.clone())?)
+        } else {
+            None
+        };
+        if let Some(start) = start.as_mut() {
+            events.append(&mut start.events);
+            ops.append(&mut start.ops);
+        }
+        if let Err(e) = self.emit(events, ops).await {
+            if let Some(start) = start {
+                start.abort();
+            }
+            return Err(e);
+        }
+        if let Some(key) = request.idempotency_key {
+            self.idempotency.insert(key, turn.turn_id.clone());
+        }
+        match start {
+            Some(start) => self.commit_start(start),
+            None => {
+                self.queue.push_back(turn);
+                self.ctx.counters.add(Counter::QueuedTurns, 1);
+            }
+        }
         Ok(response)
     }
 
@@ -389,6 +428,26 @@ impl SessionActor {
     }
 
     async fn start_turn(&mut self, turn: PendingTurn) -> Result<()> {
+        let mut start = self.prepare_start(turn)?;
+        let events = std::mem::take(&mut start.events);
+        let ops = std::mem::take(&mut start.ops);
+        match self.emit(events, ops).await {
+            Ok(()) => {
+                self.commit_start(start);
+                Ok(())
+            }
+            Err(e) => {
+                start.abort();
+                Err(e)
+            }
+        }
+    }
+
+    /// Builds the records of a turn start and launches the inference request at once, so
+    /// the request overlaps the commit; the actor handles the task's deltas only after the
+    /// commit (it awaits it), so event order is unaffected. The caller commits `events` and
+    /// `ops`, then calls [`Self::commit_start`] (or [`TurnStartPlan::abort`] on failure).
+    fn prepare_start(&mut self, turn: PendingTurn) -> Result<TurnStartPlan> {
         let user = ChatMessage::text(Role::User, turn.content.clone());
         let mut ops = vec![
             self.message_op(&user, &turn.turn_id, false)?,
@@ -403,40 +462,53 @@ impl SessionActor {
             meta.title = Some(title_from(&turn.content));
             ops.push(WriteOp::UpdateSession(meta.clone()));
         }
-        let event = Event::TurnStart(TurnStart {
+        let events = vec![Event::TurnStart(TurnStart {
             turn_id: turn.turn_id.clone(),
             writer_id: turn.writer_id.clone(),
             client_id: turn.client_id.clone(),
             mode: turn.mode,
-        });
-        self.emit(vec![event], ops).await?;
-        self.meta = meta;
-        self.history.push(user);
+        })];
         let model = turn
             .overrides
             .as_ref()
             .and_then(|o| o.model.clone())
-            .unwrap_or_else(|| self.meta.model.clone());
+            .unwrap_or_else(|| meta.model.clone());
+        let mut messages = Vec::with_capacity(self.history.len() + 1);
+        messages.extend_from_slice(&self.history);
+        messages.push(user.clone());
         self.next_turn_no += 1;
         let turn_no = self.next_turn_no;
+        let started = Instant::now();
         let task = tokio::spawn(run_turn(
             self.ctx.lmx.clone(),
             model,
-            self.history.clone(),
+            messages,
             turn_no,
             self.updates_tx.clone(),
         ));
-        self.active = Some(ActiveTurn {
-            turn,
-            turn_no,
-            started: Instant::now(),
-            first_delta_at: None,
-            text: String::new(),
-            delta_count: 0,
-            task: Some(task),
-        });
+        Ok(TurnStartPlan {
+            events,
+            ops,
+            meta,
+            user,
+            active: ActiveTurn {
+                turn,
+                turn_no,
+                started,
+                first_delta_at: None,
+                text: String::new(),
+                delta_count: 0,
+                task: Some(task),
+            },
+        })
+    }
+
+    /// Makes a committed turn start the actor's state.
+    fn commit_start(&mut self, start: TurnStartPlan) {
+        self.meta = start.meta;
+        self.history.push(start.user);
+        self.active = Some(start.active);
         self.ctx.counters.add(Counter::ActiveTurns, 1);
-        Ok(())
     }
 
     /// Best effort terminal event for a turn whose start could not be recorded.

@@ -10,6 +10,7 @@ mod writer;
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 
 use rusqlite::{Connection, OpenFlags};
@@ -21,6 +22,8 @@ pub use queries::{LoadedSession, SessionPage};
 
 /// Reader threads; two lets a long replay read overlap a session load.
 const READER_THREADS: usize = 2;
+/// How often the checkpointer folds the WAL back into the database when there were writes.
+const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// A stored session's metadata row.
 #[derive(Debug, Clone, PartialEq)]
@@ -170,6 +173,8 @@ pub struct Store {
 struct StoreInner {
     writer: crossbeam_channel::Sender<writer::WriterMsg>,
     readers: crossbeam_channel::Sender<ReadJob>,
+    /// Dropped to stop the checkpointer.
+    checkpointer: crossbeam_channel::Sender<()>,
     threads: std::sync::Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -186,11 +191,33 @@ impl Store {
         schema::migrate(&mut conn)?;
         let (wtx, wrx) = crossbeam_channel::unbounded();
         let (rtx, rrx) = crossbeam_channel::unbounded::<ReadJob>();
+        let (ctx, crx) = crossbeam_channel::bounded::<()>(0);
+        let dirty = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
+        let writer_dirty = dirty.clone();
         threads.push(
             std::thread::Builder::new()
                 .name("opta-store-writer".into())
-                .spawn(move || writer::run(conn, wrx))?,
+                .spawn(move || writer::run(conn, wrx, &writer_dirty))?,
+        );
+        // Checkpoints (which fsync) run on their own connection and thread, never on the
+        // commit path: SQLite's automatic checkpoint is off on the writer connection.
+        let checkpoint_conn = open_connection(path, false)?;
+        threads.push(
+            std::thread::Builder::new()
+                .name("opta-store-checkpoint".into())
+                .spawn(move || {
+                    while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
+                        crx.recv_timeout(CHECKPOINT_INTERVAL)
+                    {
+                        if dirty.swap(false, Ordering::Relaxed)
+                            && let Err(e) =
+                                checkpoint_conn.pragma_update(None, "wal_checkpoint", "PASSIVE")
+                        {
+                            tracing::warn!(error = %e, "WAL checkpoint failed");
+                        }
+                    }
+                })?,
         );
         for i in 0..READER_THREADS {
             let conn = open_connection(path, true)?;
@@ -209,6 +236,7 @@ impl Store {
             inner: Arc::new(StoreInner {
                 writer: wtx,
                 readers: rtx,
+                checkpointer: ctx,
                 threads: std::sync::Mutex::new(threads),
             }),
         })
@@ -274,8 +302,10 @@ impl Drop for StoreInner {
         // Closing the channels ends the threads; wait so the database is closed on return.
         let (dead_w, _) = crossbeam_channel::bounded(0);
         let (dead_r, _) = crossbeam_channel::bounded(0);
+        let (dead_c, _) = crossbeam_channel::bounded(0);
         drop(std::mem::replace(&mut self.writer, dead_w));
         drop(std::mem::replace(&mut self.readers, dead_r));
+        drop(std::mem::replace(&mut self.checkpointer, dead_c));
         let threads = match self.threads.get_mut() {
             Ok(t) => std::mem::take(t),
             Err(poisoned) => std::mem::take(poisoned.into_inner()),
@@ -301,6 +331,8 @@ fn open_connection(path: &Path, read_only: bool) -> Result<Connection> {
         // NORMAL in WAL mode: a commit survives a process crash (kill -9); only an OS crash or
         // power loss can roll back the last commits. This keeps fsync off the per-event path.
         conn.pragma_update(None, "synchronous", "NORMAL")?;
+        // Checkpoints run on the checkpointer thread (see `Store::open`).
+        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
     }
     Ok(conn)
 }

@@ -1,6 +1,8 @@
 //! The single writer thread: drains whatever batches are waiting, commits them in one
 //! transaction (each batch in its own savepoint so one bad batch fails alone), then acks.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use rusqlite::{Connection, Transaction, params};
 use tokio::sync::oneshot;
 
@@ -20,7 +22,12 @@ pub(super) enum WriterMsg {
     },
 }
 
-pub(super) fn run(mut conn: Connection, rx: crossbeam_channel::Receiver<WriterMsg>) {
+/// Runs until shutdown; sets `dirty` after every commit so the checkpointer knows.
+pub(super) fn run(
+    mut conn: Connection,
+    rx: crossbeam_channel::Receiver<WriterMsg>,
+    dirty: &AtomicBool,
+) {
     let mut pending: Vec<(Vec<WriteOp>, oneshot::Sender<Result<()>>)> = Vec::new();
     while let Ok(first) = rx.recv() {
         let mut shutdown = None;
@@ -40,6 +47,7 @@ pub(super) fn run(mut conn: Connection, rx: crossbeam_channel::Receiver<WriterMs
         }
         if !pending.is_empty() {
             commit_batches(&mut conn, &mut pending);
+            dirty.store(true, Ordering::Relaxed);
         }
         if let Some(ack) = shutdown {
             let result = conn
@@ -66,8 +74,22 @@ fn commit_batches(
         }
     };
     let mut results = Vec::with_capacity(pending.len());
-    for (ops, _) in pending.iter() {
-        results.push(apply_in_savepoint(&mut tx, ops));
+    if let [(ops, _)] = pending.as_slice() {
+        // A lone batch needs no savepoint: on failure the whole transaction rolls back.
+        let result = ops.iter().try_for_each(|op| apply(&tx, op));
+        if let Err(e) = result {
+            tracing::error!(error = %e, "store write failed; batch rolled back");
+            drop(tx);
+            for (_, ack) in pending.drain(..) {
+                let _ = ack.send(Err(clone_error(&e)));
+            }
+            return;
+        }
+        results.push(Ok(()));
+    } else {
+        for (ops, _) in pending.iter() {
+            results.push(apply_in_savepoint(&mut tx, ops));
+        }
     }
     match tx.commit() {
         Ok(()) => {
