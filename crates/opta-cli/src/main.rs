@@ -51,9 +51,12 @@ struct DaemonArgs {
     /// Base URL of the OpenAI-compatible inference server.
     #[arg(long, env = "OPTA_LMX_URL", default_value = "http://127.0.0.1:1234")]
     lmx_url: String,
-    /// Model for new sessions.
-    #[arg(long, env = "OPTA_MODEL", default_value = "default")]
+    /// Model for new sessions (default: the inference server's first loaded model).
+    #[arg(long, env = "OPTA_MODEL", default_value = "")]
     model: String,
+    /// How long the inference server's model list is cached, in milliseconds.
+    #[arg(long, env = "OPTA_PREFLIGHT_TTL_MS", default_value_t = 10_000)]
+    preflight_ttl_ms: u64,
     /// Inference connect timeout in milliseconds.
     #[arg(long, env = "OPTA_LMX_CONNECT_TIMEOUT_MS", default_value_t = 5_000)]
     lmx_connect_timeout_ms: u64,
@@ -67,6 +70,9 @@ struct DaemonArgs {
     /// Longest silence between two streamed chunks, in milliseconds.
     #[arg(long, env = "OPTA_LMX_IDLE_TIMEOUT_MS", default_value_t = 60_000)]
     lmx_idle_timeout_ms: u64,
+    /// Timeout of model-list and admin requests, in milliseconds.
+    #[arg(long, env = "OPTA_LMX_ADMIN_TIMEOUT_MS", default_value_t = 10_000)]
+    lmx_admin_timeout_ms: u64,
 }
 
 fn default_home() -> Result<PathBuf> {
@@ -119,7 +125,9 @@ async fn run_daemon(args: DaemonArgs) -> Result<()> {
             connect: Duration::from_millis(args.lmx_connect_timeout_ms),
             first_byte: Duration::from_millis(args.lmx_first_byte_timeout_ms),
             idle: Duration::from_millis(args.lmx_idle_timeout_ms),
+            admin: Duration::from_millis(args.lmx_admin_timeout_ms),
         },
+        preflight_ttl: Duration::from_millis(args.preflight_ttl_ms),
         limits: Tunables::default(),
         logs_path: Some(logs_path),
     };

@@ -7,7 +7,7 @@ use std::time::Duration;
 use opta_protocol::RuntimeStats;
 use tokio_util::sync::CancellationToken;
 
-use crate::inference::LmxClient;
+use crate::inference::{LmxClient, PreflightCache};
 use crate::store::Store;
 
 /// Tunables of sessions and event streams.
@@ -93,6 +93,8 @@ pub struct DaemonContext {
     pub store: Store,
     /// The inference server.
     pub lmx: LmxClient,
+    /// Cached model list for the pre-turn check and `/v3/lmx/models`.
+    pub preflight: PreflightCache,
     /// Model for sessions created without one.
     pub default_model: String,
     /// Session and stream tunables.

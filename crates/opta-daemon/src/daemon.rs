@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
@@ -16,7 +17,7 @@ use crate::context::{DaemonContext, RuntimeCounters, Tunables};
 use crate::error::{Error, Result};
 use crate::http::{AppState, router};
 use crate::ids::{new_daemon_id, new_token, now_iso};
-use crate::inference::{LmxClient, LmxTimeouts};
+use crate::inference::{LmxClient, LmxTimeouts, PreflightCache};
 use crate::session::Registry;
 use crate::store::Store;
 
@@ -38,10 +39,12 @@ pub struct DaemonConfig {
     pub token: Option<String>,
     /// Base URL of the inference server.
     pub lmx_url: String,
-    /// Model for sessions created without one.
+    /// Model for sessions created without one; empty means the server's first loaded model.
     pub model: String,
     /// Inference timeouts.
     pub lmx_timeouts: LmxTimeouts,
+    /// How long the loaded-model list is trusted.
+    pub preflight_ttl: Duration,
     /// Session actor tunables.
     pub limits: Tunables,
     /// Log file reported in the state file.
@@ -57,8 +60,9 @@ impl DaemonConfig {
             home: home.into(),
             token: None,
             lmx_url: "http://127.0.0.1:1234".into(),
-            model: "default".into(),
+            model: String::new(),
             lmx_timeouts: LmxTimeouts::default(),
+            preflight_ttl: Duration::from_secs(10),
             limits: Tunables::default(),
             logs_path: None,
         }
@@ -140,6 +144,7 @@ impl RunningDaemon {
             daemon_id: new_daemon_id(),
             store,
             lmx,
+            preflight: PreflightCache::new(config.preflight_ttl),
             default_model: config.model.clone(),
             limits: config.limits,
             counters: RuntimeCounters::default(),

@@ -77,6 +77,9 @@ pub enum Error {
         /// What failed.
         reason: String,
     },
+    /// The inference server failed or refused a proxied request (`/v3/lmx/*`).
+    #[error("{0}")]
+    Lmx(#[from] crate::inference::InferenceError),
     /// File system failure outside the store.
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),

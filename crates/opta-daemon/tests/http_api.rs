@@ -222,7 +222,10 @@ async fn sessions_create_reopen_get_list_delete() {
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
     );
-    assert_eq!(generated["model"], "default");
+    assert_eq!(
+        generated["model"], "",
+        "no --model: the server's first loaded model, once known"
+    );
 
     // Delete: 204, then 404 everywhere, and the id can be created afresh.
     let (status, body) = d.request(Method::DELETE, "/v3/sessions/s-1", None).await;

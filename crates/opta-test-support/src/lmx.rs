@@ -126,6 +126,9 @@ struct Shared {
     replies: Mutex<VecDeque<Reply>>,
     default_chunk_delay: Mutex<Duration>,
     models: Mutex<Vec<String>>,
+    available: Mutex<Vec<String>>,
+    /// Serve LMX's `/admin/*` API (404 there when false, like llama.cpp or Ollama).
+    admin: std::sync::atomic::AtomicBool,
     requests: Mutex<Vec<Value>>,
     chat_requests: AtomicUsize,
     model_list_requests: AtomicUsize,
@@ -161,9 +164,16 @@ impl ScriptedLmx {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push("default".into());
+        lock(&shared.available).extend(["default".to_owned(), "other-model".to_owned()]);
+        shared.admin.store(true, Ordering::SeqCst);
         let app = Router::new()
             .route("/v1/chat/completions", post(chat))
             .route("/v1/models", get(models))
+            .route("/admin/models", get(admin_models))
+            .route("/admin/models/available", get(admin_available))
+            .route("/admin/models/load", post(admin_load))
+            .route("/admin/models/unload", post(admin_unload))
+            .route("/admin/memory", get(admin_memory))
             .with_state(shared.clone());
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
         let addr = listener.local_addr()?;
@@ -192,12 +202,22 @@ impl ScriptedLmx {
         *lock(&self.shared.default_chunk_delay) = delay;
     }
 
+    /// Replaces the loaded models.
+    pub fn set_loaded(&self, models: &[&str]) {
+        *lock(&self.shared.models) = models.iter().map(|m| (*m).to_owned()).collect();
+    }
+
+    /// Whether LMX's `/admin/*` API is served (default true).
+    pub fn set_admin_api(&self, enabled: bool) {
+        self.shared.admin.store(enabled, Ordering::SeqCst);
+    }
+
     /// Chat requests received.
     pub fn chat_requests(&self) -> usize {
         self.shared.chat_requests.load(Ordering::SeqCst)
     }
 
-    /// Model list requests received.
+    /// Model list requests received (`/admin/models` and `/v1/models` alike).
     pub fn model_list_requests(&self) -> usize {
         self.shared.model_list_requests.load(Ordering::SeqCst)
     }
@@ -231,6 +251,82 @@ impl ScriptedLmx {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn admin_off(shared: &Shared) -> Option<Response> {
+    (!shared.admin.load(Ordering::SeqCst)).then(|| {
+        (
+            StatusCode::NOT_FOUND,
+            axum::Json(json!({"detail": "Not Found"})),
+        )
+            .into_response()
+    })
+}
+
+async fn admin_models(State(shared): State<Arc<Shared>>) -> Response {
+    shared.model_list_requests.fetch_add(1, Ordering::SeqCst);
+    if let Some(r) = admin_off(&shared) {
+        return r;
+    }
+    let loaded: Vec<Value> = lock(&shared.models)
+        .iter()
+        .map(|id| json!({"id": id, "memoryGb": 1.5}))
+        .collect();
+    axum::Json(json!({"loaded": loaded})).into_response()
+}
+
+async fn admin_available(State(shared): State<Arc<Shared>>) -> Response {
+    if let Some(r) = admin_off(&shared) {
+        return r;
+    }
+    let available: Vec<Value> = lock(&shared.available)
+        .iter()
+        .map(|id| json!({"id": id}))
+        .collect();
+    axum::Json(json!({"available": available})).into_response()
+}
+
+async fn admin_memory(State(shared): State<Arc<Shared>>) -> Response {
+    if let Some(r) = admin_off(&shared) {
+        return r;
+    }
+    axum::Json(json!({"totalGb": 24.0, "usedGb": 1.5 * lock(&shared.models).len() as f64}))
+        .into_response()
+}
+
+async fn admin_load(
+    State(shared): State<Arc<Shared>>,
+    axum::Json(body): axum::Json<Value>,
+) -> Response {
+    if let Some(r) = admin_off(&shared) {
+        return r;
+    }
+    let id = body["modelId"].as_str().unwrap_or_default().to_owned();
+    if !lock(&shared.available).contains(&id) {
+        let message = format!("model {id} is not available");
+        return (
+            StatusCode::NOT_FOUND,
+            axum::Json(json!({"error": {"message": message}})),
+        )
+            .into_response();
+    }
+    let mut loaded = lock(&shared.models);
+    if !loaded.contains(&id) {
+        loaded.push(id.clone());
+    }
+    axum::Json(json!({"status": "loaded", "modelId": id})).into_response()
+}
+
+async fn admin_unload(
+    State(shared): State<Arc<Shared>>,
+    axum::Json(body): axum::Json<Value>,
+) -> Response {
+    if let Some(r) = admin_off(&shared) {
+        return r;
+    }
+    let id = body["modelId"].as_str().unwrap_or_default().to_owned();
+    lock(&shared.models).retain(|m| *m != id);
+    axum::Json(json!({"status": "unloaded", "modelId": id})).into_response()
 }
 
 async fn models(State(shared): State<Arc<Shared>>) -> impl IntoResponse {

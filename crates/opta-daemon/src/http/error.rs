@@ -7,6 +7,7 @@ use opta_protocol::ErrorBody;
 use serde_json::json;
 
 use crate::error::Error;
+use crate::inference::InferenceError;
 
 impl Error {
     /// HTTP status and machine code for this error.
@@ -23,6 +24,7 @@ impl Error {
             Error::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload-too-large"),
             Error::StorageFull(_) => (StatusCode::INSUFFICIENT_STORAGE, "storage-full"),
             Error::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting-down"),
+            Error::Lmx(e) => lmx_status(e),
             Error::Storage(_)
             | Error::AlreadyRunning { .. }
             | Error::Bind { .. }
@@ -60,6 +62,28 @@ impl Error {
                 serde_json::to_value(body).unwrap_or_else(|_| json!({ "error": "internal" }))
             }
         }
+    }
+}
+
+fn lmx_status(e: &InferenceError) -> (StatusCode, &'static str) {
+    match e {
+        InferenceError::ConnectionRefused { .. } => {
+            (StatusCode::SERVICE_UNAVAILABLE, "lmx-connection-refused")
+        }
+        InferenceError::Timeout(_) => (StatusCode::SERVICE_UNAVAILABLE, "lmx-timeout"),
+        InferenceError::Unsupported { .. } => (StatusCode::NOT_IMPLEMENTED, "unsupported"),
+        InferenceError::NoModelLoaded { .. }
+        | InferenceError::ModelNotLoaded { .. }
+        | InferenceError::ModelNotFound { .. } => (StatusCode::NOT_FOUND, "no-model-loaded"),
+        // The server's own refusal of a request (unknown model to load, bad body...).
+        InferenceError::Http { status, .. } if (400..500).contains(status) => (
+            StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY),
+            "lmx-rejected",
+        ),
+        InferenceError::Http { .. }
+        | InferenceError::StreamClosed
+        | InferenceError::InvalidResponse(_)
+        | InferenceError::Transport(_) => (StatusCode::BAD_GATEWAY, "lmx-error"),
     }
 }
 

@@ -4,6 +4,7 @@ mod auth;
 mod cors;
 mod error;
 mod extract;
+mod lmx;
 mod routes;
 mod sse;
 mod subscribe;
@@ -57,6 +58,12 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v3/sse/events", get(sse::events))
         .route("/v3/ws", get(ws::connect))
+        .route("/v3/lmx/status", get(lmx::status))
+        .route("/v3/lmx/models", get(lmx::models))
+        .route("/v3/lmx/memory", get(lmx::memory))
+        .route("/v3/lmx/models/available", get(lmx::available))
+        .route("/v3/lmx/models/load", post(lmx::load))
+        .route("/v3/lmx/models/unload", post(lmx::unload))
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))

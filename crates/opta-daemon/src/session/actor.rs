@@ -44,6 +44,8 @@ struct PendingTurn {
 struct ActiveTurn {
     turn: PendingTurn,
     turn_no: u64,
+    /// False when `overrides.model` chose the model, so the session's own stays as it is.
+    uses_session_model: bool,
     started: Instant,
     first_delta_at: Option<Instant>,
     text: String,
@@ -468,11 +470,9 @@ impl SessionActor {
             client_id: turn.client_id.clone(),
             mode: turn.mode,
         })];
-        let model = turn
-            .overrides
-            .as_ref()
-            .and_then(|o| o.model.clone())
-            .unwrap_or_else(|| meta.model.clone());
+        let override_model = turn.overrides.as_ref().and_then(|o| o.model.clone());
+        let uses_session_model = override_model.is_none();
+        let model = override_model.unwrap_or_else(|| meta.model.clone());
         let mut messages = Vec::with_capacity(self.history.len() + 1);
         messages.extend_from_slice(&self.history);
         messages.push(user.clone());
@@ -480,7 +480,7 @@ impl SessionActor {
         let turn_no = self.next_turn_no;
         let started = Instant::now();
         let task = tokio::spawn(run_turn(
-            self.ctx.lmx.clone(),
+            self.ctx.clone(),
             model,
             messages,
             turn_no,
@@ -494,6 +494,7 @@ impl SessionActor {
             active: ActiveTurn {
                 turn,
                 turn_no,
+                uses_session_model,
                 started,
                 first_delta_at: None,
                 text: String::new(),
@@ -541,6 +542,14 @@ impl SessionActor {
         let mut next = Some(first);
         while let Some(update) = next.take() {
             match update {
+                TurnUpdate::Resolved { turn_no, model } => {
+                    // The canonical id is stored with the turn's end (`conclude`).
+                    if Some(turn_no) == current
+                        && self.active.as_ref().is_some_and(|a| a.uses_session_model)
+                    {
+                        self.meta.model = model;
+                    }
+                }
                 TurnUpdate::Delta { turn_no, delta } => {
                     if Some(turn_no) == current {
                         deltas.push(delta);
@@ -905,6 +914,7 @@ impl SessionActor {
                     let active = ActiveTurn {
                         turn,
                         turn_no: 0,
+                        uses_session_model: false,
                         started: Instant::now(),
                         first_delta_at: None,
                         text: running_text.remove(&row.turn_id).unwrap_or_default(),

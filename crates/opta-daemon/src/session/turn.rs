@@ -1,13 +1,21 @@
 //! The task that runs one turn against the inference server and reports back to its actor.
 
+use std::sync::Arc;
+
 use opta_protocol::ChatMessage;
 use tokio::sync::mpsc;
 
-use crate::inference::{AsyncDeltaSink, Completion, Delta, InferenceError, LmxClient};
+use crate::context::DaemonContext;
+use crate::inference::{AsyncDeltaSink, Completion, Delta, InferenceError, resolve_model};
 
 /// What a turn task tells its session actor. `turn_no` tells a cancelled turn's late
 /// messages apart from the current turn's.
 pub(crate) enum TurnUpdate {
+    /// The preflight check matched the requested model to this loaded id.
+    Resolved {
+        turn_no: u64,
+        model: String,
+    },
     Delta {
         turn_no: u64,
         delta: Delta,
@@ -36,19 +44,54 @@ impl AsyncDeltaSink for ActorSink {
     }
 }
 
-/// Streams one completion; the actor aborts this task to cancel the turn, which drops the
-/// HTTP stream to the inference server.
+/// Checks the model is loaded (through the daemon-wide cache), then streams one completion.
+/// The actor aborts this task to cancel the turn, which drops the HTTP stream.
 pub(crate) async fn run_turn(
-    lmx: LmxClient,
+    ctx: Arc<DaemonContext>,
     model: String,
     messages: Vec<ChatMessage>,
     turn_no: u64,
     updates: mpsc::Sender<TurnUpdate>,
 ) {
+    let result = complete(&ctx, &model, &messages, turn_no, &updates).await;
+    if let Err(e) = &result
+        && e.invalidates_model_cache()
+    {
+        ctx.preflight.invalidate();
+    }
+    let _ = updates.send(TurnUpdate::Finished { turn_no, result }).await;
+}
+
+async fn complete(
+    ctx: &DaemonContext,
+    model: &str,
+    messages: &[ChatMessage],
+    turn_no: u64,
+    updates: &mpsc::Sender<TurnUpdate>,
+) -> Result<Completion, InferenceError> {
+    let list = ctx.preflight.models(&ctx.lmx).await?;
+    let loaded = list.ids();
+    if loaded.is_empty() {
+        return Err(InferenceError::NoModelLoaded {
+            url: ctx.lmx.base_url().to_owned(),
+        });
+    }
+    let canonical =
+        resolve_model(model, &loaded).ok_or_else(|| InferenceError::ModelNotLoaded {
+            model: model.to_owned(),
+            loaded: loaded.clone(),
+        })?;
+    if canonical != model {
+        let _ = updates
+            .send(TurnUpdate::Resolved {
+                turn_no,
+                model: canonical.to_owned(),
+            })
+            .await;
+    }
     let sink = ActorSink {
         turn_no,
         updates: updates.clone(),
     };
-    let result = lmx.stream_chat(&model, &messages, sink).await;
-    let _ = updates.send(TurnUpdate::Finished { turn_no, result }).await;
+    ctx.lmx.stream_chat(canonical, messages, sink).await
 }

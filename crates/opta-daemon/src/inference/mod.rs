@@ -1,0 +1,632 @@
+//! Client for an OpenAI-compatible inference server ("LMX"): streamed chat completions, the
+//! model list (LMX's `/admin/models` or `/v1/models`) and LMX's admin API.
+
+mod models;
+mod preflight;
+mod think;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Duration;
+
+use eventsource_stream::Eventsource;
+use futures_util::StreamExt;
+use opta_protocol::{ChatMessage, TurnErrorCode};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+pub use models::{ModelEntry, ModelList, ModelSource, resolve_model};
+pub use preflight::PreflightCache;
+pub use think::ThinkSplitter;
+
+/// Timeouts for talking to the inference server.
+#[derive(Debug, Clone, Copy)]
+pub struct LmxTimeouts {
+    /// TCP connect.
+    pub connect: Duration,
+    /// From sending a chat request to the response headers, and to the first chunk.
+    pub first_byte: Duration,
+    /// Between two chunks of a streaming reply.
+    pub idle: Duration,
+    /// Whole model-list and admin requests.
+    pub admin: Duration,
+}
+
+impl Default for LmxTimeouts {
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_secs(5),
+            first_byte: Duration::from_secs(120),
+            idle: Duration::from_secs(60),
+            admin: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Why a request to the inference server failed; chat failures map to `turn.error` codes.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum InferenceError {
+    /// Nothing listens at the server's address. Retrying helps once it is started.
+    #[error("The inference server at {url} refused the connection; is it running?")]
+    ConnectionRefused {
+        /// Base URL.
+        url: String,
+    },
+    /// Connect, first byte or the gap between chunks took too long. Retrying may help.
+    #[error("The inference server did not answer within {} ms", .0.as_millis())]
+    Timeout(Duration),
+    /// The stream ended before the reply was complete. Retrying may help.
+    #[error("The inference stream closed before the reply was complete")]
+    StreamClosed,
+    /// The server has no model loaded. Load one first.
+    #[error(
+        "No model is loaded on the inference server at {url}. Load one (for example `opta models load <id>`, or in your server's UI) and try again."
+    )]
+    NoModelLoaded {
+        /// Base URL.
+        url: String,
+    },
+    /// The requested model is not among the loaded ones.
+    #[error(
+        "Model {model:?} is not loaded on the inference server (loaded: {}). Load it, or switch the session to a loaded model.",
+        .loaded.join(", ")
+    )]
+    ModelNotLoaded {
+        /// Requested model.
+        model: String,
+        /// What is loaded.
+        loaded: Vec<String>,
+    },
+    /// The server answered 404 to a chat request: it does not know the model.
+    #[error("The inference server does not know model {model:?}: {message}")]
+    ModelNotFound {
+        /// Requested model.
+        model: String,
+        /// Server's message.
+        message: String,
+    },
+    /// Any other HTTP failure, with the server's message.
+    #[error("The inference server answered HTTP {status}: {message}")]
+    Http {
+        /// Status code.
+        status: u16,
+        /// Server's message.
+        message: String,
+    },
+    /// The server does not offer this (no LMX admin API).
+    #[error("The inference server at {url} does not support {what} (it has no LMX admin API)")]
+    Unsupported {
+        /// Base URL.
+        url: String,
+        /// The missing capability.
+        what: String,
+    },
+    /// The server's answer was not what the API promises.
+    #[error("The inference server sent an unexpected answer: {0}")]
+    InvalidResponse(String),
+    /// A transport failure that is none of the above.
+    #[error("Inference request failed: {0}")]
+    Transport(String),
+}
+
+impl InferenceError {
+    /// The `turn.error` code for this failure, if it has one.
+    pub fn code(&self) -> Option<TurnErrorCode> {
+        match self {
+            InferenceError::ConnectionRefused { .. } => Some(TurnErrorCode::LmxConnectionRefused),
+            InferenceError::Timeout(_) => Some(TurnErrorCode::LmxTimeout),
+            InferenceError::StreamClosed => Some(TurnErrorCode::LmxWsClosed),
+            InferenceError::NoModelLoaded { .. }
+            | InferenceError::ModelNotLoaded { .. }
+            | InferenceError::ModelNotFound { .. } => Some(TurnErrorCode::NoModelLoaded),
+            InferenceError::Http { .. }
+            | InferenceError::Unsupported { .. }
+            | InferenceError::InvalidResponse(_)
+            | InferenceError::Transport(_) => None,
+        }
+    }
+
+    /// Whether this failure makes the cached model list suspect.
+    pub fn invalidates_model_cache(&self) -> bool {
+        matches!(
+            self.code(),
+            Some(
+                TurnErrorCode::NoModelLoaded
+                    | TurnErrorCode::LmxConnectionRefused
+                    | TurnErrorCode::LmxWsClosed
+                    | TurnErrorCode::LmxTimeout
+            )
+        )
+    }
+}
+
+/// A piece of a streamed reply.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Delta {
+    /// Answer text.
+    Content(String),
+    /// Reasoning text (`reasoning_content` or a `<think>` span).
+    Reasoning(String),
+}
+
+/// Token counts reported by the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+pub struct Usage {
+    /// Prompt tokens.
+    #[serde(default)]
+    pub prompt_tokens: u64,
+    /// Completion tokens.
+    #[serde(default)]
+    pub completion_tokens: u64,
+}
+
+/// A tool call assembled from streamed fragments.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ToolCall {
+    /// Call id.
+    pub id: String,
+    /// Function name.
+    pub name: String,
+    /// JSON arguments text.
+    pub arguments: String,
+}
+
+/// How a completed stream ended.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Completion {
+    /// Final usage, if the server sent it.
+    pub usage: Option<Usage>,
+    /// The finish reason of the first choice.
+    pub finish_reason: Option<String>,
+    /// Tool calls, in index order.
+    pub tool_calls: Vec<ToolCall>,
+}
+
+#[derive(Serialize)]
+struct ChatRequest<'a> {
+    model: &'a str,
+    messages: &'a [ChatMessage],
+    stream: bool,
+    stream_options: StreamOptions,
+}
+
+#[derive(Serialize)]
+struct StreamOptions {
+    include_usage: bool,
+}
+
+#[derive(Deserialize)]
+struct Chunk {
+    #[serde(default)]
+    choices: Vec<ChunkChoice>,
+    #[serde(default)]
+    usage: Option<Usage>,
+}
+
+#[derive(Deserialize)]
+struct ChunkChoice {
+    #[serde(default)]
+    delta: ChunkDelta,
+    #[serde(default)]
+    finish_reason: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+struct ChunkDelta {
+    #[serde(default)]
+    content: Option<String>,
+    #[serde(default)]
+    reasoning_content: Option<String>,
+    #[serde(default)]
+    tool_calls: Vec<ToolCallFragment>,
+}
+
+#[derive(Deserialize)]
+struct ToolCallFragment {
+    #[serde(default)]
+    index: usize,
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    function: Option<FunctionFragment>,
+}
+
+#[derive(Deserialize)]
+struct FunctionFragment {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    arguments: Option<String>,
+}
+
+/// What kind of server this is, learned from its answers.
+const FLAVOR_UNKNOWN: u8 = 0;
+const FLAVOR_LMX: u8 = 1;
+const FLAVOR_OPENAI: u8 = 2;
+
+/// An OpenAI-compatible server at a base URL.
+#[derive(Debug, Clone)]
+pub struct LmxClient {
+    http: reqwest::Client,
+    base_url: String,
+    timeouts: LmxTimeouts,
+    flavor: Arc<AtomicU8>,
+}
+
+impl LmxClient {
+    /// A client for `base_url` (e.g. `http://127.0.0.1:1234`).
+    pub fn new(base_url: &str, timeouts: LmxTimeouts) -> Result<Self, InferenceError> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(timeouts.connect)
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|e| InferenceError::Transport(e.to_string()))?;
+        Ok(Self {
+            http,
+            base_url: base_url.trim_end_matches('/').to_owned(),
+            timeouts,
+            flavor: Arc::new(AtomicU8::new(FLAVOR_UNKNOWN)),
+        })
+    }
+
+    /// The server's base URL.
+    pub fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
+    /// True once the server answered LMX's `/admin/models`.
+    pub fn has_admin_api(&self) -> bool {
+        self.flavor.load(Ordering::Relaxed) == FLAVOR_LMX
+    }
+
+    /// Lists the loaded models: `GET /admin/models` on LMX, else `GET /v1/models`. Which one
+    /// works is remembered, so later lists cost one request.
+    pub async fn list_models(&self) -> Result<ModelList, InferenceError> {
+        if self.flavor.load(Ordering::Relaxed) != FLAVOR_OPENAI {
+            match self.get_json("/admin/models").await {
+                Ok(body) => {
+                    self.flavor.store(FLAVOR_LMX, Ordering::Relaxed);
+                    return ModelList::from_admin(&body);
+                }
+                Err(InferenceError::Http { status, .. }) if is_missing_route(status) => {
+                    self.flavor.store(FLAVOR_OPENAI, Ordering::Relaxed);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let body = self.get_json("/v1/models").await?;
+        ModelList::from_v1(&body)
+    }
+
+    /// `GET` an LMX admin route; [`InferenceError::Unsupported`] on servers without it.
+    pub async fn admin_get(&self, path: &str, what: &str) -> Result<Value, InferenceError> {
+        self.require_admin(what).await?;
+        self.get_json(path)
+            .await
+            .map_err(|e| self.unsupported_if_missing(e, what))
+    }
+
+    /// `POST` to an LMX admin route; [`InferenceError::Unsupported`] on servers without it.
+    pub async fn admin_post(
+        &self,
+        path: &str,
+        body: &Value,
+        what: &str,
+    ) -> Result<Value, InferenceError> {
+        self.require_admin(what).await?;
+        let request = self
+            .http
+            .post(format!("{}{path}", self.base_url))
+            .json(body)
+            .send();
+        let result = self.finish_json(request).await;
+        result.map_err(|e| self.unsupported_if_missing(e, what))
+    }
+
+    async fn require_admin(&self, what: &str) -> Result<(), InferenceError> {
+        if self.flavor.load(Ordering::Relaxed) == FLAVOR_UNKNOWN {
+            self.list_models().await?;
+        }
+        if self.has_admin_api() {
+            Ok(())
+        } else {
+            Err(InferenceError::Unsupported {
+                url: self.base_url.clone(),
+                what: what.to_owned(),
+            })
+        }
+    }
+
+    fn unsupported_if_missing(&self, e: InferenceError, what: &str) -> InferenceError {
+        match e {
+            InferenceError::Http { status, .. } if is_missing_route(status) => {
+                InferenceError::Unsupported {
+                    url: self.base_url.clone(),
+                    what: what.to_owned(),
+                }
+            }
+            other => other,
+        }
+    }
+
+    async fn get_json(&self, path: &str) -> Result<Value, InferenceError> {
+        let request = self.http.get(format!("{}{path}", self.base_url)).send();
+        self.finish_json(request).await
+    }
+
+    async fn finish_json(
+        &self,
+        request: impl std::future::Future<Output = reqwest::Result<reqwest::Response>>,
+    ) -> Result<Value, InferenceError> {
+        let work = async {
+            let response = request.await.map_err(|e| self.classify(e))?;
+            let status = response.status();
+            let text = response.text().await.map_err(|e| self.classify(e))?;
+            if !status.is_success() {
+                return Err(InferenceError::Http {
+                    status: status.as_u16(),
+                    message: server_message(&text),
+                });
+            }
+            if text.trim().is_empty() {
+                return Ok(Value::Null);
+            }
+            serde_json::from_str(&text).map_err(|e| InferenceError::InvalidResponse(e.to_string()))
+        };
+        tokio::time::timeout(self.timeouts.admin, work)
+            .await
+            .map_err(|_| InferenceError::Timeout(self.timeouts.admin))?
+    }
+
+    /// Streams a chat completion, calling `on_delta` for every text or reasoning delta.
+    /// Dropping the returned future drops the HTTP stream.
+    pub async fn stream_chat(
+        &self,
+        model: &str,
+        messages: &[ChatMessage],
+        mut on_delta: impl AsyncDeltaSink,
+    ) -> Result<Completion, InferenceError> {
+        let body = ChatRequest {
+            model,
+            messages,
+            stream: true,
+            stream_options: StreamOptions {
+                include_usage: true,
+            },
+        };
+        let request = self
+            .http
+            .post(format!("{}/v1/chat/completions", self.base_url))
+            .json(&body)
+            .send();
+        let response = tokio::time::timeout(self.timeouts.first_byte, request)
+            .await
+            .map_err(|_| InferenceError::Timeout(self.timeouts.first_byte))?
+            .map_err(|e| self.classify(e))?;
+        let status = response.status();
+        if !status.is_success() {
+            let text = response.text().await.unwrap_or_default();
+            let message = server_message(&text);
+            if status == reqwest::StatusCode::NOT_FOUND {
+                return Err(InferenceError::ModelNotFound {
+                    model: model.to_owned(),
+                    message,
+                });
+            }
+            return Err(InferenceError::Http {
+                status: status.as_u16(),
+                message,
+            });
+        }
+        let mut events = response.bytes_stream().eventsource();
+        let mut completion = Completion::default();
+        let mut think = ThinkSplitter::default();
+        let mut tool_calls: Vec<ToolCall> = Vec::new();
+        let mut wait = self.timeouts.first_byte;
+        let mut done = false;
+        loop {
+            let next = tokio::time::timeout(wait, events.next())
+                .await
+                .map_err(|_| InferenceError::Timeout(wait))?;
+            wait = self.timeouts.idle;
+            let event = match next {
+                None => break,
+                Some(Ok(event)) => event,
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "inference stream failed");
+                    return Err(InferenceError::StreamClosed);
+                }
+            };
+            let data = event.data.trim();
+            if data == "[DONE]" {
+                done = true;
+                break;
+            }
+            if data.is_empty() {
+                continue;
+            }
+            let chunk: Chunk = match serde_json::from_str(data) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "skipping unparseable inference chunk");
+                    continue;
+                }
+            };
+            if let Some(usage) = chunk.usage {
+                completion.usage = Some(usage);
+            }
+            for choice in chunk.choices {
+                if let Some(text) = choice.delta.reasoning_content.filter(|t| !t.is_empty()) {
+                    on_delta.send(Delta::Reasoning(text)).await;
+                }
+                if let Some(text) = choice.delta.content.filter(|t| !t.is_empty()) {
+                    let (reasoning, content) = think.push(&text);
+                    send_split(&mut on_delta, reasoning, content).await;
+                }
+                for fragment in choice.delta.tool_calls {
+                    merge_tool_call(&mut tool_calls, fragment);
+                }
+                if choice.finish_reason.is_some() {
+                    completion.finish_reason = choice.finish_reason;
+                }
+            }
+        }
+        let (reasoning, content) = think.finish();
+        send_split(&mut on_delta, reasoning, content).await;
+        completion.tool_calls = tool_calls;
+        // Without [DONE] the reply is complete only if the server said why it finished.
+        if done || completion.finish_reason.is_some() {
+            Ok(completion)
+        } else {
+            Err(InferenceError::StreamClosed)
+        }
+    }
+
+    fn classify(&self, e: reqwest::Error) -> InferenceError {
+        if e.is_timeout() {
+            return InferenceError::Timeout(self.timeouts.connect);
+        }
+        if is_connection_refused(&e) {
+            return InferenceError::ConnectionRefused {
+                url: self.base_url.clone(),
+            };
+        }
+        InferenceError::Transport(error_chain(&e))
+    }
+}
+
+async fn send_split(sink: &mut impl AsyncDeltaSink, reasoning: String, content: String) {
+    if !reasoning.is_empty() {
+        sink.send(Delta::Reasoning(reasoning)).await;
+    }
+    if !content.is_empty() {
+        sink.send(Delta::Content(content)).await;
+    }
+}
+
+fn merge_tool_call(calls: &mut Vec<ToolCall>, fragment: ToolCallFragment) {
+    if calls.len() <= fragment.index {
+        calls.resize_with(fragment.index + 1, ToolCall::default);
+    }
+    let call = &mut calls[fragment.index];
+    if let Some(id) = fragment.id {
+        call.id = id;
+    }
+    if let Some(function) = fragment.function {
+        if let Some(name) = function.name {
+            call.name.push_str(&name);
+        }
+        if let Some(arguments) = function.arguments {
+            call.arguments.push_str(&arguments);
+        }
+    }
+}
+
+fn is_missing_route(status: u16) -> bool {
+    matches!(status, 404 | 405 | 501)
+}
+
+/// Receives deltas as they arrive (an async callback).
+pub trait AsyncDeltaSink: Send {
+    /// Handles one delta.
+    fn send(&mut self, delta: Delta) -> impl std::future::Future<Output = ()> + Send;
+}
+
+fn is_connection_refused(e: &reqwest::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::ConnectionRefused
+        {
+            return true;
+        }
+        source = err.source();
+    }
+    false
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+/// Pulls a human message out of an OpenAI-style error body, else returns the text itself.
+fn server_message(body: &str) -> String {
+    let parsed: Option<Value> = serde_json::from_str(body).ok();
+    let from_json = parsed.as_ref().and_then(|v| {
+        v.get("error")
+            .and_then(|e| e.get("message").or(Some(e)))
+            .and_then(|m| m.as_str())
+            .or_else(|| v.get("message").and_then(|m| m.as_str()))
+            .or_else(|| v.get("detail").and_then(|m| m.as_str()))
+            .map(str::to_owned)
+    });
+    from_json.unwrap_or_else(|| body.chars().take(500).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_message_shapes() {
+        assert_eq!(
+            server_message(r#"{"error":{"message":"model x not found"}}"#),
+            "model x not found"
+        );
+        assert_eq!(server_message(r#"{"error":"boom"}"#), "boom");
+        assert_eq!(server_message(r#"{"detail":"nope"}"#), "nope");
+        assert_eq!(server_message("plain text"), "plain text");
+    }
+
+    #[test]
+    fn tool_call_fragments_assemble_by_index() {
+        let mut calls = Vec::new();
+        let frag =
+            |index, id: Option<&str>, name: Option<&str>, args: Option<&str>| ToolCallFragment {
+                index,
+                id: id.map(str::to_owned),
+                function: Some(FunctionFragment {
+                    name: name.map(str::to_owned),
+                    arguments: args.map(str::to_owned),
+                }),
+            };
+        merge_tool_call(&mut calls, frag(1, Some("b"), Some("write"), Some("{\"p")));
+        merge_tool_call(&mut calls, frag(0, Some("a"), Some("read"), Some("{}")));
+        merge_tool_call(&mut calls, frag(1, None, None, Some("\":1}")));
+        assert_eq!(
+            calls,
+            vec![
+                ToolCall {
+                    id: "a".into(),
+                    name: "read".into(),
+                    arguments: "{}".into()
+                },
+                ToolCall {
+                    id: "b".into(),
+                    name: "write".into(),
+                    arguments: "{\"p\":1}".into()
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn cache_invalidating_codes() {
+        assert!(InferenceError::StreamClosed.invalidates_model_cache());
+        assert!(InferenceError::Timeout(Duration::ZERO).invalidates_model_cache());
+        assert!(
+            !InferenceError::Http {
+                status: 500,
+                message: String::new()
+            }
+            .invalidates_model_cache()
+        );
+    }
+}
