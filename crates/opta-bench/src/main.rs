@@ -120,7 +120,13 @@ fn overhead(turns: usize, warmup: usize) -> Result<()> {
     let client_rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let result = client_rt.block_on(measure(&base, &lmx.url(), turns, warmup));
+    let result = client_rt
+        .block_on(measure(&base, &lmx.url(), turns, warmup))
+        .map(|mut report| {
+            // With a warm preflight cache the whole run costs one model-list request.
+            report["lmxModelListRequests"] = json!(lmx.model_list_requests());
+            report
+        });
     server_rt.block_on(daemon.shutdown())?;
     drop(lmx);
     let report = result?;

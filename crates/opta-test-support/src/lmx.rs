@@ -142,6 +142,7 @@ pub struct ScriptedLmx {
     addr: SocketAddr,
     shared: Arc<Shared>,
     stop: CancellationToken,
+    server: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for ScriptedLmx {
@@ -179,12 +180,30 @@ impl ScriptedLmx {
         let addr = listener.local_addr()?;
         let stop = CancellationToken::new();
         let stopped = stop.clone();
-        tokio::spawn(async move {
+        let server = tokio::spawn(async move {
             let _ = axum::serve(listener, app)
                 .with_graceful_shutdown(stopped.cancelled_owned())
                 .await;
         });
-        Ok(Self { addr, shared, stop })
+        Ok(Self {
+            addr,
+            shared,
+            stop,
+            server: Some(server),
+        })
+    }
+
+    /// Stops the server and waits until its port is closed.
+    pub async fn stop(mut self) {
+        self.stop.cancel();
+        if let Some(server) = self.server.take() {
+            let _ = server.await;
+        }
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.addr.port()
     }
 
     /// `http://127.0.0.1:PORT`.

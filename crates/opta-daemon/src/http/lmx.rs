@@ -99,7 +99,9 @@ pub async fn load(
         .lmx
         .admin_post("/admin/models/load", &body, "loading models")
         .await;
-    state.ctx.preflight.invalidate();
+    if answer.is_ok() {
+        state.ctx.preflight.invalidate();
+    }
     Ok(Json(answer?))
 }
 
@@ -113,7 +115,9 @@ pub async fn unload(
         .lmx
         .admin_post("/admin/models/unload", &body, "unloading models")
         .await;
-    state.ctx.preflight.invalidate();
+    if answer.is_ok() {
+        state.ctx.preflight.invalidate();
+    }
     Ok(Json(answer?))
 }
 

@@ -319,8 +319,14 @@ impl LmxClient {
             .post(format!("{}{path}", self.base_url))
             .json(body)
             .send();
-        let result = self.finish_json(request).await;
-        result.map_err(|e| self.unsupported_if_missing(e, what))
+        // On a server with the admin API a 404 here is the server's answer (unknown model),
+        // not a missing route.
+        self.finish_json(request).await.map_err(|e| match e {
+            InferenceError::Http {
+                status: 405 | 501, ..
+            } => self.unsupported_if_missing(e, what),
+            other => other,
+        })
     }
 
     async fn require_admin(&self, what: &str) -> Result<(), InferenceError> {

@@ -1,0 +1,434 @@
+//! The link to the inference server: cached preflight, error codes, streaming details and the
+//! `/v3/lmx/*` routes.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure report
+
+use std::time::{Duration, Instant};
+
+use opta_test_support::{Reply, ScriptedLmx, TestDaemon, is_terminal_of, token_text};
+use pretty_assertions::assert_eq;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+/// Submits `content` and returns the session's events up to the turn's terminal event.
+async fn turn(d: &TestDaemon, session: &str, content: &str) -> (String, Vec<Value>) {
+    let turn = d.submit(session, content).await;
+    let events = d
+        .ws(session, 0)
+        .await
+        .envelopes_until(is_terminal_of(&turn))
+        .await;
+    (turn, events)
+}
+
+fn terminal(events: &[Value]) -> &Value {
+    events.last().unwrap()
+}
+
+async fn assert_normal_turn_works(d: &TestDaemon, session: &str) {
+    let (t, events) = turn(d, session, "still fine").await;
+    assert_eq!(
+        terminal(&events)["event"],
+        "turn.done",
+        "{:?}",
+        terminal(&events)
+    );
+    assert_eq!(token_text(&events, &t), "echo: still fine");
+}
+
+#[tokio::test]
+async fn fifty_turns_within_one_ttl_make_one_model_list_request() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let d = TestDaemon::start(&lmx.url()).await;
+    let s = d.create_session(None).await;
+    let mut ws = d.ws(&s, 0).await;
+    for i in 0..50 {
+        let t = d.submit(&s, &format!("turn {i}")).await;
+        let events = ws.envelopes_until(is_terminal_of(&t)).await;
+        assert_eq!(terminal(&events)["event"], "turn.done");
+    }
+    assert_eq!(lmx.chat_requests(), 50);
+    assert_eq!(lmx.model_list_requests(), 1);
+}
+
+#[tokio::test]
+async fn a_zero_ttl_asks_before_every_turn() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let d = TestDaemon::start_with(&lmx.url(), |c| c.preflight_ttl = Duration::ZERO).await;
+    let s = d.create_session(None).await;
+    for i in 0..3 {
+        turn(&d, &s, &format!("t{i}")).await;
+    }
+    assert_eq!(lmx.model_list_requests(), 3);
+}
+
+#[tokio::test]
+async fn concurrent_cold_cache_turns_share_one_request() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let d = TestDaemon::start(&lmx.url()).await;
+    let mut sessions = Vec::new();
+    for i in 0..8 {
+        sessions.push(d.create_session(Some(&format!("cold-{i}"))).await);
+    }
+    let runs = sessions.iter().map(|s| turn(&d, s, "at once"));
+    for (_, events) in futures_util::future::join_all(runs).await {
+        assert_eq!(terminal(&events)["event"], "turn.done");
+    }
+    assert_eq!(lmx.model_list_requests(), 1);
+}
+
+#[tokio::test]
+async fn a_refused_connection_drops_the_cache_and_the_next_turn_asks_again() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let port = lmx.port();
+    let d = TestDaemon::start(&lmx.url()).await;
+    let s = d.create_session(None).await;
+    assert_normal_turn_works(&d, &s).await;
+    assert_eq!(lmx.model_list_requests(), 1);
+    lmx.stop().await;
+
+    // The cache is warm, so the chat request itself meets the closed port.
+    let (_, events) = turn(&d, &s, "anyone there?").await;
+    let error = terminal(&events);
+    assert_eq!(error["event"], "turn.error");
+    assert_eq!(error["payload"]["code"], "lmx-connection-refused");
+    assert!(
+        error["payload"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("refused")
+    );
+
+    let lmx = ScriptedLmx::start_on(port).await.unwrap();
+    assert_normal_turn_works(&d, &s).await;
+    assert_eq!(
+        lmx.model_list_requests(),
+        1,
+        "the next turn asked for the list again"
+    );
+}
+
+#[tokio::test]
+async fn server_not_listening_is_lmx_connection_refused() {
+    let free_port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let d = TestDaemon::start(&format!("http://127.0.0.1:{free_port}")).await;
+    let s = d.create_session(None).await;
+    let (_, events) = turn(&d, &s, "hello?").await;
+    assert_eq!(
+        terminal(&events)["payload"]["code"],
+        "lmx-connection-refused"
+    );
+    // The user message stays in history; the daemon still answers.
+    let (_, detail) = d.get(&format!("/v3/sessions/{s}")).await;
+    assert_eq!(
+        detail["messages"],
+        json!([{"role": "user", "content": "hello?"}])
+    );
+    let (status, body) = d.get("/v3/lmx/status").await;
+    assert_eq!(
+        (status, body["code"].clone()),
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!("lmx-connection-refused")
+        )
+    );
+}
+
+#[tokio::test]
+async fn a_server_that_never_answers_times_out_and_cancel_still_works_meanwhile() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let d = TestDaemon::start_with(&lmx.url(), |c| {
+        c.lmx_timeouts.first_byte = Duration::from_millis(400);
+    })
+    .await;
+    let s = d.create_session(None).await;
+    lmx.push(Reply::hang());
+    let started = Instant::now();
+    let (_, events) = turn(&d, &s, "wait forever").await;
+    let waited = started.elapsed();
+    assert_eq!(terminal(&events)["payload"]["code"], "lmx-timeout");
+    assert!(
+        waited >= Duration::from_millis(400) && waited < Duration::from_secs(5),
+        "{waited:?}"
+    );
+    assert_normal_turn_works(&d, &s).await;
+    // The timeout dropped the cache: the normal turn asked for the list again.
+    assert_eq!(lmx.model_list_requests(), 2);
+
+    // With a long timeout, a cancel ends the hanging turn at once.
+    let d2 = TestDaemon::start(&lmx.url()).await;
+    let s2 = d2.create_session(None).await;
+    lmx.push(Reply::hang());
+    let mut ws = d2.ws(&s2, 0).await;
+    let t = d2.submit(&s2, "hang").await;
+    ws.envelopes_until(|e| e["event"] == "turn.start").await;
+    let started = Instant::now();
+    let (status, _) = d2
+        .post(&format!("/v3/sessions/{s2}/cancel"), json!({"turnId": t}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let events = ws.envelopes_until(is_terminal_of(&t)).await;
+    assert_eq!(terminal(&events)["payload"]["code"], "cancelled");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    lmx.wait_streams_dropped(1).await;
+}
+
+#[tokio::test]
+async fn a_silence_between_chunks_times_out() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let d = TestDaemon::start_with(&lmx.url(), |c| {
+        c.lmx_timeouts.idle = Duration::from_millis(200);
+    })
+    .await;
+    let s = d.create_session(None).await;
+    lmx.push(Reply::chunks(["quick ", "then slow"]).with_chunk_delay(Duration::from_millis(600)));
+    let (_, events) = turn(&d, &s, "x").await;
+    // The first chunk is bounded by the first-byte timeout, the second by the idle one.
+    assert_eq!(terminal(&events)["payload"]["code"], "lmx-timeout");
+    assert_normal_turn_works(&d, &s).await;
+}
+
+#[tokio::test]
+async fn a_stream_cut_mid_reply_is_lmx_ws_closed_and_keeps_the_partial_reply() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let d = TestDaemon::start(&lmx.url()).await;
+    let s = d.create_session(None).await;
+    lmx.push(Reply::chunks(["one ", "two ", "three"]).cut_after(2));
+    let (t, events) = turn(&d, &s, "count").await;
+    assert_eq!(terminal(&events)["payload"]["code"], "lmx-ws-closed");
+    assert_eq!(token_text(&events, &t), "one two ");
+    let (_, detail) = d.get(&format!("/v3/sessions/{s}")).await;
+    assert_eq!(
+        detail["messages"][1],
+        json!({"role": "assistant", "content": "one two "})
+    );
+    assert_normal_turn_works(&d, &s).await;
+    assert_eq!(lmx.model_list_requests(), 2, "the cut dropped the cache");
+}
+
+#[tokio::test]
+async fn no_model_loaded_and_model_not_loaded() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    lmx.set_loaded(&[]);
+    let d = TestDaemon::start(&lmx.url()).await;
+    let s = d.create_session(None).await;
+    let (_, events) = turn(&d, &s, "hi").await;
+    let payload = &terminal(&events)["payload"];
+    assert_eq!(payload["code"], "no-model-loaded");
+    assert!(
+        payload["message"]
+            .as_str()
+            .unwrap()
+            .contains("No model is loaded"),
+        "{payload}"
+    );
+    assert_eq!(lmx.chat_requests(), 0, "no chat request without a model");
+
+    lmx.set_loaded(&["default"]);
+    let (status, _) = d
+        .post(
+            "/v3/sessions",
+            json!({"sessionId": "mistral", "model": "mistral-7b"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (_, events) = turn(&d, "mistral", "hi").await;
+    let payload = &terminal(&events)["payload"];
+    assert_eq!(payload["code"], "no-model-loaded");
+    let message = payload["message"].as_str().unwrap();
+    assert!(
+        message.contains("mistral-7b") && message.contains("loaded: default"),
+        "{message}"
+    );
+    assert_normal_turn_works(&d, &s).await;
+}
+
+#[tokio::test]
+async fn http_404_is_no_model_loaded_and_500_carries_the_server_message() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let d = TestDaemon::start(&lmx.url()).await;
+    let s = d.create_session(None).await;
+    lmx.push(Reply::status(404, "model 'default' not found"));
+    let (_, events) = turn(&d, &s, "a").await;
+    assert_eq!(terminal(&events)["payload"]["code"], "no-model-loaded");
+    lmx.push(Reply::status(500, "CUDA out of memory"));
+    let (_, events) = turn(&d, &s, "b").await;
+    let payload = &terminal(&events)["payload"];
+    assert_eq!(payload["code"], Value::Null);
+    assert!(
+        payload["message"]
+            .as_str()
+            .unwrap()
+            .contains("CUDA out of memory"),
+        "{payload}"
+    );
+    assert_normal_turn_works(&d, &s).await;
+}
+
+#[tokio::test]
+async fn model_ids_match_as_typed_and_the_canonical_id_is_stored() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    lmx.set_loaded(&["mlx-community/Qwen2.5-7B"]);
+    let d = TestDaemon::start(&lmx.url()).await;
+    let (_, created) = d
+        .post(
+            "/v3/sessions",
+            json!({"sessionId": "q", "model": "qwen2.5-7b"}),
+        )
+        .await;
+    assert_eq!(created["model"], "qwen2.5-7b");
+    let (_, events) = turn(&d, "q", "hi").await;
+    assert_eq!(terminal(&events)["event"], "turn.done");
+    assert_eq!(lmx.requests()[0]["model"], "mlx-community/Qwen2.5-7B");
+    let (_, detail) = d.get("/v3/sessions/q").await;
+    assert_eq!(detail["model"], "mlx-community/Qwen2.5-7B");
+    // With no model configured, the first loaded one is used and stored.
+    let s = d.create_session(None).await;
+    turn(&d, &s, "hi").await;
+    let (_, detail) = d.get(&format!("/v3/sessions/{s}")).await;
+    assert_eq!(detail["model"], "mlx-community/Qwen2.5-7B");
+}
+
+#[tokio::test]
+async fn think_spans_become_thinking_and_missing_usage_is_estimated() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let mut reply = Reply::chunks(["<thi", "nk>plan it</think>", "The ", "answer"]);
+    reply.usage = None;
+    lmx.push(reply);
+    let d = TestDaemon::start(&lmx.url()).await;
+    let s = d.create_session(None).await;
+    let (t, events) = turn(&d, &s, "question").await;
+    let thinking: String = events
+        .iter()
+        .filter(|e| e["event"] == "turn.thinking")
+        .filter_map(|e| e["payload"]["text"].as_str())
+        .collect();
+    assert_eq!(thinking, "plan it");
+    assert_eq!(token_text(&events, &t), "The answer");
+    let stats = &terminal(&events)["payload"]["stats"];
+    assert!(stats["completionTokens"].as_u64().unwrap() >= 3, "{stats}");
+    assert!(stats["promptTokens"].as_u64().unwrap() >= 2, "{stats}");
+    let (_, detail) = d.get(&format!("/v3/sessions/{s}")).await;
+    assert_eq!(detail["messages"][1]["content"], "The answer");
+}
+
+#[tokio::test]
+async fn lmx_routes_with_the_admin_api() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let d = TestDaemon::start(&lmx.url()).await;
+    let (status, body) = d.get("/v3/lmx/status").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        (body["adminApi"].clone(), body["loadedModels"].clone()),
+        (json!(true), json!(["default"]))
+    );
+
+    let resp = d
+        .http
+        .get(format!("{}/v3/lmx/models", d.base))
+        .bearer_auth(&d.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let etag = resp.headers()["etag"].to_str().unwrap().to_owned();
+    assert_eq!(
+        resp.json::<Value>().await.unwrap(),
+        json!({"source": "admin", "models": [{"id": "default", "loaded": true, "memoryGb": 1.5}]})
+    );
+    let resp = d
+        .http
+        .get(format!("{}/v3/lmx/models", d.base))
+        .bearer_auth(&d.token)
+        .header("if-none-match", &etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::NOT_MODIFIED);
+    assert_eq!(resp.headers()["etag"].to_str().unwrap(), etag);
+    assert_eq!(lmx.model_list_requests(), 1, "served from the cache");
+
+    let (status, body) = d.get("/v3/lmx/memory").await;
+    assert_eq!(
+        (status, body["totalGb"].clone()),
+        (StatusCode::OK, json!(24.0))
+    );
+    let (_, body) = d.get("/v3/lmx/models/available").await;
+    assert_eq!(body["available"].as_array().unwrap().len(), 2);
+
+    let (status, body) = d
+        .post("/v3/lmx/models/load", json!({"modelId": "other-model"}))
+        .await;
+    assert_eq!(
+        (status, body["status"].clone()),
+        (StatusCode::OK, json!("loaded"))
+    );
+    let (_, body) = d.get("/v3/lmx/models").await;
+    let ids: Vec<_> = body["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].clone())
+        .collect();
+    assert_eq!(
+        ids,
+        vec![json!("default"), json!("other-model")],
+        "load dropped the cache"
+    );
+    let resp = d
+        .http
+        .get(format!("{}/v3/lmx/models", d.base))
+        .bearer_auth(&d.token)
+        .header("if-none-match", &etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK, "new content, new ETag");
+
+    let (status, body) = d
+        .post("/v3/lmx/models/load", json!({"modelId": "ghost"}))
+        .await;
+    assert_eq!(
+        (status, body["code"].clone()),
+        (StatusCode::NOT_FOUND, json!("lmx-rejected"))
+    );
+    assert!(body["error"].as_str().unwrap().contains("ghost"));
+    let (status, _) = d.post("/v3/lmx/models/load", json!({})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _) = d
+        .post("/v3/lmx/models/unload", json!({"modelId": "other-model"}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, body) = d.get("/v3/lmx/status").await;
+    assert_eq!(body["loadedModels"], json!(["default"]));
+}
+
+#[tokio::test]
+async fn lmx_routes_without_the_admin_api_answer_what_they_can() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    lmx.set_admin_api(false);
+    let d = TestDaemon::start(&lmx.url()).await;
+    let (status, body) = d.get("/v3/lmx/models").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["source"], "v1");
+    assert_eq!(body["models"][0]["id"], "default");
+    let (_, body) = d.get("/v3/lmx/status").await;
+    assert_eq!(body["adminApi"], false);
+    for path in ["/v3/lmx/memory", "/v3/lmx/models/available"] {
+        let (status, body) = d.get(path).await;
+        assert_eq!(
+            (status, body["code"].clone()),
+            (StatusCode::NOT_IMPLEMENTED, json!("unsupported")),
+            "{path}"
+        );
+        assert!(body["error"].as_str().unwrap().contains("LMX admin API"));
+    }
+    let (status, _) = d.post("/v3/lmx/models/load", json!({"modelId": "x"})).await;
+    assert_eq!(status, StatusCode::NOT_IMPLEMENTED);
+    // Turns work, and the fallback is remembered: one failed /admin probe, then /v1 only.
+    let s = d.create_session(None).await;
+    assert_normal_turn_works(&d, &s).await;
+    assert_eq!(lmx.model_list_requests(), 2);
+}
