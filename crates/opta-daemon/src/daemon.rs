@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+pub use opta_protocol::DaemonState;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -81,27 +81,7 @@ pub fn daemon_dir(home: &Path) -> PathBuf {
 
 /// `home/daemon/state.json`.
 pub fn state_path(home: &Path) -> PathBuf {
-    daemon_dir(home).join("state.json")
-}
-
-/// The state file clients read to find and authenticate to the daemon.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct DaemonState {
-    /// Process id.
-    pub pid: u32,
-    /// Daemon instance id.
-    pub daemon_id: String,
-    /// Bound host.
-    pub host: String,
-    /// Bound port.
-    pub port: u16,
-    /// Auth token.
-    pub token: String,
-    /// Start time.
-    pub started_at: String,
-    /// Log file.
-    pub logs_path: String,
+    daemon_dir(home).join(opta_protocol::STATE_FILE_NAME)
 }
 
 /// A running daemon; dropping it does not stop it, call [`RunningDaemon::shutdown`].

@@ -250,3 +250,67 @@ pub struct ErrorBody {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seq: Option<Seq>,
 }
+
+/// File name of the state file in `$OPTA_HOME/daemon/`.
+pub const STATE_FILE_NAME: &str = "state.json";
+
+/// The state file (`$OPTA_HOME/daemon/state.json`, mode 0600) clients read to find and
+/// authenticate to the daemon. Written once the daemon listens, removed on clean shutdown.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DaemonState {
+    /// Process id.
+    pub pid: u32,
+    /// Daemon instance id.
+    pub daemon_id: String,
+    /// Bound host.
+    pub host: String,
+    /// Bound port.
+    pub port: u16,
+    /// Auth token.
+    pub token: String,
+    /// Start time (ISO-8601 UTC).
+    pub started_at: String,
+    /// Log file.
+    pub logs_path: String,
+}
+
+/// `GET /v3/lmx/status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LmxStatusResponse {
+    /// `"ok"` when the server answered.
+    pub status: String,
+    /// The inference server's base URL.
+    pub url: String,
+    /// Whether it offers LMX's admin API.
+    pub admin_api: bool,
+    /// Loaded model ids.
+    pub loaded_models: Vec<String>,
+    /// LMX's own status answer, when it has one.
+    #[serde(default)]
+    pub server: Option<Value>,
+}
+
+/// One model in `GET /v3/lmx/models`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LmxModel {
+    /// Model id.
+    pub id: String,
+    /// True for loaded models.
+    pub loaded: bool,
+    /// Whatever else the server reported, as given.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, Value>,
+}
+
+/// `GET /v3/lmx/models`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LmxModelsResponse {
+    /// `"admin"` (LMX's `/admin/models`) or `"v1"` (`/v1/models`).
+    pub source: String,
+    /// The models.
+    pub models: Vec<LmxModel>,
+}

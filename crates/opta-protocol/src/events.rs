@@ -320,6 +320,34 @@ pub enum TurnErrorCode {
     Interrupted,
 }
 
+impl TurnErrorCode {
+    /// Every code, for exhaustive checks.
+    pub const ALL: [TurnErrorCode; 8] = [
+        TurnErrorCode::NoModelLoaded,
+        TurnErrorCode::LmxWsClosed,
+        TurnErrorCode::LmxTimeout,
+        TurnErrorCode::LmxConnectionRefused,
+        TurnErrorCode::StorageFull,
+        TurnErrorCode::StateConflict,
+        TurnErrorCode::Cancelled,
+        TurnErrorCode::Interrupted,
+    ];
+
+    /// The wire name (`lmx-timeout`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TurnErrorCode::NoModelLoaded => "no-model-loaded",
+            TurnErrorCode::LmxWsClosed => "lmx-ws-closed",
+            TurnErrorCode::LmxTimeout => "lmx-timeout",
+            TurnErrorCode::LmxConnectionRefused => "lmx-connection-refused",
+            TurnErrorCode::StorageFull => "storage-full",
+            TurnErrorCode::StateConflict => "state-conflict",
+            TurnErrorCode::Cancelled => "cancelled",
+            TurnErrorCode::Interrupted => "interrupted",
+        }
+    }
+}
+
 /// Payload of `turn.error`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -478,6 +506,16 @@ mod tests {
         );
         let back: Envelope = serde_json::from_value(json).unwrap();
         assert_eq!(back, env);
+    }
+
+    #[test]
+    fn turn_error_code_names_match_serde() {
+        for code in TurnErrorCode::ALL {
+            assert_eq!(
+                serde_json::to_value(code).unwrap(),
+                serde_json::json!(code.as_str())
+            );
+        }
     }
 
     #[test]

@@ -1,0 +1,401 @@
+//! Event streams over WebSocket or SSE that reconnect with exponential backoff from the last
+//! delivered seq, so callers see each event once and in order.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use eventsource_stream::Eventsource;
+use futures_util::{SinkExt, Stream, StreamExt};
+use opta_protocol::{Envelope, ErrorBody, Seq, SessionId};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::{ClientError, DaemonClient, Result};
+
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// An `afterSeq` past any real seq: the daemon then sends live events only.
+const LIVE: Seq = i64::MAX as Seq;
+
+/// Which event plane to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// `GET /v3/ws`.
+    WebSocket,
+    /// `GET /v3/sse/events`.
+    Sse,
+}
+
+/// Where a subscription starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartAt {
+    /// Every stored event with a greater seq, then live ones.
+    After(Seq),
+    /// Live events only. Over WebSocket the current seq is learnt at once (from the `hello`
+    /// ack); over SSE it is the first event's, and a reconnect before any event replays from
+    /// the start of the session so nothing is missed.
+    Live,
+}
+
+/// A subscription's events, in seq order, each once, across reconnects. Ends when the session
+/// is deleted; yields an error (then ends) when reconnecting cannot help (bad token, unknown
+/// session). Dropping it closes the connection.
+pub struct EventStream {
+    rx: mpsc::Receiver<Result<Envelope>>,
+    task: JoinHandle<()>,
+    reconnects: Arc<AtomicUsize>,
+}
+
+impl EventStream {
+    /// The next event; `None` once the stream ended.
+    pub async fn recv(&mut self) -> Option<Result<Envelope>> {
+        self.rx.recv().await
+    }
+
+    /// How many times the stream reconnected.
+    pub fn reconnects(&self) -> usize {
+        self.reconnects.load(Ordering::Relaxed)
+    }
+}
+
+impl Stream for EventStream {
+    type Item = Result<Envelope>;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+impl Drop for EventStream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+type WsStream =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type SseStream = Pin<Box<dyn Stream<Item = Option<String>> + Send>>;
+
+enum Connection {
+    Ws(Box<WsStream>),
+    Sse(SseStream),
+}
+
+/// Why a connection ended.
+enum Ended {
+    /// The consumer dropped the stream.
+    ReceiverGone,
+    /// Reconnecting cannot help.
+    Fatal(ClientError),
+    /// The session was deleted.
+    SessionGone,
+    /// Try again.
+    Retry,
+}
+
+struct Connector {
+    client: DaemonClient,
+    session: SessionId,
+    transport: Transport,
+}
+
+impl DaemonClient {
+    /// Subscribes to a session's events. The first connection is made before this returns, so a
+    /// bad token or unknown session fails here and no event emitted afterwards is missed.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: opta_client::DaemonClient, session: opta_protocol::SessionId)
+    /// # -> Result<(), opta_client::ClientError> {
+    /// use opta_client::{StartAt, Transport};
+    /// let mut events = client.subscribe(&session, StartAt::After(0), Transport::WebSocket).await?;
+    /// while let Some(envelope) = events.recv().await {
+    ///     let envelope = envelope?;
+    ///     println!("{} {}", envelope.seq, envelope.event.name());
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn subscribe(
+        &self,
+        session: &SessionId,
+        start: StartAt,
+        transport: Transport,
+    ) -> Result<EventStream> {
+        let connector = Connector {
+            client: self.clone(),
+            session: session.clone(),
+            transport,
+        };
+        let (tx, rx) = mpsc::channel(1024);
+        let mut last = match start {
+            StartAt::After(seq) => Some(seq),
+            StartAt::Live => None,
+        };
+        let connection = connector.connect(last.unwrap_or(LIVE)).await?;
+        let connection = match (connection, start) {
+            (Connection::Ws(mut ws), StartAt::Live) => {
+                last = Some(pin_current_seq(&mut ws, session, &tx).await?);
+                Connection::Ws(ws)
+            }
+            (c, _) => c,
+        };
+        let reconnects = Arc::new(AtomicUsize::new(0));
+        let task = tokio::spawn(pump(connector, connection, last, tx, reconnects.clone()));
+        Ok(EventStream {
+            rx,
+            task,
+            reconnects,
+        })
+    }
+}
+
+/// Sends `hello` and reads up to its ack; returns the seq the connection is at. Envelopes that
+/// arrive first are delivered.
+async fn pin_current_seq(
+    ws: &mut WsStream,
+    session: &SessionId,
+    tx: &mpsc::Sender<Result<Envelope>>,
+) -> Result<Seq> {
+    let hello = json!({"type": "hello", "clientId": "opta-client", "sessionId": session});
+    ws.send(Message::Text(hello.to_string().into()))
+        .await
+        .map_err(crate::error::transport)?;
+    let mut delivered: Option<Seq> = None;
+    while let Some(msg) = ws.next().await {
+        let Message::Text(text) = msg.map_err(crate::error::transport)? else {
+            continue;
+        };
+        let value: Value =
+            serde_json::from_str(text.as_str()).map_err(|e| ClientError::Decode(e.to_string()))?;
+        if value["type"] == "ack" && value["action"] == "hello" {
+            let at = value["lastSeq"].as_u64().unwrap_or(0);
+            return Ok(delivered.map_or(at, |d| d.max(at)));
+        }
+        if let Some(envelope) = as_envelope(&value)? {
+            delivered = Some(envelope.seq);
+            let _ = tx.send(Ok(envelope)).await;
+        }
+    }
+    Err(ClientError::Transport(
+        "connection closed before the hello ack".into(),
+    ))
+}
+
+fn as_envelope(value: &Value) -> Result<Option<Envelope>> {
+    if value.get("seq").is_none() || value.get("event").is_none() {
+        return Ok(None);
+    }
+    serde_json::from_value(value.clone())
+        .map(Some)
+        .map_err(|e| ClientError::Decode(format!("envelope: {e}")))
+}
+
+async fn pump(
+    connector: Connector,
+    mut connection: Connection,
+    mut last: Option<Seq>,
+    tx: mpsc::Sender<Result<Envelope>>,
+    reconnects: Arc<AtomicUsize>,
+) {
+    let mut backoff = FIRST_BACKOFF;
+    loop {
+        let before = last;
+        let ended = match &mut connection {
+            Connection::Ws(ws) => read_ws(ws, &mut last, &tx).await,
+            Connection::Sse(sse) => read_sse(sse, &mut last, &tx).await,
+        };
+        match ended {
+            Ended::ReceiverGone | Ended::SessionGone => return,
+            Ended::Fatal(e) => {
+                let _ = tx.send(Err(e)).await;
+                return;
+            }
+            Ended::Retry => {}
+        }
+        if last != before {
+            backoff = FIRST_BACKOFF;
+        }
+        loop {
+            if tx.is_closed() {
+                return;
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+            // Before any event, a live SSE subscription cannot know its seq: replay from the
+            // start rather than risk a gap.
+            match connector.connect(last.unwrap_or(0)).await {
+                Ok(c) => {
+                    reconnects.fetch_add(1, Ordering::Relaxed);
+                    connection = c;
+                    break;
+                }
+                Err(
+                    e @ ClientError::Api {
+                        status: 400 | 401 | 404,
+                        ..
+                    },
+                ) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+                Err(e) => tracing::debug!(error = %e, "event stream reconnect failed"),
+            }
+        }
+    }
+}
+
+async fn deliver(
+    envelope: Envelope,
+    last: &mut Option<Seq>,
+    tx: &mpsc::Sender<Result<Envelope>>,
+) -> Option<Ended> {
+    if last.is_some_and(|l| envelope.seq <= l) {
+        return None;
+    }
+    *last = Some(envelope.seq);
+    tx.send(Ok(envelope))
+        .await
+        .err()
+        .map(|_| Ended::ReceiverGone)
+}
+
+async fn read_ws(
+    ws: &mut WsStream,
+    last: &mut Option<Seq>,
+    tx: &mpsc::Sender<Result<Envelope>>,
+) -> Ended {
+    let mut last_error: Option<ErrorBody> = None;
+    loop {
+        let msg = tokio::select! {
+            _ = tx.closed() => return Ended::ReceiverGone,
+            msg = ws.next() => msg,
+        };
+        match msg {
+            None | Some(Err(_)) => return Ended::Retry,
+            Some(Ok(Message::Text(text))) => {
+                let Ok(value) = serde_json::from_str::<Value>(text.as_str()) else {
+                    continue;
+                };
+                match as_envelope(&value) {
+                    Ok(Some(envelope)) => {
+                        if let Some(end) = deliver(envelope, last, tx).await {
+                            return end;
+                        }
+                    }
+                    Ok(None) => {
+                        if value.get("error").is_some() {
+                            last_error = serde_json::from_value(value).ok();
+                        }
+                    }
+                    Err(e) => return Ended::Fatal(e),
+                }
+            }
+            Some(Ok(Message::Close(frame))) => {
+                let code = frame.map_or(1005, |f| u16::from(f.code));
+                let body = last_error.take().unwrap_or_else(|| ErrorBody {
+                    error: format!("connection closed with code {code}"),
+                    code: None,
+                    details: None,
+                    seq: None,
+                });
+                return match code {
+                    4000 => Ended::Fatal(ClientError::Api { status: 400, body }),
+                    4001 => Ended::Fatal(ClientError::Api { status: 401, body }),
+                    4004 => Ended::Fatal(ClientError::Api { status: 404, body }),
+                    1000 => Ended::SessionGone,
+                    _ => Ended::Retry,
+                };
+            }
+            Some(Ok(_)) => {}
+        }
+    }
+}
+
+async fn read_sse(
+    sse: &mut SseStream,
+    last: &mut Option<Seq>,
+    tx: &mpsc::Sender<Result<Envelope>>,
+) -> Ended {
+    loop {
+        let data = tokio::select! {
+            _ = tx.closed() => return Ended::ReceiverGone,
+            data = sse.next() => data,
+        };
+        let Some(Some(data)) = data else {
+            return Ended::Retry;
+        };
+        let envelope = match serde_json::from_str::<Value>(&data)
+            .map_err(|e| ClientError::Decode(e.to_string()))
+        {
+            Ok(value) => as_envelope(&value),
+            Err(e) => Err(e),
+        };
+        match envelope {
+            Ok(Some(envelope)) => {
+                if let Some(end) = deliver(envelope, last, tx).await {
+                    return end;
+                }
+            }
+            Ok(None) => {}
+            Err(e) => return Ended::Fatal(e),
+        }
+    }
+}
+
+impl Connector {
+    async fn connect(&self, after: Seq) -> Result<Connection> {
+        match self.transport {
+            Transport::WebSocket => {
+                let url = format!(
+                    "{}/v3/ws?sessionId={}&afterSeq={after}&token={}",
+                    self.client.base_url.replacen("http", "ws", 1),
+                    self.session,
+                    self.client.token
+                );
+                let (ws, _) = tokio_tungstenite::connect_async(&url)
+                    .await
+                    .map_err(crate::error::transport)?;
+                Ok(Connection::Ws(Box::new(ws)))
+            }
+            Transport::Sse => {
+                let url = format!(
+                    "{}/v3/sse/events?sessionId={}&afterSeq={after}",
+                    self.client.base_url, self.session
+                );
+                let response = self
+                    .client
+                    .http
+                    .get(&url)
+                    .bearer_auth(&self.client.token)
+                    .send()
+                    .await
+                    .map_err(crate::error::transport)?;
+                let status = response.status();
+                if !status.is_success() {
+                    let body = response
+                        .json::<ErrorBody>()
+                        .await
+                        .unwrap_or_else(|e| ErrorBody {
+                            error: e.to_string(),
+                            code: None,
+                            details: None,
+                            seq: None,
+                        });
+                    return Err(ClientError::Api {
+                        status: status.as_u16(),
+                        body,
+                    });
+                }
+                let events = response
+                    .bytes_stream()
+                    .eventsource()
+                    .map(|e| e.ok().map(|event| event.data));
+                Ok(Connection::Sse(Box::pin(events)))
+            }
+        }
+    }
+}

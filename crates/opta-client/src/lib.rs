@@ -1,0 +1,304 @@
+//! Typed client for the opta daemon's v3 protocol.
+//!
+//! [`DaemonClient`] wraps every HTTP route; [`DaemonClient::subscribe`] opens an
+//! [`EventStream`] over WebSocket or SSE that reconnects from the last delivered seq, so each
+//! event is seen once and in order; [`DaemonClient::legacy_chat`] runs one `do` turn to the end
+//! for scripts.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), opta_client::ClientError> {
+//! use opta_client::DaemonClient;
+//! let client = DaemonClient::discover(std::path::Path::new("/home/me/.config/opta"))?;
+//! client.check_contract().await?;
+//! let answer = client.legacy_chat("What is 2 + 2?", None).await?;
+//! println!("{}", answer.response);
+//! # Ok(())
+//! # }
+//! ```
+
+mod error;
+mod events;
+mod legacy;
+
+use std::path::Path;
+
+use opta_protocol::{
+    CancelRequest, CancelResponse, Contract, CreateSessionRequest, DaemonState, Envelope,
+    ErrorBody, EventsResponse, HealthResponse, LmxModelsResponse, LmxStatusResponse,
+    MetricsResponse, ResolvePermissionRequest, ResolvePermissionResponse, SessionDetail, SessionId,
+    SessionListResponse, SessionSnapshot, SubmitTurnRequest, SubmitTurnResponse, V3HealthResponse,
+};
+use reqwest::Method;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+
+pub use error::ClientError;
+pub use events::{EventStream, StartAt, Transport};
+pub use legacy::LegacyChatResponse;
+
+/// Result of client calls.
+pub type Result<T, E = ClientError> = std::result::Result<T, E>;
+
+/// A connection to one daemon: base URL and token. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct DaemonClient {
+    base_url: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl DaemonClient {
+    /// A client for `base_url` (`http://127.0.0.1:9999`) with `token`.
+    ///
+    /// ```
+    /// let client = opta_client::DaemonClient::new("http://127.0.0.1:9999", "secret");
+    /// assert_eq!(client.base_url(), "http://127.0.0.1:9999");
+    /// ```
+    pub fn new(base_url: impl Into<String>, token: impl Into<String>) -> Self {
+        Self {
+            base_url: base_url.into().trim_end_matches('/').to_owned(),
+            token: token.into(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// A client for the daemon a state file describes.
+    pub fn from_state(state: &DaemonState) -> Self {
+        let host = match state.host.as_str() {
+            "0.0.0.0" | "" => "127.0.0.1".to_owned(),
+            "::" => "[::1]".to_owned(),
+            h if h.contains(':') && !h.starts_with('[') => format!("[{h}]"),
+            h => h.to_owned(),
+        };
+        Self::new(format!("http://{host}:{}", state.port), state.token.clone())
+    }
+
+    /// Reads `$home/daemon/state.json`.
+    ///
+    /// ```no_run
+    /// let state = opta_client::DaemonClient::read_state(std::path::Path::new("/home/me/.config/opta"))?;
+    /// println!("daemon pid {}", state.pid);
+    /// # Ok::<(), opta_client::ClientError>(())
+    /// ```
+    pub fn read_state(home: &Path) -> Result<DaemonState> {
+        let path = home.join("daemon").join(opta_protocol::STATE_FILE_NAME);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(ClientError::NotRunning { path });
+            }
+            Err(e) => {
+                return Err(ClientError::BadStateFile {
+                    path,
+                    reason: e.to_string(),
+                });
+            }
+        };
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::BadStateFile {
+            path,
+            reason: e.to_string(),
+        })
+    }
+
+    /// Finds the daemon of `home` through its state file.
+    pub fn discover(home: &Path) -> Result<Self> {
+        Self::read_state(home).map(|s| Self::from_state(&s))
+    }
+
+    /// The daemon's base URL.
+    pub fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
+    /// The auth token.
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    async fn send<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&(impl Serialize + ?Sized)>,
+    ) -> Result<T> {
+        let mut request = self
+            .http
+            .request(method, format!("{}{path}", self.base_url))
+            .bearer_auth(&self.token);
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request.send().await.map_err(error::transport)?;
+        let status = response.status();
+        let bytes = response.bytes().await.map_err(error::transport)?;
+        if !status.is_success() {
+            let body = serde_json::from_slice::<ErrorBody>(&bytes).unwrap_or_else(|_| ErrorBody {
+                error: String::from_utf8_lossy(&bytes).chars().take(500).collect(),
+                code: None,
+                details: None,
+                seq: None,
+            });
+            return Err(ClientError::Api {
+                status: status.as_u16(),
+                body,
+            });
+        }
+        let bytes = if bytes.is_empty() {
+            &b"null"[..]
+        } else {
+            &bytes[..]
+        };
+        serde_json::from_slice(bytes).map_err(|e| ClientError::Decode(format!("{path}: {e}")))
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        self.send(Method::GET, path, None::<&Value>).await
+    }
+
+    async fn post<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &(impl Serialize + ?Sized),
+    ) -> Result<T> {
+        self.send(Method::POST, path, Some(body)).await
+    }
+
+    /// `GET /health` (no auth needed).
+    pub async fn health(&self) -> Result<HealthResponse> {
+        self.get("/health").await
+    }
+
+    /// `GET /v3/health`.
+    pub async fn v3_health(&self) -> Result<V3HealthResponse> {
+        self.get("/v3/health").await
+    }
+
+    /// `GET /v3/health`, failing with [`ClientError::ContractMismatch`] unless the daemon speaks
+    /// the contract this crate was built for.
+    pub async fn check_contract(&self) -> Result<V3HealthResponse> {
+        let health = self.v3_health().await?;
+        let expected = Contract::current();
+        if health.contract != expected {
+            return Err(ClientError::ContractMismatch {
+                expected: format!("{} v{}", expected.name, expected.version),
+                found: format!("{} v{}", health.contract.name, health.contract.version),
+            });
+        }
+        Ok(health)
+    }
+
+    /// `GET /v3/metrics`.
+    pub async fn metrics(&self) -> Result<MetricsResponse> {
+        self.get("/v3/metrics").await
+    }
+
+    /// `POST /v3/sessions`: creates a session, or re-opens the one `request.session_id` names.
+    pub async fn create_session(&self, request: &CreateSessionRequest) -> Result<SessionSnapshot> {
+        self.post("/v3/sessions", request).await
+    }
+
+    /// `GET /v3/sessions`: one page, most recently updated first.
+    pub async fn list_sessions(
+        &self,
+        limit: Option<u32>,
+        cursor: Option<&str>,
+    ) -> Result<SessionListResponse> {
+        let mut query = Vec::new();
+        if let Some(limit) = limit {
+            query.push(format!("limit={limit}"));
+        }
+        if let Some(cursor) = cursor {
+            query.push(format!("cursor={cursor}"));
+        }
+        let path = if query.is_empty() {
+            "/v3/sessions".to_owned()
+        } else {
+            format!("/v3/sessions?{}", query.join("&"))
+        };
+        self.get(&path).await
+    }
+
+    /// `GET /v3/sessions/:id`.
+    pub async fn get_session(&self, id: &SessionId) -> Result<SessionDetail> {
+        self.get(&format!("/v3/sessions/{id}")).await
+    }
+
+    /// `DELETE /v3/sessions/:id`.
+    pub async fn delete_session(&self, id: &SessionId) -> Result<()> {
+        let _: Value = self
+            .send(
+                Method::DELETE,
+                &format!("/v3/sessions/{id}"),
+                None::<&Value>,
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// `POST /v3/sessions/:id/turns`: resolves once the turn is durably queued.
+    pub async fn submit_turn(
+        &self,
+        id: &SessionId,
+        request: &SubmitTurnRequest,
+    ) -> Result<SubmitTurnResponse> {
+        self.post(&format!("/v3/sessions/{id}/turns"), request)
+            .await
+    }
+
+    /// `GET /v3/sessions/:id/events?afterSeq=`: stored envelopes, ascending.
+    pub async fn events(&self, id: &SessionId, after_seq: u64) -> Result<Vec<Envelope>> {
+        let answer: EventsResponse = self
+            .get(&format!("/v3/sessions/{id}/events?afterSeq={after_seq}"))
+            .await?;
+        Ok(answer.events)
+    }
+
+    /// `POST /v3/sessions/:id/cancel`.
+    pub async fn cancel(&self, id: &SessionId, request: &CancelRequest) -> Result<CancelResponse> {
+        self.post(&format!("/v3/sessions/{id}/cancel"), request)
+            .await
+    }
+
+    /// `POST /v3/sessions/:id/permissions/:requestId`.
+    pub async fn resolve_permission(
+        &self,
+        id: &SessionId,
+        request: &ResolvePermissionRequest,
+    ) -> Result<ResolvePermissionResponse> {
+        let path = format!("/v3/sessions/{id}/permissions/{}", request.request_id);
+        self.post(&path, request).await
+    }
+
+    /// `GET /v3/lmx/status`.
+    pub async fn lmx_status(&self) -> Result<LmxStatusResponse> {
+        self.get("/v3/lmx/status").await
+    }
+
+    /// `GET /v3/lmx/models`.
+    pub async fn lmx_models(&self) -> Result<LmxModelsResponse> {
+        self.get("/v3/lmx/models").await
+    }
+
+    /// `GET /v3/lmx/memory` (LMX only).
+    pub async fn lmx_memory(&self) -> Result<Value> {
+        self.get("/v3/lmx/memory").await
+    }
+
+    /// `GET /v3/lmx/models/available` (LMX only).
+    pub async fn lmx_available(&self) -> Result<Value> {
+        self.get("/v3/lmx/models/available").await
+    }
+
+    /// `POST /v3/lmx/models/load` (LMX only).
+    pub async fn lmx_load(&self, model_id: &str) -> Result<Value> {
+        self.post("/v3/lmx/models/load", &json!({ "modelId": model_id }))
+            .await
+    }
+
+    /// `POST /v3/lmx/models/unload` (LMX only).
+    pub async fn lmx_unload(&self, model_id: &str) -> Result<Value> {
+        self.post("/v3/lmx/models/unload", &json!({ "modelId": model_id }))
+            .await
+    }
+}
