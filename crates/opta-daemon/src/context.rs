@@ -80,6 +80,7 @@ impl RuntimeCounters {
             active_turn_count: self.active_turns.load(Ordering::Relaxed),
             queued_turn_count: self.queued_turns.load(Ordering::Relaxed),
             subscriber_count: self.subscribers.load(Ordering::Relaxed),
+            stored_session_count: None,
         }
     }
 }

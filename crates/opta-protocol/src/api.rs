@@ -56,6 +56,9 @@ pub struct RuntimeStats {
     pub queued_turn_count: usize,
     /// Open WebSocket and SSE subscriptions.
     pub subscriber_count: usize,
+    /// Sessions in the store (resident or not); reported by `/v3/metrics`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stored_session_count: Option<u64>,
 }
 
 /// `GET /v3/health`.

@@ -44,12 +44,14 @@ pub async fn v3_health(State(state): State<AppState>) -> Json<V3HealthResponse> 
     })
 }
 
-pub async fn metrics(State(state): State<AppState>) -> Json<MetricsResponse> {
-    Json(MetricsResponse {
+pub async fn metrics(State(state): State<AppState>) -> Result<Json<MetricsResponse>> {
+    let mut runtime = state.ctx.counters.snapshot();
+    runtime.stored_session_count = Some(state.ctx.store.session_count().await?);
+    Ok(Json(MetricsResponse {
         daemon_id: state.ctx.daemon_id.clone(),
-        runtime: state.ctx.counters.snapshot(),
+        runtime,
         ts: now_iso(),
-    })
+    }))
 }
 
 pub async fn create_session(

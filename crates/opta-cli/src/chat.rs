@@ -1,0 +1,417 @@
+//! `opta chat`: an interactive session. Lines are read with rustyline on a thread of their own;
+//! events (ours and other clients') arrive on a live WebSocket subscription. While the prompt
+//! is shown, output goes through rustyline's external printer so it does not garble the line
+//! being typed; while a turn of ours runs, it goes straight to stdout and Ctrl-C cancels it.
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use opta_client::{DaemonClient, StartAt, Transport};
+use opta_protocol::{
+    CancelRequest, CreateSessionRequest, Envelope, Event, Mode, SessionId, SubmitTurnRequest,
+    TurnId,
+};
+use rustyline::ExternalPrinter;
+use rustyline::error::ReadlineError;
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use crate::daemon_ctl::{self, DaemonArgs};
+use crate::do_cmd::{CLIENT_ID, answer_permission, parse_mode};
+use crate::render::{Outcome, Output, PermissionPolicy, TurnRenderer, hint};
+use crate::ui;
+
+/// The prompt.
+const PROMPT: &str = "opta› ";
+
+#[derive(Args)]
+pub struct ChatArgs {
+    /// Attach to an existing session.
+    #[arg(long)]
+    session: Option<String>,
+    /// Agent mode of the turns.
+    #[arg(long, default_value = "chat", value_parser = parse_mode)]
+    mode: Mode,
+    /// Allow every permission request without asking.
+    #[arg(short, long)]
+    yes: bool,
+    /// Show the model's reasoning (dimmed).
+    #[arg(long)]
+    thinking: bool,
+}
+
+struct Chat<P: ExternalPrinter> {
+    client: DaemonClient,
+    session: SessionId,
+    writer_id: String,
+    mode: Mode,
+    thinking: bool,
+    policy: PermissionPolicy,
+    /// Prints above the prompt while it is shown.
+    printer: P,
+    prompting: bool,
+    /// Our running turn and its renderer.
+    running: Option<(TurnId, TurnRenderer)>,
+    cancel_sent: bool,
+    /// Turns of other clients seen starting (their output is shown too).
+    others: HashSet<TurnId>,
+    /// Partial line of other clients' output waiting for the printer.
+    pending: String,
+    spinner: Option<indicatif::ProgressBar>,
+}
+
+pub async fn run(args: ChatArgs, home: &Path, daemon: &DaemonArgs) -> Result<ExitCode> {
+    let client = daemon_ctl::ensure(home, daemon).await?;
+    let snapshot = match &args.session {
+        Some(id) => {
+            let id = SessionId::parse(id)?;
+            match client.get_session(&id).await {
+                Ok(detail) => detail.snapshot,
+                Err(e) if e.status() == Some(404) => {
+                    bail!("no session {id}; `opta sessions list` shows them")
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        None => {
+            let workspace = std::env::current_dir().context("reading the current directory")?;
+            client
+                .create_session(&CreateSessionRequest {
+                    model: Some(daemon.model.clone()).filter(|m| !m.is_empty()),
+                    metadata: Some(json!({"workspace": workspace, "client": CLIENT_ID})),
+                    ..CreateSessionRequest::default()
+                })
+                .await?
+        }
+    };
+    let session = snapshot.session_id.clone();
+    let mut events = client
+        .subscribe(&session, StartAt::Live, Transport::WebSocket)
+        .await?;
+    let model = if snapshot.model.is_empty() {
+        "the server's default model"
+    } else {
+        &snapshot.model
+    };
+    println!(
+        "{}",
+        ui::dim(&format!(
+            "session {session} · {model} · /help for commands, Ctrl-C cancels a turn"
+        ))
+    );
+
+    let mut editor = rustyline::DefaultEditor::new().context("starting the line editor")?;
+    let printer = editor
+        .create_external_printer()
+        .context("starting the line editor")?;
+    let (line_tx, mut lines) = mpsc::channel::<Result<String, ReadlineError>>(1);
+    let (prompt_tx, prompt_rx) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        while prompt_rx.recv().is_ok() {
+            let line = editor.readline(PROMPT);
+            if let Ok(l) = &line
+                && !l.trim().is_empty()
+            {
+                let _ = editor.add_history_entry(l.as_str());
+            }
+            if line_tx.blocking_send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut interrupts = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .context("installing the Ctrl-C handler")?;
+    let mut chat = Chat {
+        client,
+        session,
+        writer_id: format!("{CLIENT_ID}-chat-{}", std::process::id()),
+        mode: args.mode,
+        thinking: args.thinking,
+        policy: PermissionPolicy::new(true, args.yes),
+        printer,
+        prompting: false,
+        running: None,
+        cancel_sent: false,
+        others: HashSet::new(),
+        pending: String::new(),
+        spinner: None,
+    };
+    chat.prompt(&prompt_tx);
+    loop {
+        tokio::select! {
+            line = lines.recv() => {
+                chat.prompting = false;
+                match line {
+                    Some(Ok(line)) => match chat.on_line(line.trim()).await? {
+                        LineResult::Exit => return Ok(ExitCode::SUCCESS),
+                        LineResult::Prompt => chat.prompt(&prompt_tx),
+                        LineResult::TurnRunning => {}
+                    },
+                    // Ctrl-C or Ctrl-D at the prompt: leave.
+                    Some(Err(ReadlineError::Interrupted | ReadlineError::Eof)) | None => {
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                    Some(Err(e)) => return Err(e.into()),
+                }
+            }
+            event = events.recv() => {
+                let Some(event) = event else {
+                    chat.say("the session was closed");
+                    return Ok(ExitCode::SUCCESS);
+                };
+                if chat.on_event(event?).await? {
+                    chat.prompt(&prompt_tx);
+                }
+            }
+            _ = interrupts.recv() => {
+                if chat.running.is_none() {
+                    return Ok(ExitCode::SUCCESS);
+                }
+                if chat.cancel_sent {
+                    return Ok(ExitCode::from(130));
+                }
+                chat.cancel_running().await;
+            }
+        }
+    }
+}
+
+enum LineResult {
+    Exit,
+    Prompt,
+    TurnRunning,
+}
+
+impl<P: ExternalPrinter> Chat<P> {
+    fn prompt(&mut self, prompt_tx: &std::sync::mpsc::Sender<()>) {
+        self.prompting = true;
+        let _ = prompt_tx.send(());
+    }
+
+    /// A whole line of information, wherever output goes now.
+    fn say(&mut self, line: &str) {
+        self.emit(&format!("{}\n", ui::dim(line)));
+    }
+
+    fn emit(&mut self, text: &str) {
+        if self.prompting {
+            // The external printer wants whole lines; keep the rest until it is complete.
+            self.pending.push_str(text);
+            if let Some(end) = self.pending.rfind('\n') {
+                let ready: String = self.pending.drain(..=end).collect();
+                let _ = self.printer.print(ready);
+            }
+        } else {
+            if !self.pending.is_empty() {
+                print!("{}", std::mem::take(&mut self.pending));
+            }
+            print!("{text}");
+            let _ = std::io::stdout().flush();
+        }
+    }
+
+    async fn on_line(&mut self, line: &str) -> Result<LineResult> {
+        if line.is_empty() {
+            return Ok(LineResult::Prompt);
+        }
+        if let Some(command) = line.strip_prefix('/') {
+            return self.on_command(command).await;
+        }
+        let submitted = self
+            .client
+            .submit_turn(
+                &self.session,
+                &SubmitTurnRequest {
+                    client_id: CLIENT_ID.into(),
+                    writer_id: self.writer_id.clone(),
+                    content: line.to_owned(),
+                    mode: self.mode,
+                    metadata: None,
+                    last_seen_seq: None,
+                    overrides: None,
+                    idempotency_key: None,
+                },
+            )
+            .await;
+        match submitted {
+            Ok(answer) => {
+                self.running = Some((answer.turn_id.clone(), TurnRenderer::new(answer.turn_id)));
+                self.cancel_sent = false;
+                self.spinner = ui::spinner("waiting for the model…");
+                Ok(LineResult::TurnRunning)
+            }
+            Err(e) => {
+                eprintln!("{} {e}", ui::error_label());
+                Ok(LineResult::Prompt)
+            }
+        }
+    }
+
+    async fn on_command(&mut self, command: &str) -> Result<LineResult> {
+        let mut parts = command.split_whitespace();
+        let name = parts.next().unwrap_or_default();
+        let arg = parts.next();
+        match (name, arg) {
+            ("exit" | "quit", _) => return Ok(LineResult::Exit),
+            ("help", _) => {
+                println!("/model [id]   show or switch the session's model");
+                println!(
+                    "/mode [mode]  show or switch the mode (chat, do, plan, review, research)"
+                );
+                println!("/cancel       cancel the session's running turn (any client's)");
+                println!("/sessions     list recent sessions");
+                println!("/exit         leave (Ctrl-D works too)");
+            }
+            ("model", None) => {
+                let detail = self.client.get_session(&self.session).await?;
+                println!("model: {}", detail.snapshot.model);
+            }
+            ("model", Some(model)) => {
+                let snapshot = self
+                    .client
+                    .create_session(&CreateSessionRequest {
+                        session_id: Some(self.session.clone()),
+                        model: Some(model.to_owned()),
+                        ..CreateSessionRequest::default()
+                    })
+                    .await?;
+                println!("model: {}", snapshot.model);
+            }
+            ("mode", None) => println!("mode: {}", self.mode.as_str()),
+            ("mode", Some(mode)) => match Mode::parse(mode) {
+                Some(m) => {
+                    self.mode = m;
+                    println!("mode: {}", m.as_str());
+                }
+                None => println!("unknown mode {mode:?} (chat, do, plan, review, research)"),
+            },
+            ("cancel", _) => {
+                let active = self
+                    .client
+                    .get_session(&self.session)
+                    .await?
+                    .snapshot
+                    .active_turn_id;
+                match active {
+                    Some(turn_id) => {
+                        let request = CancelRequest {
+                            turn_id: Some(turn_id),
+                            writer_id: None,
+                        };
+                        let answer = self.client.cancel(&self.session, &request).await?;
+                        println!("cancelled {} turn(s)", answer.cancelled);
+                    }
+                    None => println!("no turn is running"),
+                }
+            }
+            ("sessions", _) => {
+                let page = self.client.list_sessions(Some(20), None).await?;
+                let rows: Vec<Vec<String>> = page
+                    .sessions
+                    .iter()
+                    .map(|s| {
+                        vec![
+                            s.session_id.to_string(),
+                            s.updated_at.clone(),
+                            s.title.clone().unwrap_or_default(),
+                        ]
+                    })
+                    .collect();
+                println!("{}", ui::table(&["ID", "UPDATED", "TITLE"], &rows));
+            }
+            (other, _) => println!("unknown command /{other}; /help lists them"),
+        }
+        Ok(LineResult::Prompt)
+    }
+
+    async fn cancel_running(&mut self) {
+        let Some((turn_id, _)) = &self.running else {
+            return;
+        };
+        self.cancel_sent = true;
+        let request = CancelRequest {
+            turn_id: Some(turn_id.clone()),
+            writer_id: None,
+        };
+        if let Some(s) = self.spinner.take() {
+            s.finish_and_clear();
+        }
+        println!("\n{}", ui::dim("cancelling… (Ctrl-C again to quit)"));
+        if let Err(e) = self.client.cancel(&self.session, &request).await {
+            eprintln!("{} could not cancel: {e}", ui::error_label());
+        }
+    }
+
+    /// Handles one event; true when our turn ended and the prompt should come back.
+    async fn on_event(&mut self, envelope: Envelope) -> Result<bool> {
+        let ours = self
+            .running
+            .as_ref()
+            .and_then(|(_, renderer)| renderer.on_event(&envelope.event));
+        if let Some(output) = ours {
+            if let Some(s) = self.spinner.take() {
+                s.finish_and_clear();
+            }
+            return self.on_own_output(output).await;
+        }
+        self.on_other_event(&envelope.event);
+        Ok(false)
+    }
+
+    async fn on_own_output(&mut self, output: Output) -> Result<bool> {
+        match output {
+            Output::Text(text) => self.emit(&text),
+            Output::Thinking(text) => {
+                if self.thinking {
+                    self.emit(&ui::dim(&text));
+                }
+            }
+            Output::Note(line) => self.say(&line),
+            Output::Permission(ask) => {
+                answer_permission(&self.client, &self.session, &ask, &mut self.policy).await?;
+            }
+            Output::Finished(outcome) => {
+                self.emit("\n");
+                match outcome {
+                    Outcome::Done(_) => {}
+                    Outcome::Failed { code, message } => {
+                        let label = code
+                            .map(|c| format!(" [{}]", c.as_str()))
+                            .unwrap_or_default();
+                        eprintln!("{}{label} {message}", ui::error_label());
+                        if code != Some(opta_protocol::TurnErrorCode::Cancelled) {
+                            eprintln!("{} {}", ui::dim("hint:"), hint(code));
+                        }
+                    }
+                }
+                self.running = None;
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Shows what other clients' turns do in this session.
+    fn on_other_event(&mut self, event: &Event) {
+        match event {
+            Event::TurnStart(start) => {
+                self.others.insert(start.turn_id.clone());
+                self.say(&format!(
+                    "── turn from {} ({}) ──",
+                    start.client_id, start.writer_id
+                ));
+            }
+            Event::TurnToken(t) if self.others.contains(&t.turn_id) => self.emit(&t.text),
+            Event::TurnDone(d) if self.others.remove(&d.turn_id) => self.emit("\n"),
+            Event::TurnError(e) if self.others.remove(&e.turn_id) => {
+                self.emit("\n");
+                self.say(&format!("(their turn ended: {})", e.message));
+            }
+            _ => {}
+        }
+    }
+}

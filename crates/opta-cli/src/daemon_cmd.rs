@@ -1,0 +1,246 @@
+//! `opta daemon run|start|stop|status|restart|logs`.
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Subcommand;
+use opta_daemon::context::Tunables;
+use opta_daemon::inference::LmxTimeouts;
+use opta_daemon::{DaemonConfig, RunningDaemon};
+use serde_json::json;
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+use crate::daemon_ctl::{self, DaemonArgs, Started};
+
+#[derive(Subcommand)]
+pub enum DaemonAction {
+    /// Serve in the foreground until SIGINT/SIGTERM.
+    Run,
+    /// Start in the background (if not running) and wait until it answers.
+    Start,
+    /// Stop gracefully and wait until it exited.
+    Stop,
+    /// Show pid, address, uptime, sessions and turns.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop, then start.
+    Restart,
+    /// Print the daemon log.
+    Logs {
+        /// Keep printing as the log grows.
+        #[arg(short, long)]
+        follow: bool,
+        /// Lines to show from the end.
+        #[arg(short = 'n', long, default_value_t = 50)]
+        lines: usize,
+    },
+}
+
+pub async fn run(action: DaemonAction, home: &Path, args: &DaemonArgs) -> Result<ExitCode> {
+    match action {
+        DaemonAction::Run => {
+            run_foreground(home, args).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        DaemonAction::Start => {
+            report_start(&daemon_ctl::start(home, args).await?);
+            Ok(ExitCode::SUCCESS)
+        }
+        DaemonAction::Stop => {
+            match daemon_ctl::stop(home).await? {
+                Some(pid) => println!("opta daemon stopped (pid {pid})"),
+                None => println!("opta daemon is not running"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        DaemonAction::Restart => {
+            daemon_ctl::stop(home).await?;
+            report_start(&daemon_ctl::start(home, args).await?);
+            Ok(ExitCode::SUCCESS)
+        }
+        DaemonAction::Status { json } => status(home, json).await,
+        DaemonAction::Logs { follow, lines } => {
+            logs(home, follow, lines).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn report_start(started: &Started) {
+    let (verb, r) = match started {
+        Started::Already(r) => ("already running", r),
+        Started::New(r) => ("started", r),
+    };
+    println!(
+        "opta daemon {verb}: {} (pid {}, {})",
+        r.client.base_url(),
+        r.state.pid,
+        r.state.daemon_id
+    );
+}
+
+async fn status(home: &Path, json: bool) -> Result<ExitCode> {
+    let Some(r) = daemon_ctl::running(home).await else {
+        if json {
+            println!("{}", json!({"running": false}));
+        } else {
+            println!("opta daemon is not running");
+        }
+        return Ok(ExitCode::from(3));
+    };
+    let metrics = r.client.metrics().await?;
+    let uptime = chrono::DateTime::parse_from_rfc3339(&r.state.started_at)
+        .map(|t| {
+            (chrono::Utc::now() - t.with_timezone(&chrono::Utc))
+                .num_seconds()
+                .max(0)
+        })
+        .unwrap_or(0);
+    let stored_count = metrics.runtime.stored_session_count.unwrap_or(0);
+    if json {
+        let body = json!({
+            "running": true,
+            "pid": r.state.pid,
+            "daemonId": r.state.daemon_id,
+            "url": r.client.base_url(),
+            "host": r.state.host,
+            "port": r.state.port,
+            "startedAt": r.state.started_at,
+            "uptimeSeconds": uptime,
+            "logsPath": r.state.logs_path,
+            "runtime": metrics.runtime,
+        });
+        println!("{body}");
+    } else {
+        let rt = &metrics.runtime;
+        println!("opta daemon running");
+        println!("  pid        {}", r.state.pid);
+        println!("  id         {}", r.state.daemon_id);
+        println!("  url        {}", r.client.base_url());
+        println!("  uptime     {}", human_duration(uptime));
+        println!(
+            "  sessions   {} in memory, {stored_count} stored",
+            rt.session_count
+        );
+        println!(
+            "  turns      {} active, {} queued",
+            rt.active_turn_count, rt.queued_turn_count
+        );
+        println!("  clients    {} subscribed", rt.subscriber_count);
+        println!("  log        {}", r.state.logs_path);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn human_duration(seconds: i64) -> String {
+    let (h, m, s) = (seconds / 3600, (seconds % 3600) / 60, seconds % 60);
+    if h > 0 {
+        format!("{h}h {m}m {s}s")
+    } else if m > 0 {
+        format!("{m}m {s}s")
+    } else {
+        format!("{s}s")
+    }
+}
+
+async fn logs(home: &Path, follow: bool, lines: usize) -> Result<()> {
+    let path = daemon_ctl::running(home)
+        .await
+        .map(|r| PathBuf::from(r.state.logs_path))
+        .unwrap_or_else(|| opta_daemon::daemon::daemon_dir(home).join("daemon.log"));
+    let mut file =
+        std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    let mut text = String::new();
+    file.read_to_string(&mut text)?;
+    let all: Vec<&str> = text.lines().collect();
+    let mut out = std::io::stdout().lock();
+    for line in &all[all.len().saturating_sub(lines)..] {
+        writeln!(out, "{line}")?;
+    }
+    out.flush()?;
+    drop(out);
+    if !follow {
+        return Ok(());
+    }
+    let mut position = file.stream_position()?;
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let len = std::fs::metadata(&path)?.len();
+        if len < position {
+            position = 0; // the log was truncated or replaced
+        }
+        if len > position {
+            file.seek(SeekFrom::Start(position))?;
+            let mut chunk = String::new();
+            file.read_to_string(&mut chunk)?;
+            position = file.stream_position()?;
+            print!("{chunk}");
+            std::io::stdout().flush()?;
+        }
+    }
+}
+
+async fn run_foreground(home: &Path, args: &DaemonArgs) -> Result<()> {
+    let dir = opta_daemon::daemon::daemon_dir(home);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let logs_path = dir.join("daemon.log");
+    let file_appender = tracing_appender::rolling::never(&dir, "daemon.log");
+    let (file_writer, _flush_guard) = tracing_appender::non_blocking(file_appender);
+    tracing_subscriber::registry()
+        .with(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(false)
+                .with_writer(file_writer),
+        )
+        .init();
+    let config = DaemonConfig {
+        host: args.host.clone(),
+        port: args.port,
+        home: home.to_owned(),
+        token: args.token.clone(),
+        lmx_url: args.lmx_url.clone(),
+        model: args.model.clone(),
+        lmx_timeouts: LmxTimeouts {
+            connect: Duration::from_millis(args.lmx_connect_timeout_ms),
+            first_byte: Duration::from_millis(args.lmx_first_byte_timeout_ms),
+            idle: Duration::from_millis(args.lmx_idle_timeout_ms),
+            admin: Duration::from_millis(args.lmx_admin_timeout_ms),
+        },
+        preflight_ttl: Duration::from_millis(args.preflight_ttl_ms),
+        limits: Tunables::default(),
+        logs_path: Some(logs_path),
+    };
+    let daemon = RunningDaemon::start(config).await?;
+    let state = daemon.state();
+    eprintln!(
+        "opta daemon {} listening on http://{}:{} (state file: {})",
+        state.daemon_id,
+        state.host,
+        state.port,
+        opta_daemon::state_path(home).display()
+    );
+    wait_for_signal().await?;
+    tracing::info!("signal received; shutting down");
+    daemon.shutdown().await?;
+    Ok(())
+}
+
+async fn wait_for_signal() -> Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("waiting for SIGINT")?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}

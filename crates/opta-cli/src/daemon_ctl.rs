@@ -1,0 +1,260 @@
+//! Finding, starting and stopping the daemon of a home directory.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use opta_client::DaemonClient;
+use opta_protocol::DaemonState;
+
+/// How long `start` waits for a new daemon to answer, and `stop` for it to exit.
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Flags of `opta daemon run`, shared by every command that may start the daemon.
+#[derive(Args, Debug, Clone)]
+pub struct DaemonArgs {
+    /// Address to bind; anything but loopback exposes the daemon to the network.
+    #[arg(long, env = "OPTA_HOST", default_value = "127.0.0.1", global = true)]
+    pub host: String,
+    /// Port (9999 falls back to 10000..=10020 when taken; 0 takes any free port).
+    #[arg(long, env = "OPTA_PORT", default_value_t = opta_daemon::daemon::DEFAULT_PORT, global = true)]
+    pub port: u16,
+    /// Auth token (default: a new random one, written to the state file).
+    #[arg(long, env = "OPTA_TOKEN", hide_env_values = true, global = true)]
+    pub token: Option<String>,
+    /// Base URL of the OpenAI-compatible inference server.
+    #[arg(
+        long,
+        env = "OPTA_LMX_URL",
+        default_value = "http://127.0.0.1:1234",
+        global = true
+    )]
+    pub lmx_url: String,
+    /// Model for new sessions (default: the inference server's first loaded model).
+    #[arg(long, env = "OPTA_MODEL", default_value = "", global = true)]
+    pub model: String,
+    /// How long the inference server's model list is cached, in milliseconds.
+    #[arg(
+        long,
+        env = "OPTA_PREFLIGHT_TTL_MS",
+        default_value_t = 10_000,
+        global = true
+    )]
+    pub preflight_ttl_ms: u64,
+    /// Inference connect timeout in milliseconds.
+    #[arg(
+        long,
+        env = "OPTA_LMX_CONNECT_TIMEOUT_MS",
+        default_value_t = 5_000,
+        global = true
+    )]
+    pub lmx_connect_timeout_ms: u64,
+    /// Inference time-to-first-byte timeout in milliseconds.
+    #[arg(
+        long,
+        env = "OPTA_LMX_FIRST_BYTE_TIMEOUT_MS",
+        default_value_t = 120_000,
+        global = true
+    )]
+    pub lmx_first_byte_timeout_ms: u64,
+    /// Longest silence between two streamed chunks, in milliseconds.
+    #[arg(
+        long,
+        env = "OPTA_LMX_IDLE_TIMEOUT_MS",
+        default_value_t = 60_000,
+        global = true
+    )]
+    pub lmx_idle_timeout_ms: u64,
+    /// Timeout of model-list and admin requests, in milliseconds.
+    #[arg(
+        long,
+        env = "OPTA_LMX_ADMIN_TIMEOUT_MS",
+        default_value_t = 10_000,
+        global = true
+    )]
+    pub lmx_admin_timeout_ms: u64,
+}
+
+impl DaemonArgs {
+    /// The same flags as command-line arguments for `opta daemon run` (the token goes through
+    /// the environment so it never shows in `ps`).
+    fn to_run_args(&self) -> Vec<String> {
+        vec![
+            "--host".into(),
+            self.host.clone(),
+            "--port".into(),
+            self.port.to_string(),
+            "--lmx-url".into(),
+            self.lmx_url.clone(),
+            "--model".into(),
+            self.model.clone(),
+            "--preflight-ttl-ms".into(),
+            self.preflight_ttl_ms.to_string(),
+            "--lmx-connect-timeout-ms".into(),
+            self.lmx_connect_timeout_ms.to_string(),
+            "--lmx-first-byte-timeout-ms".into(),
+            self.lmx_first_byte_timeout_ms.to_string(),
+            "--lmx-idle-timeout-ms".into(),
+            self.lmx_idle_timeout_ms.to_string(),
+            "--lmx-admin-timeout-ms".into(),
+            self.lmx_admin_timeout_ms.to_string(),
+        ]
+    }
+}
+
+/// The default home: `~/.config/opta`.
+pub fn default_home() -> Result<PathBuf> {
+    let home = std::env::var_os("HOME").context("HOME is not set; pass --home or OPTA_HOME")?;
+    Ok(PathBuf::from(home).join(".config").join("opta"))
+}
+
+/// A daemon that answered its health check.
+pub struct Running {
+    /// Its state file.
+    pub state: DaemonState,
+    /// A client for it.
+    pub client: DaemonClient,
+}
+
+/// The daemon of `home` if one is running and answers as the state file says.
+pub async fn running(home: &Path) -> Option<Running> {
+    let state = DaemonClient::read_state(home).ok()?;
+    let client = DaemonClient::from_state(&state);
+    let health = tokio::time::timeout(Duration::from_secs(3), client.v3_health()).await;
+    match health {
+        Ok(Ok(h)) if h.daemon_id == state.daemon_id => Some(Running { state, client }),
+        _ => None,
+    }
+}
+
+/// Whether some process holds the daemon lock of `home` (a daemon that may not answer).
+fn lock_held(home: &Path) -> bool {
+    let path = opta_daemon::daemon::daemon_dir(home).join("daemon.lock");
+    let Ok(file) = OpenOptions::new().write(true).open(&path) else {
+        return false;
+    };
+    match file.try_lock() {
+        Ok(()) => false,
+        Err(std::fs::TryLockError::WouldBlock) => true,
+        Err(std::fs::TryLockError::Error(_)) => false,
+    }
+}
+
+/// Whether the daemon was already running or had to be started.
+pub enum Started {
+    /// It was running.
+    Already(Running),
+    /// This call started it.
+    New(Running),
+}
+
+impl Started {
+    /// The running daemon.
+    pub fn running(&self) -> &Running {
+        match self {
+            Started::Already(r) | Started::New(r) => r,
+        }
+    }
+}
+
+/// Starts the daemon of `home` detached, unless one is running; waits until it answers.
+pub async fn start(home: &Path, args: &DaemonArgs) -> Result<Started> {
+    if let Some(r) = running(home).await {
+        return Ok(Started::Already(r));
+    }
+    let dir = opta_daemon::daemon::daemon_dir(home);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let err_path = dir.join("daemon.err");
+    let err_file =
+        File::create(&err_path).with_context(|| format!("creating {}", err_path.display()))?;
+    let exe = std::env::current_exe().context("locating the opta binary")?;
+    let mut command = Command::new(exe);
+    command
+        .args(["daemon", "run"])
+        .args(args.to_run_args())
+        .env("OPTA_HOME", home)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(err_file))
+        // Its own process group: a Ctrl-C in this terminal must not reach the daemon.
+        .process_group(0);
+    match &args.token {
+        Some(token) => command.env("OPTA_TOKEN", token),
+        None => command.env_remove("OPTA_TOKEN"),
+    };
+    let mut child = command.spawn().context("spawning the daemon")?;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(r) = running(home).await
+            && r.state.pid == child.id()
+        {
+            return Ok(Started::New(r));
+        }
+        if let Some(status) = child.try_wait()? {
+            // Lost a race with another start? Then that daemon is the answer.
+            if let Some(r) = running(home).await {
+                return Ok(Started::Already(r));
+            }
+            let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
+            let reason = stderr
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("no output");
+            bail!("the daemon exited during start ({status}): {reason}");
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the daemon did not answer within {} s; see {}",
+                WAIT.as_secs(),
+                err_path.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// The daemon of `home`, started on demand.
+pub async fn ensure(home: &Path, args: &DaemonArgs) -> Result<DaemonClient> {
+    let started = start(home, args).await?;
+    let client = started.running().client.clone();
+    client.check_contract().await?;
+    Ok(client)
+}
+
+/// Stops the daemon of `home` gracefully and waits until it exited. Returns its pid, or `None`
+/// when none was running.
+pub async fn stop(home: &Path) -> Result<Option<u32>> {
+    let state = match DaemonClient::read_state(home) {
+        Ok(s) => s,
+        Err(opta_client::ClientError::NotRunning { .. }) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    // Only signal a process proven to be our daemon: it answers as the state file says, or it
+    // holds the home's lock. Otherwise the state file is stale (and the pid may be reused).
+    if running(home).await.is_none() && !lock_held(home) {
+        let _ = std::fs::remove_file(opta_daemon::state_path(home));
+        return Ok(None);
+    }
+    let pid = Pid::from_raw(i32::try_from(state.pid).context("pid out of range")?);
+    kill(pid, Signal::SIGTERM).with_context(|| format!("signalling pid {}", state.pid))?;
+    let deadline = Instant::now() + WAIT;
+    // The lock is released when the process ends (even as an unreaped zombie).
+    while lock_held(home) || opta_daemon::state_path(home).exists() {
+        if Instant::now() > deadline {
+            bail!(
+                "the daemon (pid {}) did not stop within {} s",
+                state.pid,
+                WAIT.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    Ok(Some(state.pid))
+}

@@ -1,0 +1,221 @@
+//! `opta do "task"`: one task in the current directory, streamed to the terminal.
+
+use std::io::{IsTerminal, Write};
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use opta_client::{DaemonClient, StartAt, Transport};
+use opta_protocol::{
+    CancelRequest, CreateSessionRequest, Decision, Mode, ResolvePermissionRequest, SessionId,
+    SubmitTurnRequest, TurnErrorCode, TurnId,
+};
+use serde_json::json;
+
+use crate::daemon_ctl::{self, DaemonArgs};
+use crate::render::{
+    Outcome, Output, PermissionAsk, PermissionPolicy, TurnRenderer, Verdict, hint,
+};
+use crate::ui;
+
+/// The name this CLI gives itself as client and writer.
+pub const CLIENT_ID: &str = "opta-cli";
+
+#[derive(Args)]
+pub struct DoArgs {
+    /// The task.
+    #[arg(required = true)]
+    task: Vec<String>,
+    /// Print every event envelope as a JSON line instead of the text.
+    #[arg(long)]
+    json: bool,
+    /// Allow every permission request without asking.
+    #[arg(short, long)]
+    yes: bool,
+    /// Run in this session (created if missing) instead of a new one.
+    #[arg(long)]
+    session: Option<String>,
+    /// Agent mode.
+    #[arg(long, default_value = "do", value_parser = parse_mode)]
+    mode: Mode,
+    /// Show the model's reasoning (dimmed, on stderr).
+    #[arg(long)]
+    thinking: bool,
+}
+
+pub fn parse_mode(s: &str) -> Result<Mode, String> {
+    Mode::parse(s).ok_or_else(|| format!("unknown mode {s:?} (chat, do, plan, review, research)"))
+}
+
+pub async fn run(args: DoArgs, home: &Path, daemon: &DaemonArgs) -> Result<ExitCode> {
+    let client = daemon_ctl::ensure(home, daemon).await?;
+    let workspace = std::env::current_dir().context("reading the current directory")?;
+    let session_id = args.session.as_deref().map(SessionId::parse).transpose()?;
+    let snapshot = client
+        .create_session(&CreateSessionRequest {
+            session_id,
+            model: Some(daemon.model.clone()).filter(|m| !m.is_empty()),
+            title: None,
+            messages: None,
+            metadata: Some(json!({"workspace": workspace, "client": CLIENT_ID})),
+        })
+        .await?;
+    let session = snapshot.session_id;
+    let mut events = client
+        .subscribe(&session, StartAt::Live, Transport::WebSocket)
+        .await?;
+    let turn_id = client
+        .submit_turn(
+            &session,
+            &SubmitTurnRequest {
+                client_id: CLIENT_ID.into(),
+                writer_id: format!("{CLIENT_ID}-{}", std::process::id()),
+                content: args.task.join(" "),
+                mode: args.mode,
+                metadata: Some(json!({"workspace": workspace})),
+                last_seen_seq: None,
+                overrides: None,
+                idempotency_key: None,
+            },
+        )
+        .await?
+        .turn_id;
+
+    let interactive = std::io::stdin().is_terminal() && !args.json;
+    let mut policy = PermissionPolicy::new(interactive, args.yes);
+    let renderer = TurnRenderer::new(turn_id.clone());
+    let mut spinner = if args.json {
+        None
+    } else {
+        ui::spinner("waiting for the model…")
+    };
+    let mut stdout = std::io::stdout();
+    let mut interrupts = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .context("installing the Ctrl-C handler")?;
+    let mut cancel_sent = false;
+    let mut wrote_text = false;
+    let outcome = loop {
+        let envelope = tokio::select! {
+            next = events.recv() => match next {
+                Some(e) => e?,
+                None => anyhow::bail!("the daemon closed the session's event stream"),
+            },
+            _ = interrupts.recv() => {
+                if cancel_sent {
+                    return Ok(ExitCode::from(130));
+                }
+                cancel_sent = true;
+                eprintln!("\n{}", ui::dim("cancelling… (Ctrl-C again to quit now)"));
+                cancel(&client, &session, &turn_id).await;
+                continue;
+            }
+        };
+        if args.json {
+            writeln!(stdout, "{}", serde_json::to_string(&envelope)?)?;
+            stdout.flush()?;
+        }
+        let Some(output) = renderer.on_event(&envelope.event) else {
+            continue;
+        };
+        if let Some(s) = spinner.take() {
+            s.finish_and_clear();
+        }
+        match output {
+            Output::Text(text) => {
+                if !args.json {
+                    write!(stdout, "{text}")?;
+                    stdout.flush()?;
+                    wrote_text = true;
+                }
+            }
+            Output::Thinking(text) => {
+                if args.thinking && !args.json {
+                    eprint!("{}", ui::dim(&text));
+                }
+            }
+            Output::Note(line) => {
+                if !args.json {
+                    eprintln!("{}", ui::dim(&line));
+                }
+            }
+            Output::Permission(ask) => {
+                answer_permission(&client, &session, &ask, &mut policy).await?;
+            }
+            Output::Finished(outcome) => break outcome,
+        }
+    };
+    if wrote_text {
+        writeln!(stdout)?;
+    }
+    Ok(match outcome {
+        Outcome::Done(_) => ExitCode::SUCCESS,
+        Outcome::Failed { code, message } => {
+            let label = code
+                .map(|c| format!(" [{}]", c.as_str()))
+                .unwrap_or_default();
+            eprintln!("{}{label} {message}", ui::error_label());
+            eprintln!("{} {}", ui::dim("hint:"), hint(code));
+            if code == Some(TurnErrorCode::Cancelled) {
+                ExitCode::from(130)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+async fn cancel(client: &DaemonClient, session: &SessionId, turn: &TurnId) {
+    let request = CancelRequest {
+        turn_id: Some(turn.clone()),
+        writer_id: None,
+    };
+    if let Err(e) = client.cancel(session, &request).await {
+        eprintln!("{} could not cancel: {e}", ui::error_label());
+    }
+}
+
+/// Decides a permission request (asking on the terminal when the policy says so) and sends
+/// the answer; a request already decided elsewhere is fine.
+pub async fn answer_permission(
+    client: &DaemonClient,
+    session: &SessionId,
+    ask: &PermissionAsk,
+    policy: &mut PermissionPolicy,
+) -> Result<()> {
+    let decision = match policy.verdict(&ask.tool_name) {
+        Verdict::Decide(d) => d,
+        Verdict::Ask => loop {
+            eprint!(
+                "allow {} {}? [y]es / [n]o / [a]lways for this session: ",
+                ask.tool_name,
+                crate::render::compact(&ask.args, 120)
+            );
+            let _ = std::io::stderr().flush();
+            let line = tokio::task::spawn_blocking(|| {
+                let mut line = String::new();
+                std::io::stdin().read_line(&mut line).map(|_| line)
+            })
+            .await??;
+            if let Some(d) = policy.answer(&ask.tool_name, &line) {
+                break d;
+            }
+        },
+    };
+    let request = ResolvePermissionRequest {
+        request_id: ask.request_id.clone(),
+        decision,
+        decided_by: CLIENT_ID.into(),
+    };
+    match client.resolve_permission(session, &request).await {
+        Ok(_) => {}
+        Err(e) if e.status() == Some(409) => {
+            eprintln!("{}", ui::dim("  (already decided elsewhere)"));
+        }
+        Err(e) => return Err(e.into()),
+    }
+    if decision == Decision::Deny {
+        eprintln!("{}", ui::dim(&format!("  denied {}", ask.tool_name)));
+    }
+    Ok(())
+}

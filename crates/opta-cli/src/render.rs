@@ -1,0 +1,293 @@
+//! What a turn's events mean for a terminal: text for stdout, compact tool lines for stderr,
+//! permission questions, the outcome. Pure logic, so it is tested with recorded events.
+
+use std::collections::HashSet;
+
+use opta_protocol::{Decision, Event, TurnErrorCode, TurnId, TurnStats};
+use serde_json::Value;
+
+/// How a turn ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// `turn.done`.
+    Done(TurnStats),
+    /// `turn.error`.
+    Failed {
+        /// Machine code.
+        code: Option<TurnErrorCode>,
+        /// Message.
+        message: String,
+    },
+}
+
+/// A permission the daemon waits for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PermissionAsk {
+    /// `perm_...`.
+    pub request_id: String,
+    /// The tool asking.
+    pub tool_name: String,
+    /// Its arguments.
+    pub args: Value,
+}
+
+/// One thing to show or do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    /// Answer text, to stdout as it arrives.
+    Text(String),
+    /// Reasoning text (shown dimmed on stderr when asked for).
+    Thinking(String),
+    /// A compact line for stderr.
+    Note(String),
+    /// A permission request to answer.
+    Permission(PermissionAsk),
+    /// The turn ended.
+    Finished(Outcome),
+}
+
+/// Follows one turn's events.
+pub struct TurnRenderer {
+    turn_id: TurnId,
+}
+
+impl TurnRenderer {
+    /// Follows `turn_id`; other turns' events are ignored.
+    pub fn new(turn_id: TurnId) -> Self {
+        Self { turn_id }
+    }
+
+    /// What `event` means for this turn.
+    pub fn on_event(&self, event: &Event) -> Option<Output> {
+        if event.turn_id() != Some(&self.turn_id) {
+            return None;
+        }
+        match event {
+            Event::TurnToken(t) => Some(Output::Text(t.text.clone())),
+            Event::TurnThinking(t) => Some(Output::Thinking(t.text.clone())),
+            Event::ToolStart(t) => Some(Output::Note(format!(
+                "→ {} {}",
+                t.name,
+                compact(&t.args, 100)
+            ))),
+            Event::ToolEnd(t) => Some(Output::Note(tool_end_line(&t.name, &t.result))),
+            Event::PermissionRequest(p) => Some(Output::Permission(PermissionAsk {
+                request_id: p.request_id.clone(),
+                tool_name: p.tool_name.clone(),
+                args: p.args.clone(),
+            })),
+            Event::PermissionResolved(p) => Some(Output::Note(format!(
+                "  permission {} by {}",
+                match p.decision {
+                    Decision::Allow => "allowed",
+                    Decision::Deny => "denied",
+                },
+                p.decided_by
+            ))),
+            Event::TurnProgress(p) => Some(Output::Note(format!("  {}", p.message))),
+            Event::TurnDone(d) => Some(Output::Finished(Outcome::Done(d.stats.clone()))),
+            Event::TurnError(e) => Some(Output::Finished(Outcome::Failed {
+                code: e.code,
+                message: e.message.clone(),
+            })),
+            Event::TurnQueued(_) | Event::TurnStart(_) => None,
+            Event::SessionSnapshot(_)
+            | Event::SessionUpdated(_)
+            | Event::SessionCancelled(_)
+            | Event::BackgroundOutput(_)
+            | Event::BackgroundStatus(_) => None,
+        }
+    }
+}
+
+fn tool_end_line(name: &str, result: &Value) -> String {
+    match result.get("error").filter(|e| !e.is_null()) {
+        Some(error) => format!("✗ {name}: {}", compact(error, 100)),
+        None => format!("✓ {name} {}", compact(result, 60)),
+    }
+}
+
+/// One-line JSON, cut to `max` characters.
+pub fn compact(value: &Value, max: usize) -> String {
+    let text = match value {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let text = text.replace('\n', " ");
+    if text.chars().count() > max {
+        let cut: String = text.chars().take(max.saturating_sub(1)).collect();
+        format!("{cut}…")
+    } else {
+        text
+    }
+}
+
+/// What to do with a permission request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Answer without asking.
+    Decide(Decision),
+    /// Ask the person at the terminal.
+    Ask,
+}
+
+/// Answers permission requests: asks on a terminal, denies when nobody can be asked (unless
+/// `--yes`), and remembers "always" per tool for the session.
+#[derive(Debug, Default)]
+pub struct PermissionPolicy {
+    interactive: bool,
+    yes: bool,
+    always: HashSet<String>,
+}
+
+impl PermissionPolicy {
+    /// `interactive`: stdin is a terminal; `yes`: allow everything.
+    pub fn new(interactive: bool, yes: bool) -> Self {
+        Self {
+            interactive,
+            yes,
+            always: HashSet::new(),
+        }
+    }
+
+    /// The verdict for `tool`.
+    pub fn verdict(&self, tool: &str) -> Verdict {
+        if self.yes || self.always.contains(tool) {
+            Verdict::Decide(Decision::Allow)
+        } else if self.interactive {
+            Verdict::Ask
+        } else {
+            Verdict::Decide(Decision::Deny)
+        }
+    }
+
+    /// Reads a typed answer: `y`/`yes`, `n`/`no` (or nothing), `a`/`always` (remembered for
+    /// `tool`). `None` for anything else: ask again.
+    pub fn answer(&mut self, tool: &str, input: &str) -> Option<Decision> {
+        match input.trim().to_ascii_lowercase().as_str() {
+            "y" | "yes" => Some(Decision::Allow),
+            "" | "n" | "no" => Some(Decision::Deny),
+            "a" | "always" => {
+                self.always.insert(tool.to_owned());
+                Some(Decision::Allow)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// A hint for each error code: what the person can do next.
+pub fn hint(code: Option<TurnErrorCode>) -> &'static str {
+    match code {
+        Some(TurnErrorCode::NoModelLoaded) => {
+            "load a model on the inference server (`opta models load <id>`) or pick a loaded one with --model"
+        }
+        Some(TurnErrorCode::LmxConnectionRefused) => {
+            "start your inference server, or point --lmx-url / OPTA_LMX_URL at it (then `opta daemon restart`)"
+        }
+        Some(TurnErrorCode::LmxTimeout) => {
+            "the inference server is slow or stuck: check it, or raise --lmx-first-byte-timeout-ms"
+        }
+        Some(TurnErrorCode::LmxWsClosed) => {
+            "the inference server dropped the stream: check its log and try again"
+        }
+        Some(TurnErrorCode::StorageFull) => "free disk space under OPTA_HOME and try again",
+        Some(TurnErrorCode::StateConflict) => "another client changed the session: try again",
+        Some(TurnErrorCode::Cancelled) => "the turn was cancelled",
+        Some(TurnErrorCode::Interrupted) => "the daemon stopped during the turn: run it again",
+        None => "see the message above; `opta daemon logs` has details",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opta_protocol::Envelope;
+    use serde_json::json;
+
+    /// Events as a daemon with tools records them (the tools arrive in a later issue).
+    fn recorded() -> Vec<Event> {
+        let lines = [
+            json!({"event":"turn.start","payload":{"turnId":"t1","writerId":"w","clientId":"c","mode":"do"}}),
+            json!({"event":"turn.token","payload":{"turnId":"t1","text":"Reading "}}),
+            json!({"event":"turn.token","payload":{"turnId":"other","text":"not mine"}}),
+            json!({"event":"tool.start","payload":{"turnId":"t1","name":"read_file","id":"call_1","args":{"path":"src/main.rs"}}}),
+            json!({"event":"tool.end","payload":{"turnId":"t1","name":"read_file","id":"call_1","result":{"bytes":120}}}),
+            json!({"event":"permission.request","payload":{"turnId":"t1","requestId":"perm_1","toolName":"run_command","args":{"command":"rm -rf target"}}}),
+            json!({"event":"permission.resolved","payload":{"turnId":"t1","requestId":"perm_1","decision":"deny","decidedBy":"opta-cli"}}),
+            json!({"event":"tool.end","payload":{"turnId":"t1","name":"run_command","id":"call_2","result":{"error":"permission denied"}}}),
+            json!({"event":"turn.error","payload":{"turnId":"t1","writerId":"w","clientId":"c","message":"boom","code":"lmx-timeout"}}),
+        ];
+        lines
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut v)| {
+                v["v"] = json!("3");
+                v["daemonId"] = json!("daemon_test");
+                v["sessionId"] = json!("s");
+                v["seq"] = json!(i + 1);
+                v["ts"] = json!("2026-01-01T00:00:00.000Z");
+                serde_json::from_value::<Envelope>(v).unwrap().event
+            })
+            .collect()
+    }
+
+    #[test]
+    fn renders_a_recorded_turn() {
+        let r = TurnRenderer::new(TurnId("t1".into()));
+        let outputs: Vec<Output> = recorded().iter().filter_map(|e| r.on_event(e)).collect();
+        assert_eq!(
+            outputs,
+            vec![
+                Output::Text("Reading ".into()),
+                Output::Note("→ read_file {\"path\":\"src/main.rs\"}".into()),
+                Output::Note("✓ read_file {\"bytes\":120}".into()),
+                Output::Permission(PermissionAsk {
+                    request_id: "perm_1".into(),
+                    tool_name: "run_command".into(),
+                    args: json!({"command": "rm -rf target"}),
+                }),
+                Output::Note("  permission denied by opta-cli".into()),
+                Output::Note("✗ run_command: permission denied".into()),
+                Output::Finished(Outcome::Failed {
+                    code: Some(TurnErrorCode::LmxTimeout),
+                    message: "boom".into()
+                }),
+            ]
+        );
+    }
+
+    #[test]
+    fn permissions_are_denied_without_a_terminal_unless_yes() {
+        assert_eq!(
+            PermissionPolicy::new(false, false).verdict("x"),
+            Verdict::Decide(Decision::Deny)
+        );
+        assert_eq!(
+            PermissionPolicy::new(false, true).verdict("x"),
+            Verdict::Decide(Decision::Allow)
+        );
+        assert_eq!(
+            PermissionPolicy::new(true, false).verdict("x"),
+            Verdict::Ask
+        );
+    }
+
+    #[test]
+    fn always_is_remembered_per_tool() {
+        let mut p = PermissionPolicy::new(true, false);
+        assert_eq!(p.answer("run", "maybe"), None);
+        assert_eq!(p.answer("run", "n"), Some(Decision::Deny));
+        assert_eq!(p.verdict("run"), Verdict::Ask);
+        assert_eq!(p.answer("run", " Always "), Some(Decision::Allow));
+        assert_eq!(p.verdict("run"), Verdict::Decide(Decision::Allow));
+        assert_eq!(p.verdict("write"), Verdict::Ask);
+    }
+
+    #[test]
+    fn every_code_has_a_hint() {
+        for code in TurnErrorCode::ALL {
+            assert!(!hint(Some(code)).is_empty());
+        }
+    }
+}

@@ -1,0 +1,258 @@
+//! `opta sessions list|show|events|cancel` and `opta models [list]|load|unload`.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::Subcommand;
+use opta_protocol::{CancelRequest, Envelope, Event, SessionId, TurnId};
+
+use crate::daemon_ctl::{self, DaemonArgs};
+use crate::render::compact;
+use crate::ui;
+
+#[derive(Subcommand)]
+pub enum SessionsAction {
+    /// Sessions, most recently updated first.
+    List {
+        /// How many.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A session's metadata and history.
+    Show {
+        /// Session id.
+        id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A session's stored events.
+    Events {
+        /// Session id.
+        id: String,
+        /// Only events after this seq.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        /// Print JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a session's running turn (or the turns given).
+    Cancel {
+        /// Session id.
+        id: String,
+        /// Cancel this turn.
+        #[arg(long)]
+        turn: Option<String>,
+        /// Cancel every turn of this writer.
+        #[arg(long)]
+        writer: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ModelsAction {
+    /// Loaded models (the default).
+    List,
+    /// Load a model (LMX servers).
+    Load {
+        /// Model id.
+        id: String,
+    },
+    /// Unload a model (LMX servers).
+    Unload {
+        /// Model id.
+        id: String,
+    },
+}
+
+fn print_json(value: &impl serde::Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+pub async fn sessions(
+    action: SessionsAction,
+    home: &Path,
+    daemon: &DaemonArgs,
+) -> Result<ExitCode> {
+    let client = daemon_ctl::ensure(home, daemon).await?;
+    match action {
+        SessionsAction::List { limit, json } => {
+            let page = client
+                .list_sessions(Some(limit.clamp(1, 500)), None)
+                .await?;
+            if json {
+                return print_json(&page).map(|_| ExitCode::SUCCESS);
+            }
+            let rows: Vec<Vec<String>> = page
+                .sessions
+                .iter()
+                .map(|s| {
+                    vec![
+                        s.session_id.to_string(),
+                        s.model.clone(),
+                        s.updated_at.clone(),
+                        match &s.active_turn_id {
+                            Some(_) => format!("running, {} queued", s.queued_turns),
+                            None if s.queued_turns > 0 => format!("{} queued", s.queued_turns),
+                            None => "idle".into(),
+                        },
+                        s.title.clone().unwrap_or_default(),
+                    ]
+                })
+                .collect();
+            println!(
+                "{}",
+                ui::table(&["ID", "MODEL", "UPDATED", "STATE", "TITLE"], &rows)
+            );
+        }
+        SessionsAction::Show { id, json } => {
+            let detail = client.get_session(&SessionId::parse(&id)?).await?;
+            if json {
+                return print_json(&detail).map(|_| ExitCode::SUCCESS);
+            }
+            let s = &detail.snapshot;
+            println!("session  {}", s.session_id);
+            println!("title    {}", s.title.as_deref().unwrap_or("-"));
+            println!("model    {}", s.model);
+            println!("created  {}", s.created_at);
+            println!("updated  {}", s.updated_at);
+            for m in &detail.messages {
+                let role = serde_json::to_value(m.role)?;
+                println!(
+                    "\n[{}]\n{}",
+                    role.as_str().unwrap_or("?"),
+                    m.content.as_deref().unwrap_or("")
+                );
+            }
+        }
+        SessionsAction::Events { id, after, json } => {
+            let events = client.events(&SessionId::parse(&id)?, after).await?;
+            for e in &events {
+                if json {
+                    println!("{}", serde_json::to_string(e)?);
+                } else {
+                    println!("{}", event_line(e));
+                }
+            }
+        }
+        SessionsAction::Cancel {
+            id,
+            turn,
+            writer,
+            json,
+        } => {
+            let id = SessionId::parse(&id)?;
+            let turn_id = match (turn, &writer) {
+                (Some(t), _) => Some(TurnId(t)),
+                (None, Some(_)) => None,
+                (None, None) => client.get_session(&id).await?.snapshot.active_turn_id,
+            };
+            let answer = client
+                .cancel(
+                    &id,
+                    &CancelRequest {
+                        turn_id,
+                        writer_id: writer,
+                    },
+                )
+                .await?;
+            if json {
+                return print_json(&answer).map(|_| ExitCode::SUCCESS);
+            }
+            println!(
+                "cancelled {} turn(s): {} queued, active {}",
+                answer.cancelled,
+                answer.cancelled_queued,
+                if answer.cancelled_active { "yes" } else { "no" }
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `seq  ts  event  summary`.
+pub fn event_line(e: &Envelope) -> String {
+    let summary = match &e.event {
+        Event::TurnToken(t) | Event::TurnThinking(t) => {
+            compact(&serde_json::Value::String(t.text.clone()), 60)
+        }
+        Event::TurnError(t) => format!(
+            "{} {}",
+            t.code.map(|c| c.as_str()).unwrap_or("error"),
+            t.message
+        ),
+        other => other.turn_id().map(|t| t.to_string()).unwrap_or_default(),
+    };
+    format!("{:>6}  {}  {:<18} {}", e.seq, e.ts, e.event.name(), summary)
+}
+
+pub async fn models(
+    action: Option<ModelsAction>,
+    json: bool,
+    home: &Path,
+    daemon: &DaemonArgs,
+) -> Result<ExitCode> {
+    let client = daemon_ctl::ensure(home, daemon).await?;
+    match action.unwrap_or(ModelsAction::List) {
+        ModelsAction::List => {
+            let models = client.lmx_models().await?;
+            if json {
+                return print_json(&models).map(|_| ExitCode::SUCCESS);
+            }
+            let rows: Vec<Vec<String>> = models
+                .models
+                .iter()
+                .map(|m| {
+                    let extra = if m.extra.is_empty() {
+                        String::new()
+                    } else {
+                        compact(&serde_json::Value::Object(m.extra.clone()), 60)
+                    };
+                    vec![
+                        m.id.clone(),
+                        if m.loaded {
+                            "loaded".into()
+                        } else {
+                            "-".into()
+                        },
+                        extra,
+                    ]
+                })
+                .collect();
+            println!("{}", ui::table(&["MODEL", "STATE", "DETAILS"], &rows));
+            println!(
+                "{}",
+                ui::dim(&format!("(from {} on the inference server)", models.source))
+            );
+        }
+        ModelsAction::Load { id } => {
+            let spinner = ui::spinner(&format!("loading {id}…"));
+            let answer = client.lmx_load(&id).await;
+            if let Some(s) = spinner {
+                s.finish_and_clear();
+            }
+            let answer = answer?;
+            if json {
+                return print_json(&answer).map(|_| ExitCode::SUCCESS);
+            }
+            println!("loaded {id}");
+        }
+        ModelsAction::Unload { id } => {
+            let answer = client.lmx_unload(&id).await?;
+            if json {
+                return print_json(&answer).map(|_| ExitCode::SUCCESS);
+            }
+            println!("unloaded {id}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,83 @@
+//! Terminal presentation: colour (only on terminals, `NO_COLOR` honoured), spinners, tables.
+
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use console::style;
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// Colour only when the stream is a terminal and `NO_COLOR` is unset.
+pub fn init_colours() {
+    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+    console::set_colors_enabled(!no_color && std::io::stdout().is_terminal());
+    console::set_colors_enabled_stderr(!no_color && std::io::stderr().is_terminal());
+}
+
+/// `error:` in red where colour is on.
+pub fn error_label() -> String {
+    style("error:").red().bold().for_stderr().to_string()
+}
+
+/// Dimmed text for stderr notes.
+pub fn dim(text: &str) -> String {
+    style(text).dim().for_stderr().to_string()
+}
+
+/// A spinner on stderr with `message`, or nothing when stderr is not a terminal.
+pub fn spinner(message: &str) -> Option<ProgressBar> {
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = ProgressBar::new_spinner();
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    bar.set_message(message.to_owned());
+    bar.enable_steady_tick(Duration::from_millis(100));
+    Some(bar)
+}
+
+/// Renders rows as aligned columns under a header.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            if let Some(w) = widths.get_mut(i) {
+                *w = (*w).max(cell.chars().count());
+            }
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<width$}", width = widths.get(i).copied().unwrap_or(0)))
+            .collect();
+        padded.join("  ").trim_end().to_owned()
+    };
+    let mut out = style(line(header.iter().map(|h| (*h).to_owned()).collect()))
+        .bold()
+        .to_string();
+    for row in rows {
+        out.push('\n');
+        out.push_str(&line(row.clone()));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn table_aligns_columns() {
+        console::set_colors_enabled(false);
+        let t = super::table(
+            &["ID", "MODEL"],
+            &[
+                vec!["a".into(), "m1".into()],
+                vec!["longer-id".into(), "m2".into()],
+            ],
+        );
+        assert_eq!(t, "ID         MODEL\na          m1\nlonger-id  m2");
+    }
+}

@@ -1,0 +1,272 @@
+//! The `opta` binary against a daemon it starts and the scripted inference server.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure report
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use expectrl::{ControlCode, Expect};
+use opta_test_support::{Reply, ScriptedLmx};
+use pretty_assertions::assert_eq;
+use serde_json::Value;
+
+/// A temporary home whose daemon is stopped when the test ends, whatever happens.
+struct Home {
+    dir: tempfile::TempDir,
+    lmx_url: String,
+}
+
+impl Home {
+    fn new(lmx_url: &str) -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+            lmx_url: lmx_url.to_owned(),
+        }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_opta"));
+        cmd.args(args)
+            .env("OPTA_HOME", self.path())
+            .env("OPTA_LMX_URL", &self.lmx_url)
+            .env("OPTA_PORT", "0")
+            .env("NO_COLOR", "1")
+            .env_remove("OPTA_TOKEN")
+            .env_remove("OPTA_MODEL");
+        cmd
+    }
+
+    /// Runs `opta ARGS` to completion (off the async runtime).
+    async fn opta(&self, args: &[&str]) -> Output {
+        let mut cmd = self.command(args);
+        tokio::task::spawn_blocking(move || cmd.output().unwrap())
+            .await
+            .unwrap()
+    }
+
+    fn state(&self) -> Option<Value> {
+        let bytes = std::fs::read(self.path().join("daemon/state.json")).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+}
+
+impl Drop for Home {
+    fn drop(&mut self) {
+        let _ = self.command(&["daemon", "stop"]).output();
+    }
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Running (a zombie waiting for a reaper that never comes, as in some containers, counts as
+/// gone: it has exited).
+fn alive(pid: u64) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_start_twice_status_and_stop() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let home = Home::new(&lmx.url());
+    let first = home.opta(&["daemon", "start"]).await;
+    assert!(first.status.success(), "{}", text(&first.stderr));
+    assert!(
+        text(&first.stdout).contains("opta daemon started"),
+        "{}",
+        text(&first.stdout)
+    );
+    let pid = home.state().unwrap()["pid"].as_u64().unwrap();
+    let second = home.opta(&["daemon", "start"]).await;
+    assert!(second.status.success());
+    let out = text(&second.stdout);
+    assert!(
+        out.contains("already running") && out.contains(&format!("pid {pid}")),
+        "{out}"
+    );
+    assert_eq!(
+        home.state().unwrap()["pid"].as_u64(),
+        Some(pid),
+        "still the one daemon"
+    );
+
+    let status = home.opta(&["daemon", "status", "--json"]).await;
+    assert!(status.status.success());
+    let status: Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["running"], true);
+    assert_eq!(status["pid"].as_u64(), Some(pid));
+    assert_eq!(status["runtime"]["activeTurnCount"], 0);
+    assert!(status["uptimeSeconds"].as_i64().unwrap() >= 0);
+    let human = home.opta(&["daemon", "status"]).await;
+    assert!(
+        text(&human.stdout).contains(&format!("pid        {pid}")),
+        "{}",
+        text(&human.stdout)
+    );
+
+    let logs = home.opta(&["daemon", "logs", "-n", "5"]).await;
+    assert!(
+        text(&logs.stdout).contains("daemon listening"),
+        "{}",
+        text(&logs.stdout)
+    );
+
+    let stop = home.opta(&["daemon", "stop"]).await;
+    assert!(stop.status.success());
+    assert!(text(&stop.stdout).contains(&format!("stopped (pid {pid})")));
+    assert!(!home.path().join("daemon/state.json").exists());
+    assert!(!alive(pid), "the daemon process is gone");
+    let status = home.opta(&["daemon", "status", "--json"]).await;
+    assert_eq!(status.status.code(), Some(3));
+    assert_eq!(
+        serde_json::from_slice::<Value>(&status.stdout).unwrap()["running"],
+        false
+    );
+    // Stopping again is fine.
+    assert!(home.opta(&["daemon", "stop"]).await.status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn do_starts_the_daemon_and_streams_the_answer() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let home = Home::new(&lmx.url());
+    let out = home.opta(&["do", "hello", "there"]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "echo: hello there\n");
+    assert!(home.state().is_some(), "the daemon was started on demand");
+    // The task ran with the current directory as its workspace.
+    let request = lmx.requests().last().cloned().unwrap();
+    assert_eq!(request["messages"][0]["content"], "hello there");
+
+    let out = home.opta(&["do", "--json", "as", "json"]).await;
+    assert!(out.status.success());
+    let envelopes: Vec<Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let names: Vec<&str> = envelopes
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(names.first(), Some(&"turn.queued"));
+    assert_eq!(names.last(), Some(&"turn.done"));
+    assert!(names.contains(&"turn.token"));
+
+    let sessions = home.opta(&["sessions", "list", "--json"]).await;
+    let sessions: Value = serde_json::from_slice(&sessions.stdout).unwrap();
+    assert_eq!(sessions["sessions"].as_array().unwrap().len(), 2);
+    let id = sessions["sessions"][0]["sessionId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let show = home.opta(&["sessions", "show", &id]).await;
+    assert!(
+        text(&show.stdout).contains("echo: as json"),
+        "{}",
+        text(&show.stdout)
+    );
+    let events = home.opta(&["sessions", "events", &id]).await;
+    assert!(text(&events.stdout).contains("turn.done"));
+    let models = home.opta(&["models", "--json"]).await;
+    let models: Value = serde_json::from_slice(&models.stdout).unwrap();
+    assert_eq!(models["models"][0]["id"], "default");
+    let table = home.opta(&["models"]).await;
+    assert!(
+        text(&table.stdout).starts_with("MODEL"),
+        "{}",
+        text(&table.stdout)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn do_on_an_inference_error_exits_non_zero_with_the_code_and_a_hint() {
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://127.0.0.1:{}", l.local_addr().unwrap().port())
+    };
+    let home = Home::new(&closed);
+    let out = home.opta(&["do", "anyone?"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("[lmx-connection-refused]"), "{stderr}");
+    assert!(stderr.contains("hint:"), "{stderr}");
+    assert_eq!(text(&out.stdout), "");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_streams_answers_and_ctrl_c_cancels_a_long_turn() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let home = Home::new(&lmx.url());
+    let cmd = home.command(&["chat"]);
+    let lmx_for_slow = &lmx;
+    let mut chat = expectrl::Session::spawn(cmd).unwrap();
+    chat.set_expect_timeout(Some(Duration::from_secs(20)));
+    tokio::task::block_in_place(|| {
+        chat.expect("opta› ").unwrap();
+        chat.send_line("hello pty").unwrap();
+        chat.expect("echo: hello pty").unwrap();
+        chat.expect("opta› ").unwrap();
+
+        // Another client writes into the same session: it shows up live at the prompt.
+        let state = home.state().unwrap();
+        let base = format!("http://127.0.0.1:{}", state["port"]);
+        let token = state["token"].as_str().unwrap().to_owned();
+        tokio::runtime::Handle::current().block_on(async {
+            let http = reqwest::Client::new();
+            let sessions: Value = http
+                .get(format!("{base}/v3/sessions"))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let id = sessions["sessions"][0]["sessionId"]
+                .as_str()
+                .unwrap()
+                .to_owned();
+            let resp = http
+                .post(format!("{base}/v3/sessions/{id}/turns"))
+                .bearer_auth(&token)
+                .json(&serde_json::json!({"clientId": "web", "writerId": "web-1",
+                    "content": "from the web page", "mode": "chat"}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status().as_u16(), 202);
+        });
+        chat.expect("turn from web (web-1)").unwrap();
+        chat.expect("echo: from the web page").unwrap();
+
+        lmx_for_slow.push(Reply::slow(2000, Duration::from_millis(20)));
+        chat.send_line("talk for a long time").unwrap();
+        chat.expect("w3 ").unwrap();
+        chat.send(ControlCode::EndOfText).unwrap();
+        chat.expect("[cancelled]").unwrap();
+        chat.expect("opta› ").unwrap();
+
+        // The session still works, and /exit leaves.
+        chat.send_line("after cancel").unwrap();
+        chat.expect("echo: after cancel").unwrap();
+        chat.expect("opta› ").unwrap();
+        chat.send_line("/exit").unwrap();
+        chat.expect(expectrl::Eof).unwrap();
+    });
+    assert_eq!(
+        lmx.streams_dropped(),
+        1,
+        "the cancel dropped the inference stream"
+    );
+}
