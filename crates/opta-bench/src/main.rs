@@ -74,7 +74,7 @@ fn store(commits: usize) -> Result<()> {
         .enable_all()
         .build()?;
     let dir = tempfile::tempdir()?;
-    let store = Store::open(&dir.path().join("bench.db"))?;
+    let store = Store::open(&dir.path().join("bench.db"), None)?;
     let session: Arc<str> = Arc::from("bench");
     let envelope: Arc<str> = Arc::from(format!("{{\"payload\":\"{}\"}}", "x".repeat(300)));
     let samples = runtime.block_on(async {

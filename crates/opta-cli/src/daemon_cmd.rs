@@ -218,6 +218,7 @@ async fn run_foreground(home: &Path, args: &DaemonArgs) -> Result<()> {
         },
         preflight_ttl: Duration::from_millis(args.preflight_ttl_ms),
         limits: Tunables::default(),
+        store_max_bytes: (args.max_db_mb > 0).then(|| args.max_db_mb * 1024 * 1024),
         logs_path: Some(logs_path),
     };
     let daemon = RunningDaemon::start(config).await?;

@@ -71,6 +71,10 @@ pub struct DaemonArgs {
         global = true
     )]
     pub lmx_idle_timeout_ms: u64,
+    /// Largest size of the session database in MiB (0: no limit). Beyond it writes fail
+    /// with `storage-full` (HTTP 507) and nothing is half-written.
+    #[arg(long, env = "OPTA_MAX_DB_MB", default_value_t = 0, global = true)]
+    pub max_db_mb: u64,
     /// Timeout of model-list and admin requests, in milliseconds.
     #[arg(
         long,
@@ -104,6 +108,8 @@ impl DaemonArgs {
             self.lmx_idle_timeout_ms.to_string(),
             "--lmx-admin-timeout-ms".into(),
             self.lmx_admin_timeout_ms.to_string(),
+            "--max-db-mb".into(),
+            self.max_db_mb.to_string(),
         ]
     }
 }

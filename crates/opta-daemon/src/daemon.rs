@@ -47,6 +47,8 @@ pub struct DaemonConfig {
     pub preflight_ttl: Duration,
     /// Session actor tunables.
     pub limits: Tunables,
+    /// Largest size the database may grow to; `None` for no limit (the disk's).
+    pub store_max_bytes: Option<u64>,
     /// Log file reported in the state file.
     pub logs_path: Option<PathBuf>,
 }
@@ -63,6 +65,7 @@ impl DaemonConfig {
             model: String::new(),
             lmx_timeouts: LmxTimeouts::default(),
             preflight_ttl: Duration::from_secs(10),
+            store_max_bytes: None,
             limits: Tunables::default(),
             logs_path: None,
         }
@@ -114,7 +117,8 @@ impl RunningDaemon {
         let lock = take_lock(&dir)?;
 
         let db_path = dir.join("opta.db");
-        let store = tokio::task::spawn_blocking(move || Store::open(&db_path))
+        let max_bytes = config.store_max_bytes;
+        let store = tokio::task::spawn_blocking(move || Store::open(&db_path, max_bytes))
             .await
             .map_err(|e| Error::Internal(format!("store open task: {e}")))??;
         let lmx = LmxClient::new(&config.lmx_url, config.lmx_timeouts)

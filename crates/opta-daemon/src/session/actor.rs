@@ -592,12 +592,13 @@ impl SessionActor {
         };
         active.first_delta_at.get_or_insert_with(Instant::now);
         let turn_id = active.turn.turn_id.clone();
-        let mut events = Vec::with_capacity(deltas.len());
-        for delta in deltas {
-            active.delta_count += 1;
-            events.push(match delta {
+        let mut content = String::new();
+        let count = deltas.len() as u64;
+        let events = deltas
+            .into_iter()
+            .map(|delta| match delta {
                 Delta::Content(text) => {
-                    active.text.push_str(&text);
+                    content.push_str(&text);
                     Event::TurnToken(TurnText {
                         turn_id: turn_id.clone(),
                         text,
@@ -607,18 +608,28 @@ impl SessionActor {
                     turn_id: turn_id.clone(),
                     text,
                 }),
-            });
-        }
-        if let Err(e) = self.emit(events, Vec::new()).await {
-            tracing::error!(session = %self.id, error = %e, "could not record deltas; failing turn");
-            if let Some(active) = self.active.take() {
-                let code = matches!(e, Error::StorageFull(_)).then_some(TurnErrorCode::StorageFull);
-                let ending = TurnEnding::Failed {
-                    code,
-                    message: e.to_string(),
-                    state: TurnState::Failed,
-                };
-                self.conclude(active, ending, Vec::new(), Vec::new()).await;
+            })
+            .collect();
+        match self.emit(events, Vec::new()).await {
+            // Only what clients were sent becomes part of the reply.
+            Ok(()) => {
+                if let Some(active) = self.active.as_mut() {
+                    active.text.push_str(&content);
+                    active.delta_count += count;
+                }
+            }
+            Err(e) => {
+                tracing::error!(session = %self.id, error = %e, "could not record deltas; failing turn");
+                if let Some(active) = self.active.take() {
+                    let code =
+                        matches!(e, Error::StorageFull(_)).then_some(TurnErrorCode::StorageFull);
+                    let ending = TurnEnding::Failed {
+                        code,
+                        message: e.to_string(),
+                        state: TurnState::Failed,
+                    };
+                    self.conclude(active, ending, Vec::new(), Vec::new()).await;
+                }
             }
         }
     }
@@ -687,7 +698,22 @@ impl SessionActor {
         events.push(Event::SessionUpdated(SessionUpdated {
             snapshot: self.snapshot(),
         }));
-        match self.emit(events, ops).await {
+        let mut result = self.emit(events.clone(), ops.clone()).await;
+        if let Err(Error::StorageFull(_)) = result {
+            // The turn's own token events are the likely space hog and its text is in the
+            // reply being stored: drop them in the same commit to make room for its end.
+            tracing::warn!(session = %self.id, turn = %turn.turn_id,
+                "store full; dropping the turn's token events to record its end");
+            ops.insert(
+                0,
+                WriteOp::DropTurnDeltas {
+                    session_id: self.id_arc.clone(),
+                    turn_id: turn.turn_id.0.clone(),
+                },
+            );
+            result = self.emit(events, ops).await;
+        }
+        match result {
             Ok(()) => {
                 if let Some(message) = reply {
                     self.history.push(message);

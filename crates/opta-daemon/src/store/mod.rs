@@ -155,6 +155,14 @@ pub enum WriteOp {
         /// Highest seq to consider.
         up_to_seq: u64,
     },
+    /// Drop every token/thinking event of one turn, running or not (frees space when the
+    /// store is full).
+    DropTurnDeltas {
+        /// Session.
+        session_id: Arc<str>,
+        /// Turn.
+        turn_id: String,
+    },
     /// Remove a session and everything it owns.
     DeleteSession {
         /// Session.
@@ -185,10 +193,16 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
-    /// Opens (creating if needed) the database at `path` and migrates it.
-    pub fn open(path: &Path) -> Result<Self> {
+    /// Opens (creating if needed) the database at `path` and migrates it. With `max_bytes`,
+    /// writes beyond that size fail as [`Error::StorageFull`] (a quota; the same path a full
+    /// disk takes).
+    pub fn open(path: &Path, max_bytes: Option<u64>) -> Result<Self> {
         let mut conn = open_connection(path, false)?;
         schema::migrate(&mut conn)?;
+        if let Some(max) = max_bytes {
+            let page_size: u64 = conn.pragma_query_value(None, "page_size", |r| r.get(0))?;
+            conn.pragma_update(None, "max_page_count", (max / page_size.max(1)).max(1))?;
+        }
         let (wtx, wrx) = crossbeam_channel::unbounded();
         let (rtx, rrx) = crossbeam_channel::unbounded::<ReadJob>();
         let (ctx, crx) = crossbeam_channel::bounded::<()>(0);

@@ -224,6 +224,16 @@ fn apply(conn: &Connection, op: &WriteOp) -> Result<()> {
             )?
             .execute(params![&**session_id, up_to_seq, TurnState::Running.as_str()])?;
         }
+        WriteOp::DropTurnDeltas {
+            session_id,
+            turn_id,
+        } => {
+            conn.prepare_cached(
+                "DELETE FROM events WHERE session_id = ?1 AND turn_id = ?2
+                 AND event IN ('turn.token', 'turn.thinking')",
+            )?
+            .execute(params![&**session_id, turn_id])?;
+        }
         WriteOp::DeleteSession { session_id } => {
             for sql in [
                 "DELETE FROM events WHERE session_id = ?1",
