@@ -310,18 +310,7 @@ impl<P: ExternalPrinter> Chat<P> {
             }
             ("sessions", _) => {
                 let page = self.client.list_sessions(Some(20), None).await?;
-                let rows: Vec<Vec<String>> = page
-                    .sessions
-                    .iter()
-                    .map(|s| {
-                        vec![
-                            s.session_id.to_string(),
-                            s.updated_at.clone(),
-                            s.title.clone().unwrap_or_default(),
-                        ]
-                    })
-                    .collect();
-                println!("{}", ui::table(&["ID", "UPDATED", "TITLE"], &rows));
+                println!("{}", crate::sessions_cmd::sessions_table(&page.sessions));
             }
             (other, _) => println!("unknown command /{other}; /help lists them"),
         }

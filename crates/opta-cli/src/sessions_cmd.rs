@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::Subcommand;
-use opta_protocol::{CancelRequest, Envelope, Event, SessionId, TurnId};
+use opta_protocol::{CancelRequest, Envelope, Event, SessionId, SessionSnapshot, TurnId};
 
 use crate::daemon_ctl::{self, DaemonArgs};
 use crate::render::compact;
@@ -92,27 +92,7 @@ pub async fn sessions(
             if json {
                 return print_json(&page).map(|_| ExitCode::SUCCESS);
             }
-            let rows: Vec<Vec<String>> = page
-                .sessions
-                .iter()
-                .map(|s| {
-                    vec![
-                        s.session_id.to_string(),
-                        s.model.clone(),
-                        s.updated_at.clone(),
-                        match &s.active_turn_id {
-                            Some(_) => format!("running, {} queued", s.queued_turns),
-                            None if s.queued_turns > 0 => format!("{} queued", s.queued_turns),
-                            None => "idle".into(),
-                        },
-                        s.title.clone().unwrap_or_default(),
-                    ]
-                })
-                .collect();
-            println!(
-                "{}",
-                ui::table(&["ID", "MODEL", "UPDATED", "STATE", "TITLE"], &rows)
-            );
+            println!("{}", sessions_table(&page.sessions));
         }
         SessionsAction::Show { id, json } => {
             let detail = client.get_session(&SessionId::parse(&id)?).await?;
@@ -177,6 +157,27 @@ pub async fn sessions(
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Sessions as a table for people.
+pub fn sessions_table(sessions: &[SessionSnapshot]) -> String {
+    let rows: Vec<Vec<String>> = sessions
+        .iter()
+        .map(|s| {
+            vec![
+                s.session_id.to_string(),
+                s.model.clone(),
+                s.updated_at.clone(),
+                match &s.active_turn_id {
+                    Some(_) => format!("running, {} queued", s.queued_turns),
+                    None if s.queued_turns > 0 => format!("{} queued", s.queued_turns),
+                    None => "idle".into(),
+                },
+                s.title.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    ui::table(&["ID", "MODEL", "UPDATED", "STATE", "TITLE"], &rows)
 }
 
 /// `seq  ts  event  summary`.

@@ -296,11 +296,8 @@ async fn read_ws(
             }
             Some(Ok(Message::Close(frame))) => {
                 let code = frame.map_or(1005, |f| u16::from(f.code));
-                let body = last_error.take().unwrap_or_else(|| ErrorBody {
-                    error: format!("connection closed with code {code}"),
-                    code: None,
-                    details: None,
-                    seq: None,
+                let body = last_error.take().unwrap_or_else(|| {
+                    ErrorBody::message(format!("connection closed with code {code}"))
                 });
                 return match code {
                     4000 => Ended::Fatal(ClientError::Api { status: 400, body }),

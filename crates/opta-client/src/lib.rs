@@ -133,11 +133,13 @@ impl DaemonClient {
         let status = response.status();
         let bytes = response.bytes().await.map_err(error::transport)?;
         if !status.is_success() {
-            let body = serde_json::from_slice::<ErrorBody>(&bytes).unwrap_or_else(|_| ErrorBody {
-                error: String::from_utf8_lossy(&bytes).chars().take(500).collect(),
-                code: None,
-                details: None,
-                seq: None,
+            let body = serde_json::from_slice::<ErrorBody>(&bytes).unwrap_or_else(|_| {
+                ErrorBody::message(
+                    String::from_utf8_lossy(&bytes)
+                        .chars()
+                        .take(500)
+                        .collect::<String>(),
+                )
             });
             return Err(ClientError::Api {
                 status: status.as_u16(),

@@ -254,6 +254,18 @@ pub struct ErrorBody {
     pub seq: Option<Seq>,
 }
 
+impl ErrorBody {
+    /// A body with only a message.
+    pub fn message(error: impl Into<String>) -> Self {
+        Self {
+            error: error.into(),
+            code: None,
+            details: None,
+            seq: None,
+        }
+    }
+}
+
 /// File name of the state file in `$OPTA_HOME/daemon/`.
 pub const STATE_FILE_NAME: &str = "state.json";
 

@@ -89,36 +89,31 @@ fn require_model_id(body: &Value) -> Result<()> {
     }
 }
 
+/// Forwards a load/unload to LMX; the model cache is dropped once the server accepted.
+async fn model_action(
+    state: &AppState,
+    body: &Value,
+    path: &str,
+    what: &str,
+) -> Result<Json<Value>> {
+    require_model_id(body)?;
+    let answer = state.ctx.lmx.admin_post(path, body, what).await?;
+    state.ctx.preflight.invalidate();
+    Ok(Json(answer))
+}
+
 pub async fn load(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<Value>,
 ) -> Result<Json<Value>> {
-    require_model_id(&body)?;
-    let answer = state
-        .ctx
-        .lmx
-        .admin_post("/admin/models/load", &body, "loading models")
-        .await;
-    if answer.is_ok() {
-        state.ctx.preflight.invalidate();
-    }
-    Ok(Json(answer?))
+    model_action(&state, &body, "/admin/models/load", "loading models").await
 }
 
 pub async fn unload(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<Value>,
 ) -> Result<Json<Value>> {
-    require_model_id(&body)?;
-    let answer = state
-        .ctx
-        .lmx
-        .admin_post("/admin/models/unload", &body, "unloading models")
-        .await;
-    if answer.is_ok() {
-        state.ctx.preflight.invalidate();
-    }
-    Ok(Json(answer?))
+    model_action(&state, &body, "/admin/models/unload", "unloading models").await
 }
 
 #[cfg(test)]
