@@ -255,6 +255,8 @@ async fn delete_cancels_running_turns_first() {
     let mut ws = d.ws(&s, 0).await;
     let turn = d.submit(&s, "hang").await;
     ws.envelopes_until(|e| e["event"] == "turn.start").await;
+    // The request is under way at the inference server before the session goes.
+    lmx.wait_chat_requests(1).await;
     let (status, _) = d
         .request(Method::DELETE, &format!("/v3/sessions/{s}"), None)
         .await;

@@ -144,7 +144,7 @@ async fn a_server_that_never_answers_times_out_and_cancel_still_works_meanwhile(
     })
     .await;
     let s = d.create_session(None).await;
-    lmx.push(Reply::hang());
+    lmx.push(Reply::silent());
     let started = Instant::now();
     let (_, events) = turn(&d, &s, "wait forever").await;
     let waited = started.elapsed();
@@ -156,14 +156,21 @@ async fn a_server_that_never_answers_times_out_and_cancel_still_works_meanwhile(
     assert_normal_turn_works(&d, &s).await;
     // The timeout dropped the cache: the normal turn asked for the list again.
     assert_eq!(lmx.model_list_requests(), 2);
+    // Headers, then nothing but keep-alive comments: the first-byte timeout still applies.
+    lmx.push(Reply::hang());
+    let (_, events) = turn(&d, &s, "stuck after headers").await;
+    assert_eq!(terminal(&events)["payload"]["code"], "lmx-timeout");
+    lmx.wait_streams_dropped(1).await;
 
     // With a long timeout, a cancel ends the hanging turn at once.
     let d2 = TestDaemon::start(&lmx.url()).await;
     let s2 = d2.create_session(None).await;
     lmx.push(Reply::hang());
     let mut ws = d2.ws(&s2, 0).await;
+    let requests_before = lmx.chat_requests();
     let t = d2.submit(&s2, "hang").await;
     ws.envelopes_until(|e| e["event"] == "turn.start").await;
+    lmx.wait_chat_requests(requests_before + 1).await;
     let started = Instant::now();
     let (status, _) = d2
         .post(&format!("/v3/sessions/{s2}/cancel"), json!({"turnId": t}))
@@ -172,7 +179,7 @@ async fn a_server_that_never_answers_times_out_and_cancel_still_works_meanwhile(
     let events = ws.envelopes_until(is_terminal_of(&t)).await;
     assert_eq!(terminal(&events)["payload"]["code"], "cancelled");
     assert!(started.elapsed() < Duration::from_secs(2));
-    lmx.wait_streams_dropped(1).await;
+    lmx.wait_streams_dropped(2).await;
 }
 
 #[tokio::test]

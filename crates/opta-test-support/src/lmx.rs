@@ -26,8 +26,11 @@ use tokio_util::sync::CancellationToken;
 pub enum Behaviour {
     /// Stream every chunk, then usage and `[DONE]`.
     Complete,
-    /// Accept the request and never answer.
+    /// Send the response headers, then no content ever: only SSE comments (which carry no
+    /// event) every 50 ms, so the server notices at once when the client goes away.
     Hang,
+    /// Accept the request and never send even the headers.
+    Silent,
     /// Stream this many chunks, then break the connection.
     CutAfter(usize),
     /// Answer with this HTTP status and an OpenAI-style error message.
@@ -74,10 +77,18 @@ impl Reply {
         }
     }
 
-    /// A reply that never comes.
+    /// A reply whose content never comes (the stream stays open).
     pub fn hang() -> Self {
         Self {
             behaviour: Behaviour::Hang,
+            ..Self::chunks(Vec::<String>::new())
+        }
+    }
+
+    /// No answer at all, not even headers.
+    pub fn silent() -> Self {
+        Self {
+            behaviour: Behaviour::Silent,
             ..Self::chunks(Vec::<String>::new())
         }
     }
@@ -135,6 +146,7 @@ struct Shared {
     streams_dropped: AtomicUsize,
     streams_finished: AtomicUsize,
     dropped: Notify,
+    chat_seen: Notify,
 }
 
 /// A running scripted server; stops when dropped.
@@ -251,14 +263,38 @@ impl ScriptedLmx {
         self.shared.streams_finished.load(Ordering::SeqCst)
     }
 
-    /// Waits until at least `n` streams were dropped by the client.
-    pub async fn wait_streams_dropped(&self, n: usize) {
-        loop {
-            let notified = self.shared.dropped.notified();
-            if self.streams_dropped() >= n {
-                return;
+    /// Waits until at least `n` chat requests arrived; panics after 20 s.
+    pub async fn wait_chat_requests(&self, n: usize) {
+        let wait = async {
+            loop {
+                let notified = self.shared.chat_seen.notified();
+                if self.chat_requests() >= n {
+                    return;
+                }
+                notified.await;
             }
-            notified.await;
+        };
+        if tokio::time::timeout(crate::WAIT, wait).await.is_err() {
+            panic!("only {} of {n} chat requests arrived", self.chat_requests());
+        }
+    }
+
+    /// Waits until at least `n` streams were dropped by the client; panics after 20 s.
+    pub async fn wait_streams_dropped(&self, n: usize) {
+        let wait = async {
+            loop {
+                let notified = self.shared.dropped.notified();
+                if self.streams_dropped() >= n {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        if tokio::time::timeout(crate::WAIT, wait).await.is_err() {
+            panic!(
+                "only {} of {n} inference streams were dropped by the client",
+                self.streams_dropped()
+            );
         }
     }
 
@@ -384,6 +420,7 @@ fn chunk_json(model: &str, delta: Value, finish: Option<&str>) -> Bytes {
 
 async fn chat(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
     shared.chat_requests.fetch_add(1, Ordering::SeqCst);
+    shared.chat_seen.notify_waiters();
     let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     lock(&shared.requests).push(request.clone());
     let model = request["model"].as_str().unwrap_or("default").to_owned();
@@ -404,12 +441,24 @@ async fn chat(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
             let status = StatusCode::from_u16(*code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             return (status, axum::Json(json!({"error": {"message": message}}))).into_response();
         }
+        // No stream is ever started, so none is counted as dropped.
+        Behaviour::Silent => std::future::pending::<()>().await,
         Behaviour::Hang => {
-            let _guard = StreamGuard {
-                shared: shared.clone(),
+            let guard = StreamGuard {
+                shared,
                 finished: false,
             };
-            std::future::pending::<()>().await;
+            let body = stream::unfold(guard, |guard| async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Some((
+                    Ok::<_, std::io::Error>(Bytes::from_static(b": still thinking\n\n")),
+                    guard,
+                ))
+            });
+            return Response::builder()
+                .header(header::CONTENT_TYPE, "text/event-stream")
+                .body(Body::from_stream(body))
+                .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response());
         }
         Behaviour::Complete | Behaviour::CutAfter(_) => {}
     }
