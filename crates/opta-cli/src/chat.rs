@@ -105,6 +105,9 @@ pub async fn run(args: ChatArgs, home: &Path, daemon: &DaemonArgs) -> Result<Exi
     );
 
     let mut editor = rustyline::DefaultEditor::new().context("starting the line editor")?;
+    // History survives across chats; a missing or unreadable file just starts empty.
+    let history_path = home.join("chat_history");
+    let _ = editor.load_history(&history_path);
     let printer = editor
         .create_external_printer()
         .context("starting the line editor")?;
@@ -117,6 +120,7 @@ pub async fn run(args: ChatArgs, home: &Path, daemon: &DaemonArgs) -> Result<Exi
                 && !l.trim().is_empty()
             {
                 let _ = editor.add_history_entry(l.as_str());
+                let _ = editor.append_history(&history_path);
             }
             if line_tx.blocking_send(line).is_err() {
                 return;
