@@ -19,6 +19,11 @@ pub struct Tunables {
     pub delta_retention: Duration,
     /// Interval of the SSE `: ping` comment.
     pub sse_ping: Duration,
+    /// A session with no turn, no subscriber and no request for this long leaves memory (it
+    /// is loaded again from the store on its next use).
+    pub idle_eviction: Duration,
+    /// How often idle sessions are looked for.
+    pub eviction_interval: Duration,
 }
 
 impl Default for Tunables {
@@ -27,6 +32,8 @@ impl Default for Tunables {
             subscriber_buffer: 4096,
             delta_retention: Duration::from_secs(60),
             sse_ping: Duration::from_secs(15),
+            idle_eviction: Duration::from_secs(30 * 60),
+            eviction_interval: Duration::from_secs(60),
         }
     }
 }
@@ -38,6 +45,7 @@ pub struct RuntimeCounters {
     active_turns: AtomicUsize,
     queued_turns: AtomicUsize,
     subscribers: AtomicUsize,
+    evictions: AtomicUsize,
 }
 
 /// Which counter to move.
@@ -51,6 +59,8 @@ pub enum Counter {
     QueuedTurns,
     /// Open event subscriptions.
     Subscribers,
+    /// Sessions evicted from memory since start.
+    Evictions,
 }
 
 impl RuntimeCounters {
@@ -60,6 +70,7 @@ impl RuntimeCounters {
             Counter::ActiveTurns => &self.active_turns,
             Counter::QueuedTurns => &self.queued_turns,
             Counter::Subscribers => &self.subscribers,
+            Counter::Evictions => &self.evictions,
         }
     }
 
@@ -81,6 +92,7 @@ impl RuntimeCounters {
             queued_turn_count: self.queued_turns.load(Ordering::Relaxed),
             subscriber_count: self.subscribers.load(Ordering::Relaxed),
             stored_session_count: None,
+            evicted_session_count: Some(self.evictions.load(Ordering::Relaxed) as u64),
         }
     }
 }
@@ -104,4 +116,13 @@ pub struct DaemonContext {
     pub counters: RuntimeCounters,
     /// Cancelled when the daemon begins to stop.
     pub shutdown: CancellationToken,
+    /// When the daemon started (the clock of idle times).
+    pub started: std::time::Instant,
+}
+
+impl DaemonContext {
+    /// Milliseconds since the daemon started.
+    pub fn now_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
 }

@@ -133,6 +133,7 @@ impl RunningDaemon {
             limits: config.limits,
             counters: RuntimeCounters::default(),
             shutdown: shutdown.clone(),
+            started: std::time::Instant::now(),
         });
         let registry = Registry::spawn(ctx.clone());
         for id in ctx.store.sessions_with_open_turns().await? {

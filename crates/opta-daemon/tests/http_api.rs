@@ -36,7 +36,7 @@ async fn health_routes() {
             "status": "ok", "version": env!("CARGO_PKG_VERSION"),
             "daemonId": d.daemon().state().daemon_id,
             "contract": {"name": "opta-daemon-v3", "version": 1},
-            "runtime": {"sessionCount": 0, "activeTurnCount": 0, "queuedTurnCount": 0, "subscriberCount": 0}
+            "runtime": {"sessionCount": 0, "activeTurnCount": 0, "queuedTurnCount": 0, "subscriberCount": 0, "evictedSessionCount": 0}
         })
     );
     let (status, body) = d.get("/v3/metrics").await;
@@ -479,7 +479,7 @@ async fn runtime_counters_follow_sessions_turns_and_subscribers() {
     let (_, health) = d.get("/v3/health").await;
     assert_eq!(
         health["runtime"],
-        json!({"sessionCount": 1, "activeTurnCount": 1, "queuedTurnCount": 1, "subscriberCount": 1})
+        json!({"sessionCount": 1, "activeTurnCount": 1, "queuedTurnCount": 1, "subscriberCount": 1, "evictedSessionCount": 0})
     );
     let (_, detail) = d.get(&format!("/v3/sessions/{s}")).await;
     assert_eq!(

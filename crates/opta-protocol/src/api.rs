@@ -59,6 +59,9 @@ pub struct RuntimeStats {
     /// Sessions in the store (resident or not); reported by `/v3/metrics`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stored_session_count: Option<u64>,
+    /// Idle sessions evicted from memory since the daemon started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evicted_session_count: Option<u64>,
 }
 
 /// `GET /v3/health`.

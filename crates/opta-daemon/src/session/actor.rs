@@ -6,6 +6,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::ops::ControlFlow;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use opta_protocol::{
@@ -97,6 +98,8 @@ pub(crate) struct SessionActor {
     updates_tx: mpsc::Sender<TurnUpdate>,
     updates: mpsc::Receiver<TurnUpdate>,
     stopping: bool,
+    /// Shared with the handles: last use on the daemon's clock.
+    touched: Arc<AtomicU64>,
 }
 
 impl SessionActor {
@@ -111,6 +114,7 @@ impl SessionActor {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| Error::Storage(format!("corrupt message in session {id}: {e}")))?;
         let (commands_tx, commands) = mpsc::channel(256);
+        let touched = Arc::new(AtomicU64::new(ctx.now_ms()));
         let (events, _) = broadcast::channel(ctx.limits.subscriber_buffer);
         let (updates_tx, updates) = mpsc::channel(256);
         let actor = SessionActor {
@@ -131,6 +135,7 @@ impl SessionActor {
             updates_tx,
             updates,
             stopping: false,
+            touched: touched.clone(),
             ctx: ctx.clone(),
         };
         ctx.counters.add(Counter::Sessions, 1);
@@ -138,6 +143,7 @@ impl SessionActor {
         Ok(SessionHandle {
             id,
             commands: commands_tx,
+            touched,
         })
     }
 
@@ -174,6 +180,9 @@ impl SessionActor {
     }
 
     async fn handle(&mut self, command: SessionCommand) -> ControlFlow<()> {
+        if !matches!(command, SessionCommand::Evict { .. }) {
+            self.touched.fetch_max(self.ctx.now_ms(), Ordering::Relaxed);
+        }
         match command {
             SessionCommand::Open { changes, reply } => {
                 let _ = reply.send(self.open(changes).await);
@@ -220,6 +229,20 @@ impl SessionActor {
                 self.shutdown().await;
                 let _ = reply.send(());
                 return ControlFlow::Break(());
+            }
+            SessionCommand::Evict {
+                idle_since_ms,
+                reply,
+            } => {
+                let idle = self.active.is_none()
+                    && self.queue.is_empty()
+                    && self.events.receiver_count() == 0
+                    && self.touched.load(Ordering::Relaxed) <= idle_since_ms;
+                let _ = reply.send(idle);
+                if idle {
+                    self.ctx.counters.add(Counter::Evictions, 1);
+                    return ControlFlow::Break(());
+                }
             }
         }
         ControlFlow::Continue(())

@@ -5,6 +5,7 @@ mod registry;
 mod turn;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use opta_protocol::{
     CancelRequest, CancelResponse, ResolvePermissionRequest, ResolvePermissionResponse, Seq,
@@ -78,6 +79,11 @@ pub(crate) enum SessionCommand {
     Shutdown {
         reply: oneshot::Sender<()>,
     },
+    /// Leave memory if idle since `idle_since_ms`; answers whether it did.
+    Evict {
+        idle_since_ms: u64,
+        reply: oneshot::Sender<bool>,
+    },
 }
 
 /// Address of a session actor; cheap to clone.
@@ -85,6 +91,9 @@ pub(crate) enum SessionCommand {
 pub struct SessionHandle {
     id: SessionId,
     commands: mpsc::Sender<SessionCommand>,
+    /// Last use (ms on the daemon's clock); the registry touches it on every lookup, so a
+    /// handle just handed out is never evicted before it is used.
+    touched: Arc<AtomicU64>,
 }
 
 impl SessionHandle {
@@ -156,6 +165,20 @@ impl SessionHandle {
 
     pub(crate) async fn delete(&self) -> Result<()> {
         self.ask(|reply| SessionCommand::Delete { reply }).await?
+    }
+
+    pub(crate) fn touch(&self, now_ms: u64) {
+        self.touched.fetch_max(now_ms, Ordering::Relaxed);
+    }
+
+    /// Asks the actor to leave memory if it has been idle since `idle_since_ms`.
+    pub(crate) async fn evict_if_idle(&self, idle_since_ms: u64) -> bool {
+        self.ask(|reply| SessionCommand::Evict {
+            idle_since_ms,
+            reply,
+        })
+        .await
+        .unwrap_or(false)
     }
 
     pub(crate) async fn shutdown(&self) {

@@ -106,7 +106,19 @@ struct RegistryActor {
 
 impl RegistryActor {
     async fn run(mut self, mut commands: mpsc::Receiver<RegistryCommand>) {
-        while let Some(command) = commands.recv().await {
+        let mut eviction = tokio::time::interval(self.ctx.limits.eviction_interval);
+        eviction.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let command = tokio::select! {
+                command = commands.recv() => match command {
+                    Some(c) => c,
+                    None => return,
+                },
+                _ = eviction.tick() => {
+                    self.evict_idle().await;
+                    continue;
+                }
+            };
             match command {
                 RegistryCommand::Open { request, reply } => {
                     let _ = reply.send(self.open(request).await);
@@ -138,8 +150,29 @@ impl RegistryActor {
         }
     }
 
+    /// Drops idle sessions from memory. Lookups and evictions are both handled here, one at a
+    /// time, and a lookup touches the handle, so no handle is evicted while being handed out.
+    async fn evict_idle(&mut self) {
+        let Some(idle_since_ms) = self.ctx.now_ms().checked_sub(
+            u64::try_from(self.ctx.limits.idle_eviction.as_millis()).unwrap_or(u64::MAX),
+        ) else {
+            return;
+        };
+        let mut evicted = Vec::new();
+        for (id, handle) in &self.sessions {
+            if handle.evict_if_idle(idle_since_ms).await {
+                evicted.push(id.clone());
+            }
+        }
+        for id in evicted {
+            tracing::debug!(session = %id, "idle session evicted from memory");
+            self.sessions.remove(&id);
+        }
+    }
+
     async fn get(&mut self, id: &SessionId) -> Result<SessionHandle> {
         if let Some(handle) = self.sessions.get(id) {
+            handle.touch(self.ctx.now_ms());
             return Ok(handle.clone());
         }
         if self.ctx.shutdown.is_cancelled() {
