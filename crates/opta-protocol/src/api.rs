@@ -1,5 +1,6 @@
 //! Request and response bodies of the HTTP control plane.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -13,7 +14,7 @@ pub const CONTRACT_NAME: &str = "opta-daemon-v3";
 pub const CONTRACT_VERSION: u32 = 1;
 
 /// `GET /health` (no auth).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HealthResponse {
     /// `"ok"`.
@@ -25,7 +26,7 @@ pub struct HealthResponse {
 }
 
 /// The contract a daemon speaks.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Contract {
     /// [`CONTRACT_NAME`].
@@ -45,7 +46,7 @@ impl Contract {
 }
 
 /// Live figures of a daemon.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RuntimeStats {
     /// Sessions resident in memory.
@@ -65,7 +66,7 @@ pub struct RuntimeStats {
 }
 
 /// `GET /v3/health`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct V3HealthResponse {
     /// `"ok"`.
@@ -81,7 +82,7 @@ pub struct V3HealthResponse {
 }
 
 /// `GET /v3/metrics`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MetricsResponse {
     /// This daemon instance.
@@ -93,7 +94,7 @@ pub struct MetricsResponse {
 }
 
 /// `POST /v3/sessions`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CreateSessionRequest {
     /// Id to create or re-open; generated when absent.
@@ -114,7 +115,7 @@ pub struct CreateSessionRequest {
 }
 
 /// `GET /v3/sessions`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SessionListResponse {
     /// One page, most recently updated first.
@@ -125,7 +126,7 @@ pub struct SessionListResponse {
 }
 
 /// `GET /v3/sessions/:id`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SessionDetail {
     /// The snapshot fields.
@@ -136,7 +137,7 @@ pub struct SessionDetail {
 }
 
 /// `POST /v3/sessions/:id/turns`, and the body of a WebSocket `turn.submit`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SubmitTurnRequest {
     /// The submitting client.
@@ -162,7 +163,7 @@ pub struct SubmitTurnRequest {
 }
 
 /// 202 answer to a turn submission.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SubmitTurnResponse {
     /// The turn's id.
@@ -172,7 +173,7 @@ pub struct SubmitTurnResponse {
 }
 
 /// `GET /v3/sessions/:id/events`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct EventsResponse {
     /// Envelopes ascending by seq.
@@ -180,7 +181,7 @@ pub struct EventsResponse {
 }
 
 /// `POST /v3/sessions/:id/cancel`, and the body of a WebSocket `turn.cancel`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CancelRequest {
     /// A queued or active turn.
@@ -192,7 +193,7 @@ pub struct CancelRequest {
 }
 
 /// Answer to a cancel.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CancelResponse {
     /// Always true.
@@ -206,7 +207,7 @@ pub struct CancelResponse {
 }
 
 /// `POST /v3/sessions/:id/permissions/:requestId`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ResolvePermissionRequest {
     /// Must equal the path's request id.
@@ -218,7 +219,7 @@ pub struct ResolvePermissionRequest {
 }
 
 /// Answer to a permission resolution.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ResolvePermissionResponse {
     /// True when this answer decided the request.
@@ -231,7 +232,7 @@ pub struct ResolvePermissionResponse {
 }
 
 /// One validation problem in a 400 answer.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ErrorDetail {
     /// Where in the input (`mode`, `messages[2].role`, `query.limit`...).
@@ -241,7 +242,7 @@ pub struct ErrorDetail {
 }
 
 /// Body of every non-2xx answer.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ErrorBody {
     /// Human message.
@@ -274,7 +275,7 @@ pub const STATE_FILE_NAME: &str = "state.json";
 
 /// The state file (`$OPTA_HOME/daemon/state.json`, mode 0600) clients read to find and
 /// authenticate to the daemon. Written once the daemon listens, removed on clean shutdown.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DaemonState {
     /// Process id.
@@ -294,7 +295,7 @@ pub struct DaemonState {
 }
 
 /// `GET /v3/lmx/status`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LmxStatusResponse {
     /// `"ok"` when the server answered.
@@ -311,7 +312,7 @@ pub struct LmxStatusResponse {
 }
 
 /// One model in `GET /v3/lmx/models`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LmxModel {
     /// Model id.
@@ -324,7 +325,7 @@ pub struct LmxModel {
 }
 
 /// `GET /v3/lmx/models`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LmxModelsResponse {
     /// `"admin"` (LMX's `/admin/models`) or `"v1"` (`/v1/models`).

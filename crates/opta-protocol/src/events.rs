@@ -1,5 +1,6 @@
 //! The event envelope and every event payload of the v3 protocol.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -10,7 +11,7 @@ use crate::model::{ChatMessage, Mode, SessionSnapshot};
 pub const PROTOCOL_VERSION: &str = "3";
 
 /// One event as a client receives it: the payload plus routing and ordering fields.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Envelope {
     /// Always `"3"`.
@@ -29,7 +30,7 @@ pub struct Envelope {
 }
 
 /// An event name and its payload; serialises as `"event": ..., "payload": {...}`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "event", content = "payload")]
 pub enum Event {
     /// The session was created or re-opened.
@@ -138,7 +139,7 @@ impl Event {
 }
 
 /// Payload of `session.snapshot`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SessionSnapshotEvent {
     /// The session's metadata.
@@ -148,7 +149,7 @@ pub struct SessionSnapshotEvent {
 }
 
 /// Payload of `turn.queued`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TurnQueued {
     /// The accepted turn.
@@ -162,7 +163,7 @@ pub struct TurnQueued {
 }
 
 /// Payload of `turn.start`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TurnStart {
     /// The turn that started.
@@ -176,7 +177,7 @@ pub struct TurnStart {
 }
 
 /// Payload of `turn.token` and `turn.thinking`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TurnText {
     /// The turn being streamed.
@@ -186,7 +187,7 @@ pub struct TurnText {
 }
 
 /// Payload of `tool.start`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ToolStart {
     /// The running turn.
@@ -200,7 +201,7 @@ pub struct ToolStart {
 }
 
 /// Payload of `tool.end`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ToolEnd {
     /// The running turn.
@@ -214,7 +215,7 @@ pub struct ToolEnd {
 }
 
 /// Payload of `permission.request`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PermissionRequest {
     /// The running turn.
@@ -228,7 +229,7 @@ pub struct PermissionRequest {
 }
 
 /// An answer to a permission request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Decision {
     /// Run the tool.
@@ -238,7 +239,7 @@ pub enum Decision {
 }
 
 /// Payload of `permission.resolved`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PermissionResolved {
     /// The running turn.
@@ -252,7 +253,7 @@ pub struct PermissionResolved {
 }
 
 /// Payload of `turn.progress`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TurnProgress {
     /// The running turn.
@@ -265,7 +266,7 @@ pub struct TurnProgress {
 }
 
 /// Figures of a finished turn.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TurnStats {
     /// Tokens generated (completion tokens).
@@ -285,7 +286,7 @@ pub struct TurnStats {
 }
 
 /// Payload of `turn.done`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TurnDone {
     /// The finished turn.
@@ -299,7 +300,7 @@ pub struct TurnDone {
 }
 
 /// Machine code of a failed turn.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum TurnErrorCode {
     /// The session's model is not loaded on the inference server.
@@ -349,7 +350,7 @@ impl TurnErrorCode {
 }
 
 /// Payload of `turn.error`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TurnError {
     /// The failed turn.
@@ -366,7 +367,7 @@ pub struct TurnError {
 }
 
 /// Payload of `session.updated`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SessionUpdated {
     /// The session's metadata after the change.
@@ -374,7 +375,7 @@ pub struct SessionUpdated {
 }
 
 /// Payload of `session.cancelled`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SessionCancelled {
     /// Number of turns cancelled.
@@ -388,7 +389,7 @@ pub struct SessionCancelled {
 }
 
 /// Which output stream a background chunk came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum OutputStream {
     /// Standard output.
@@ -398,7 +399,7 @@ pub enum OutputStream {
 }
 
 /// Payload of `background.output`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BackgroundOutput {
     /// The process.
@@ -418,7 +419,7 @@ pub struct BackgroundOutput {
 }
 
 /// State of a background process.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ProcessState {
     /// Still running.
@@ -434,7 +435,7 @@ pub enum ProcessState {
 }
 
 /// A background process as the daemon reports it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BackgroundProcess {
     /// Daemon-generated id.
@@ -465,7 +466,7 @@ pub struct BackgroundProcess {
 }
 
 /// Payload of `background.status`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BackgroundStatus {
     /// The process after the change.

@@ -1,5 +1,6 @@
 //! Frames a client sends on the WebSocket plane, and the daemon's acks.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -16,7 +17,7 @@ pub const CLOSE_NOT_FOUND: u16 = 4004;
 pub const CLOSE_TOO_SLOW: u16 = 4008;
 
 /// A client-to-daemon frame, routed on `type`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "type")]
 pub enum ClientFrame {
     /// Introduces the client.
@@ -82,7 +83,7 @@ impl ClientFrame {
 }
 
 /// `{"type":"ack","action":...,...result}`: the daemon's answer to a client frame.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct AckFrame {
     /// Always `"ack"`.
     #[serde(rename = "type")]
