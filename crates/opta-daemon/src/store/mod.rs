@@ -178,12 +178,24 @@ pub struct Store {
     inner: Arc<StoreInner>,
 }
 
+/// Fields drop in order: the channels close first, which ends the threads, then the joiner
+/// waits for them, so the database is closed once the last handle is gone.
 struct StoreInner {
     writer: crossbeam_channel::Sender<writer::WriterMsg>,
     readers: crossbeam_channel::Sender<ReadJob>,
     /// Dropped to stop the checkpointer.
-    checkpointer: crossbeam_channel::Sender<()>,
-    threads: std::sync::Mutex<Vec<JoinHandle<()>>>,
+    _checkpointer: crossbeam_channel::Sender<()>,
+    _threads: JoinOnDrop,
+}
+
+struct JoinOnDrop(Vec<JoinHandle<()>>);
+
+impl Drop for JoinOnDrop {
+    fn drop(&mut self) {
+        for thread in self.0.drain(..) {
+            let _ = thread.join();
+        }
+    }
 }
 
 impl std::fmt::Debug for Store {
@@ -250,8 +262,8 @@ impl Store {
             inner: Arc::new(StoreInner {
                 writer: wtx,
                 readers: rtx,
-                checkpointer: ctx,
-                threads: std::sync::Mutex::new(threads),
+                _checkpointer: ctx,
+                _threads: JoinOnDrop(threads),
             }),
         })
     }
@@ -308,25 +320,6 @@ impl Store {
             done.await.map_err(|_| Error::ShuttingDown)??;
         }
         Ok(())
-    }
-}
-
-impl Drop for StoreInner {
-    fn drop(&mut self) {
-        // Closing the channels ends the threads; wait so the database is closed on return.
-        let (dead_w, _) = crossbeam_channel::bounded(0);
-        let (dead_r, _) = crossbeam_channel::bounded(0);
-        let (dead_c, _) = crossbeam_channel::bounded(0);
-        drop(std::mem::replace(&mut self.writer, dead_w));
-        drop(std::mem::replace(&mut self.readers, dead_r));
-        drop(std::mem::replace(&mut self.checkpointer, dead_c));
-        let threads = match self.threads.get_mut() {
-            Ok(t) => std::mem::take(t),
-            Err(poisoned) => std::mem::take(poisoned.into_inner()),
-        };
-        for t in threads {
-            let _ = t.join();
-        }
     }
 }
 
