@@ -187,6 +187,17 @@ async fn do_starts_the_daemon_and_streams_the_answer() {
         "{}",
         text(&table.stdout)
     );
+    // Piped output carries no colour codes even without NO_COLOR.
+    let mut cmd = home.command(&["models"]);
+    cmd.env_remove("NO_COLOR");
+    let piped = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        !text(&piped.stdout).contains('\x1b'),
+        "{:?}",
+        text(&piped.stdout)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -261,7 +272,8 @@ async fn chat_streams_answers_and_ctrl_c_cancels_a_long_turn() {
         chat.send_line("after cancel").unwrap();
         chat.expect("echo: after cancel").unwrap();
         chat.expect("opta› ").unwrap();
-        chat.send_line("/exit").unwrap();
+        // Ctrl-C at the prompt (no turn running) leaves.
+        chat.send(ControlCode::EndOfText).unwrap();
         chat.expect(expectrl::Eof).unwrap();
     });
     assert_eq!(

@@ -301,3 +301,30 @@ pub fn read_state(home: &Path) -> Option<DaemonState> {
     let bytes = fs::read(state_path(home)).ok()?;
     serde_json::from_slice(&bytes).ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_default_port_falls_back_when_taken() {
+        // Hold 9999 (if something else already holds it, that serves as well).
+        let _hold = std::net::TcpListener::bind(("127.0.0.1", DEFAULT_PORT));
+        let listener = bind("127.0.0.1", DEFAULT_PORT).await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        assert!(FALLBACK_PORTS.contains(&port), "bound {port}");
+    }
+
+    #[tokio::test]
+    async fn an_explicit_port_that_is_taken_is_an_error_and_zero_is_any() {
+        let any = bind("127.0.0.1", 0).await.unwrap();
+        let taken = any.local_addr().unwrap().port();
+        assert_ne!(taken, 0);
+        let err = bind("127.0.0.1", taken).await.unwrap_err();
+        assert!(matches!(err, Error::Bind { .. }), "{err}");
+        let v6 = bind("::1", 0).await;
+        if let Ok(l) = v6 {
+            assert!(l.local_addr().unwrap().ip().is_loopback());
+        }
+    }
+}
