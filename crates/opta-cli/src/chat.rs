@@ -393,9 +393,12 @@ impl<P: ExternalPrinter> Chat<P> {
         match event {
             Event::TurnStart(start) => {
                 self.others.insert(start.turn_id.clone());
+                let asked = serde_json::Value::String(start.content.clone());
                 self.say(&format!(
-                    "── turn from {} ({}) ──",
-                    start.client_id, start.writer_id
+                    "── turn from {} ({}): {}",
+                    start.client_id,
+                    start.writer_id,
+                    crate::render::compact(&asked, 200)
                 ));
             }
             Event::TurnToken(t) if self.others.contains(&t.turn_id) => self.emit(&t.text),

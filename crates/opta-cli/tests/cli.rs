@@ -258,7 +258,8 @@ async fn chat_streams_answers_and_ctrl_c_cancels_a_long_turn() {
                 .unwrap();
             assert_eq!(resp.status().as_u16(), 202);
         });
-        chat.expect("turn from web (web-1)").unwrap();
+        chat.expect("turn from web (web-1): from the web page")
+            .unwrap();
         chat.expect("echo: from the web page").unwrap();
 
         lmx_for_slow.push(Reply::slow(2000, Duration::from_millis(20)));

@@ -174,6 +174,10 @@ pub struct TurnStart {
     pub client_id: String,
     /// The agent mode it runs in.
     pub mode: Mode,
+    /// The user's message (beyond the contract's minimum: lets other clients show what was
+    /// asked).
+    #[serde(default)]
+    pub content: String,
 }
 
 /// Payload of `turn.token` and `turn.thinking`.

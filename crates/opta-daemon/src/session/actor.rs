@@ -492,6 +492,7 @@ impl SessionActor {
             writer_id: turn.writer_id.clone(),
             client_id: turn.client_id.clone(),
             mode: turn.mode,
+            content: turn.content.clone(),
         })];
         let override_model = turn.overrides.as_ref().and_then(|o| o.model.clone());
         let uses_session_model = override_model.is_none();
