@@ -265,42 +265,37 @@ impl ScriptedLmx {
 
     /// Waits until at least `n` chat requests arrived; panics after 20 s.
     pub async fn wait_chat_requests(&self, n: usize) {
-        let wait = async {
-            loop {
-                let notified = self.shared.chat_seen.notified();
-                if self.chat_requests() >= n {
-                    return;
-                }
-                notified.await;
-            }
-        };
-        if tokio::time::timeout(crate::WAIT, wait).await.is_err() {
-            panic!("only {} of {n} chat requests arrived", self.chat_requests());
-        }
+        let seen = &self.shared.chat_requests;
+        wait_for_count(&self.shared.chat_seen, seen, n, "chat requests arrived").await;
     }
 
     /// Waits until at least `n` streams were dropped by the client; panics after 20 s.
     pub async fn wait_streams_dropped(&self, n: usize) {
-        let wait = async {
-            loop {
-                let notified = self.shared.dropped.notified();
-                if self.streams_dropped() >= n {
-                    return;
-                }
-                notified.await;
-            }
-        };
-        if tokio::time::timeout(crate::WAIT, wait).await.is_err() {
-            panic!(
-                "only {} of {n} inference streams were dropped by the client",
-                self.streams_dropped()
-            );
-        }
+        let dropped = &self.shared.streams_dropped;
+        let what = "inference streams were dropped by the client";
+        wait_for_count(&self.shared.dropped, dropped, n, what).await;
     }
 
     /// Bodies of the chat requests received, in order.
     pub fn requests(&self) -> Vec<Value> {
         lock(&self.shared.requests).clone()
+    }
+}
+
+/// Waits until `counter` reaches `n`, woken by `notify`; panics after [`crate::WAIT`].
+async fn wait_for_count(notify: &Notify, counter: &AtomicUsize, n: usize, what: &str) {
+    let wait = async {
+        loop {
+            // Created before the check, so a notification in between is not lost.
+            let notified = notify.notified();
+            if counter.load(Ordering::SeqCst) >= n {
+                return;
+            }
+            notified.await;
+        }
+    };
+    if tokio::time::timeout(crate::WAIT, wait).await.is_err() {
+        panic!("only {} of {n} {what}", counter.load(Ordering::SeqCst));
     }
 }
 
