@@ -237,3 +237,93 @@ async fn kill_9_mid_turn_loses_nothing_acknowledged_and_seq_continues() {
     signal(&daemon, "TERM");
     assert!(wait_exit(&mut daemon).success());
 }
+
+/// Repeated `kill -9` mid-turn: across every crash and restart a client following the session
+/// sees each seq exactly once, in order; every acknowledged (202) turn ends exactly once.
+#[tokio::test]
+async fn repeated_kill_9_loses_no_acknowledged_turn_and_never_reuses_a_seq() {
+    const CRASHES: usize = 6;
+    let lmx = ScriptedLmx::start().await.unwrap();
+    lmx.set_echo_delay(Duration::from_millis(4));
+    let home = tempfile::tempdir().unwrap();
+    let words: Vec<String> = (0..60).map(|i| format!("w{i}")).collect();
+    let mut acknowledged: Vec<String> = Vec::new();
+    let mut seen: Vec<Value> = Vec::new();
+    let mut created = false;
+    for crash in 0..=CRASHES {
+        let mut daemon = spawn_daemon(home.path(), &lmx.url());
+        let state = wait_ready(home.path(), &mut daemon).await;
+        let port = state["port"].as_u64().unwrap();
+        if !created {
+            let (status, _) = call(
+                port,
+                reqwest::Method::POST,
+                "/v3/sessions",
+                Some(json!({"sessionId": "loop"})),
+            )
+            .await;
+            assert_eq!(status, 201);
+            created = true;
+        }
+        let last = seen.last().map_or(0, |e| e["seq"].as_u64().unwrap());
+        let url =
+            format!("ws://127.0.0.1:{port}/v3/ws?sessionId=loop&afterSeq={last}&token={TOKEN}");
+        let mut ws = WsClient::connect(&url).await;
+        if crash == CRASHES {
+            // Final round: let everything acknowledged finish.
+            let last_turn = acknowledged.last().cloned().unwrap();
+            let rest = ws.envelopes_until(is_terminal_of(&last_turn)).await;
+            seen.extend(rest);
+            signal(&daemon, "TERM");
+            assert!(wait_exit(&mut daemon).success());
+            break;
+        }
+        for j in 0..2 {
+            let content = format!("crash {crash} turn {j} {}", words.join(" "));
+            let (status, body) = call(
+                port,
+                reqwest::Method::POST,
+                "/v3/sessions/loop/turns",
+                Some(json!({"clientId": "c", "writerId": "w", "content": content, "mode": "chat"})),
+            )
+            .await;
+            assert_eq!(status, 202);
+            acknowledged.push(body["turnId"].as_str().unwrap().to_owned());
+        }
+        // Some tokens of this round stream, then the daemon dies.
+        let tokens = std::cell::Cell::new(0);
+        let got = ws
+            .envelopes_until(|e| {
+                if e["event"] == "turn.token" {
+                    tokens.set(tokens.get() + 1);
+                }
+                tokens.get() >= 5
+            })
+            .await;
+        seen.extend(got);
+        daemon.kill().unwrap();
+        wait_exit(&mut daemon);
+    }
+    // What the client saw across all crashes: every seq once, in order.
+    assert_contiguous(&seen, 1);
+    // Every acknowledged turn ended exactly once (stored log of the final daemon's home).
+    let mut daemon = spawn_daemon(home.path(), &lmx.url());
+    let state = wait_ready(home.path(), &mut daemon).await;
+    let port = state["port"].as_u64().unwrap();
+    let (_, events) = call(port, reqwest::Method::GET, "/v3/sessions/loop/events", None).await;
+    let events = events["events"].as_array().unwrap().clone();
+    for turn in &acknowledged {
+        let ends: Vec<_> = events.iter().filter(|e| is_terminal_of(turn)(e)).collect();
+        assert_eq!(ends.len(), 1, "turn {turn} ended {} times", ends.len());
+    }
+    let interrupted = events
+        .iter()
+        .filter(|e| e["payload"]["code"] == "interrupted")
+        .count();
+    assert!(
+        (1..=CRASHES).contains(&interrupted),
+        "{interrupted} interrupted turns"
+    );
+    signal(&daemon, "TERM");
+    assert!(wait_exit(&mut daemon).success());
+}
