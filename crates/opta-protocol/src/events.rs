@@ -29,6 +29,26 @@ pub struct Envelope {
     pub ts: String,
 }
 
+/// A borrowed [`Envelope`] for serialising without copying the event or the ids (the daemon
+/// serialises every event once, tokens included). Same JSON as [`Envelope`].
+#[derive(Debug, Clone, Copy, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EnvelopeRef<'a> {
+    /// Always `"3"`.
+    pub v: &'a str,
+    /// The event name and payload.
+    #[serde(flatten)]
+    pub event: &'a Event,
+    /// The daemon instance that emitted the event.
+    pub daemon_id: &'a str,
+    /// The session the event belongs to.
+    pub session_id: &'a SessionId,
+    /// Position in the session's event log.
+    pub seq: Seq,
+    /// Emission time.
+    pub ts: &'a str,
+}
+
 /// An event name and its payload; serialises as `"event": ..., "payload": {...}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "event", content = "payload")]
@@ -508,6 +528,18 @@ mod tests {
             serde_json::json!({"v":"3","event":"turn.token","daemonId":"daemon_ab12cd34",
                 "sessionId":"s1","seq":42,"ts":"2026-03-01T10:00:00.000Z",
                 "payload":{"turnId":"t1","text":"Hel"}})
+        );
+        let borrowed = EnvelopeRef {
+            v: &env.v,
+            event: &env.event,
+            daemon_id: &env.daemon_id,
+            session_id: &env.session_id,
+            seq: env.seq,
+            ts: &env.ts,
+        };
+        assert_eq!(
+            serde_json::to_string(&borrowed).unwrap(),
+            serde_json::to_string(&env).unwrap()
         );
         let back: Envelope = serde_json::from_value(json).unwrap();
         assert_eq!(back, env);

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use opta_protocol::{
-    CancelRequest, CancelResponse, ChatMessage, Envelope, Event, Mode, PROTOCOL_VERSION,
+    CancelRequest, CancelResponse, ChatMessage, EnvelopeRef, Event, Mode, PROTOCOL_VERSION,
     ResolvePermissionRequest, ResolvePermissionResponse, Role, Seq, SessionCancelled,
     SessionDetail, SessionId, SessionSnapshot, SessionSnapshotEvent, SessionUpdated,
     SubmitTurnRequest, SubmitTurnResponse, TurnDone, TurnError, TurnErrorCode, TurnId,
@@ -250,7 +250,7 @@ impl SessionActor {
 
     /// Numbers `events`, commits them with `ops` in one batch, then broadcasts them.
     /// On failure nothing was committed or broadcast and `seq` is unchanged.
-    async fn emit(&mut self, events: Vec<Event>, mut ops: Vec<WriteOp>) -> Result<()> {
+    async fn emit(&mut self, events: &[Event], mut ops: Vec<WriteOp>) -> Result<()> {
         let ts = now_iso();
         let mut frames = Vec::with_capacity(events.len());
         let mut seq = self.seq;
@@ -258,13 +258,13 @@ impl SessionActor {
             seq += 1;
             let name = event.name();
             let turn_id = event.turn_id().map(|t| t.0.clone());
-            let envelope = Envelope {
-                v: PROTOCOL_VERSION.to_owned(),
+            let envelope = EnvelopeRef {
+                v: PROTOCOL_VERSION,
                 event,
-                daemon_id: self.ctx.daemon_id.clone(),
-                session_id: self.id.clone(),
+                daemon_id: &self.ctx.daemon_id,
+                session_id: &self.id,
                 seq,
-                ts: ts.clone(),
+                ts: &ts,
             };
             let json: Arc<str> = serde_json::to_string(&envelope)
                 .map_err(|e| Error::Internal(format!("envelope serialisation: {e}")))?
@@ -345,7 +345,7 @@ impl SessionActor {
             snapshot: snapshot.clone(),
             messages: self.history.clone(),
         });
-        if let Err(e) = self.emit(vec![event], ops).await {
+        if let Err(e) = self.emit(&[event], ops).await {
             self.meta = previous;
             return Err(e);
         }
@@ -416,7 +416,7 @@ impl SessionActor {
             events.append(&mut start.events);
             ops.append(&mut start.ops);
         }
-        if let Err(e) = self.emit(events, ops).await {
+        if let Err(e) = self.emit(&events, ops).await {
             if let Some(start) = start {
                 start.abort();
             }
@@ -456,7 +456,7 @@ impl SessionActor {
         let mut start = self.prepare_start(turn)?;
         let events = std::mem::take(&mut start.events);
         let ops = std::mem::take(&mut start.ops);
-        match self.emit(events, ops).await {
+        match self.emit(&events, ops).await {
             Ok(()) => {
                 self.commit_start(start);
                 Ok(())
@@ -554,7 +554,7 @@ impl SessionActor {
             state: TurnState::Failed,
             finished_at: Some(now_iso()),
         }];
-        if let Err(e) = self.emit(vec![event], ops).await {
+        if let Err(e) = self.emit(&[event], ops).await {
             tracing::error!(session = %self.id, error = %e, "could not record failed turn");
         }
     }
@@ -618,7 +618,7 @@ impl SessionActor {
         let turn_id = active.turn.turn_id.clone();
         let mut content = String::new();
         let count = deltas.len() as u64;
-        let events = deltas
+        let events: Vec<Event> = deltas
             .into_iter()
             .map(|delta| match delta {
                 Delta::Content(text) => {
@@ -634,7 +634,7 @@ impl SessionActor {
                 }),
             })
             .collect();
-        match self.emit(events, Vec::new()).await {
+        match self.emit(&events, Vec::new()).await {
             // Only what clients were sent becomes part of the reply.
             Ok(()) => {
                 if let Some(active) = self.active.as_mut() {
@@ -722,7 +722,8 @@ impl SessionActor {
         events.push(Event::SessionUpdated(SessionUpdated {
             snapshot: self.snapshot(),
         }));
-        let mut result = self.emit(events.clone(), ops.clone()).await;
+        // The ops are kept for one retry (below); the events are only borrowed.
+        let mut result = self.emit(&events, ops.clone()).await;
         if let Err(Error::StorageFull(_)) = result {
             // The turn's own token events are the likely space hog and its text is in the
             // reply being stored: drop them in the same commit to make room for its end.
@@ -735,7 +736,7 @@ impl SessionActor {
                     turn_id: turn.turn_id.0.clone(),
                 },
             );
-            result = self.emit(events, ops).await;
+            result = self.emit(&events, ops).await;
         }
         match result {
             Ok(()) => {
@@ -891,7 +892,7 @@ impl SessionActor {
                 events.push(Event::SessionUpdated(SessionUpdated {
                     snapshot: self.snapshot(),
                 }));
-                if let Err(e) = self.emit(events, ops).await {
+                if let Err(e) = self.emit(&events, ops).await {
                     tracing::error!(session = %self.id, error = %e, "could not record cancellation");
                 }
             }
