@@ -64,6 +64,14 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// Waits for `needle` in the chat's output; on failure says which step and what was seen.
+fn step<N: expectrl::Needle + std::fmt::Debug>(chat: &mut impl Expect, needle: N) {
+    let what = format!("{needle:?}");
+    if let Err(e) = chat.expect(needle) {
+        panic!("opta chat: waiting for {what}: {e}");
+    }
+}
+
 /// Running (a zombie waiting for a reaper that never comes, as in some containers, counts as
 /// gone: it has exited).
 fn alive(pid: u64) -> bool {
@@ -224,10 +232,10 @@ async fn chat_streams_answers_and_ctrl_c_cancels_a_long_turn() {
     let mut chat = expectrl::Session::spawn(cmd).unwrap();
     chat.set_expect_timeout(Some(Duration::from_secs(20)));
     tokio::task::block_in_place(|| {
-        chat.expect("opta› ").unwrap();
+        step(&mut chat, "opta› ");
         chat.send_line("hello pty").unwrap();
-        chat.expect("echo: hello pty").unwrap();
-        chat.expect("opta› ").unwrap();
+        step(&mut chat, "echo: hello pty");
+        step(&mut chat, "opta› ");
 
         // Another client writes into the same session: it shows up live at the prompt.
         let state = home.state().unwrap();
@@ -258,24 +266,23 @@ async fn chat_streams_answers_and_ctrl_c_cancels_a_long_turn() {
                 .unwrap();
             assert_eq!(resp.status().as_u16(), 202);
         });
-        chat.expect("turn from web (web-1): from the web page")
-            .unwrap();
-        chat.expect("echo: from the web page").unwrap();
+        step(&mut chat, "turn from web (web-1): from the web page");
+        step(&mut chat, "echo: from the web page");
 
         lmx_for_slow.push(Reply::slow(2000, Duration::from_millis(20)));
         chat.send_line("talk for a long time").unwrap();
-        chat.expect("w3 ").unwrap();
+        step(&mut chat, "w3 ");
         chat.send(ControlCode::EndOfText).unwrap();
-        chat.expect("[cancelled]").unwrap();
-        chat.expect("opta› ").unwrap();
+        step(&mut chat, "[cancelled]");
+        step(&mut chat, "opta› ");
 
         // The session still works, and /exit leaves.
         chat.send_line("after cancel").unwrap();
-        chat.expect("echo: after cancel").unwrap();
-        chat.expect("opta› ").unwrap();
+        step(&mut chat, "echo: after cancel");
+        step(&mut chat, "opta› ");
         // Ctrl-C at the prompt (no turn running) leaves.
         chat.send(ControlCode::EndOfText).unwrap();
-        chat.expect(expectrl::Eof).unwrap();
+        step(&mut chat, expectrl::Eof);
     });
     assert_eq!(
         lmx.streams_dropped(),
