@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 
 use crate::daemon_ctl::{self, DaemonArgs};
 use crate::do_cmd::{CLIENT_ID, answer_permission, parse_mode};
-use crate::render::{Outcome, Output, PermissionPolicy, TurnRenderer, hint};
+use crate::render::{Outcome, Output, PermissionPolicy, TurnRenderer, report_failure};
 use crate::ui;
 
 /// The prompt.
@@ -229,16 +229,7 @@ impl<P: ExternalPrinter> Chat<P> {
             .client
             .submit_turn(
                 &self.session,
-                &SubmitTurnRequest {
-                    client_id: CLIENT_ID.into(),
-                    writer_id: self.writer_id.clone(),
-                    content: line.to_owned(),
-                    mode: self.mode,
-                    metadata: None,
-                    last_seen_seq: None,
-                    overrides: None,
-                    idempotency_key: None,
-                },
+                &SubmitTurnRequest::new(CLIENT_ID, self.writer_id.clone(), line, self.mode),
             )
             .await;
         match submitted {
@@ -371,15 +362,7 @@ impl<P: ExternalPrinter> Chat<P> {
                 self.emit("\n");
                 match outcome {
                     Outcome::Done(_) => {}
-                    Outcome::Failed { code, message } => {
-                        let label = code
-                            .map(|c| format!(" [{}]", c.as_str()))
-                            .unwrap_or_default();
-                        eprintln!("{}{label} {message}", ui::error_label());
-                        if code != Some(opta_protocol::TurnErrorCode::Cancelled) {
-                            eprintln!("{} {}", ui::dim("hint:"), hint(code));
-                        }
-                    }
+                    Outcome::Failed { code, message } => report_failure(code, &message),
                 }
                 self.running = None;
                 return Ok(true);

@@ -15,7 +15,7 @@ use serde_json::json;
 
 use crate::daemon_ctl::{self, DaemonArgs};
 use crate::render::{
-    Outcome, Output, PermissionAsk, PermissionPolicy, TurnRenderer, Verdict, hint,
+    Outcome, Output, PermissionAsk, PermissionPolicy, TurnRenderer, Verdict, report_failure,
 };
 use crate::ui;
 
@@ -69,14 +69,13 @@ pub async fn run(args: DoArgs, home: &Path, daemon: &DaemonArgs) -> Result<ExitC
         .submit_turn(
             &session,
             &SubmitTurnRequest {
-                client_id: CLIENT_ID.into(),
-                writer_id: format!("{CLIENT_ID}-{}", std::process::id()),
-                content: args.task.join(" "),
-                mode: args.mode,
                 metadata: Some(json!({"workspace": workspace})),
-                last_seen_seq: None,
-                overrides: None,
-                idempotency_key: None,
+                ..SubmitTurnRequest::new(
+                    CLIENT_ID,
+                    format!("{CLIENT_ID}-{}", std::process::id()),
+                    args.task.join(" "),
+                    args.mode,
+                )
             },
         )
         .await?
@@ -151,11 +150,7 @@ pub async fn run(args: DoArgs, home: &Path, daemon: &DaemonArgs) -> Result<ExitC
     Ok(match outcome {
         Outcome::Done(_) => ExitCode::SUCCESS,
         Outcome::Failed { code, message } => {
-            let label = code
-                .map(|c| format!(" [{}]", c.as_str()))
-                .unwrap_or_default();
-            eprintln!("{}{label} {message}", ui::error_label());
-            eprintln!("{} {}", ui::dim("hint:"), hint(code));
+            report_failure(code, &message);
             if code == Some(TurnErrorCode::Cancelled) {
                 ExitCode::from(130)
             } else {

@@ -176,6 +176,17 @@ impl PermissionPolicy {
     }
 }
 
+/// Prints a failed turn on stderr: the code, the message and (unless it was a cancel) a hint.
+pub fn report_failure(code: Option<TurnErrorCode>, message: &str) {
+    let label = code
+        .map(|c| format!(" [{}]", c.as_str()))
+        .unwrap_or_default();
+    eprintln!("{}{label} {message}", crate::ui::error_label());
+    if code != Some(TurnErrorCode::Cancelled) {
+        eprintln!("{} {}", crate::ui::dim("hint:"), hint(code));
+    }
+}
+
 /// A hint for each error code: what the person can do next.
 pub fn hint(code: Option<TurnErrorCode>) -> &'static str {
     match code {

@@ -48,16 +48,7 @@ impl DaemonClient {
         let submitted = self
             .submit_turn(
                 &session_id,
-                &SubmitTurnRequest {
-                    client_id: "opta-legacy-chat".into(),
-                    writer_id: "opta-legacy-chat".into(),
-                    content: message.to_owned(),
-                    mode: Mode::Do,
-                    metadata: None,
-                    last_seen_seq: None,
-                    overrides: None,
-                    idempotency_key: None,
-                },
+                &SubmitTurnRequest::new("opta-legacy-chat", "opta-legacy-chat", message, Mode::Do),
             )
             .await?;
         let turn_id = submitted.turn_id;

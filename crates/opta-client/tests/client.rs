@@ -14,16 +14,7 @@ fn client(d: &TestDaemon) -> DaemonClient {
 }
 
 fn submit(content: &str) -> SubmitTurnRequest {
-    SubmitTurnRequest {
-        client_id: "lib".into(),
-        writer_id: "lib".into(),
-        content: content.into(),
-        mode: Mode::Chat,
-        metadata: None,
-        last_seen_seq: None,
-        overrides: None,
-        idempotency_key: None,
-    }
+    SubmitTurnRequest::new("lib", "lib", content, Mode::Chat)
 }
 
 fn is_end_of(turn: &str) -> impl Fn(&Envelope) -> bool + '_ {

@@ -162,6 +162,27 @@ pub struct SubmitTurnRequest {
     pub idempotency_key: Option<String>,
 }
 
+impl SubmitTurnRequest {
+    /// A plain turn: no metadata, no `lastSeenSeq`, no overrides, no idempotency key.
+    pub fn new(
+        client_id: impl Into<String>,
+        writer_id: impl Into<String>,
+        content: impl Into<String>,
+        mode: Mode,
+    ) -> Self {
+        Self {
+            client_id: client_id.into(),
+            writer_id: writer_id.into(),
+            content: content.into(),
+            mode,
+            metadata: None,
+            last_seen_seq: None,
+            overrides: None,
+            idempotency_key: None,
+        }
+    }
+}
+
 /// 202 answer to a turn submission.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
