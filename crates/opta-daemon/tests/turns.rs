@@ -184,6 +184,7 @@ async fn stale_last_seen_seq_is_refused_and_queues_nothing() {
         .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
     let turn_a = body["turnId"].as_str().unwrap().to_owned();
+    assert_eq!(body["queued"], true);
     ws.envelopes_until(|e| e["event"] == "session.updated" && e["seq"].as_u64() > Some(1))
         .await;
     let before = d.events(&s, 0).await;
@@ -219,7 +220,15 @@ async fn stale_last_seen_seq_is_refused_and_queues_nothing() {
         )
         .await;
     assert_eq!(status, StatusCode::ACCEPTED);
-    let _ = turn_a;
+    // Writer A's turn ran to completion first (B's accepted turn may have finished since).
+    let dones: Vec<_> = d
+        .events(&s, 0)
+        .await
+        .iter()
+        .filter(|e| e["event"] == "turn.done")
+        .map(|e| e["payload"]["turnId"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(dones.first(), Some(&turn_a));
 }
 
 #[tokio::test]

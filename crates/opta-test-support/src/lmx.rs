@@ -303,14 +303,17 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// What a server without LMX's admin API answers on `/admin/*`.
+fn admin_missing() -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        axum::Json(json!({"detail": "Not Found"})),
+    )
+        .into_response()
+}
+
 fn admin_off(shared: &Shared) -> Option<Response> {
-    (!shared.admin.load(Ordering::SeqCst)).then(|| {
-        (
-            StatusCode::NOT_FOUND,
-            axum::Json(json!({"detail": "Not Found"})),
-        )
-            .into_response()
-    })
+    (!shared.admin.load(Ordering::SeqCst)).then(admin_missing)
 }
 
 async fn admin_models(State(shared): State<Arc<Shared>>) -> Response {
@@ -344,14 +347,21 @@ async fn admin_memory(State(shared): State<Arc<Shared>>) -> Response {
         .into_response()
 }
 
+/// The `modelId` of a load/unload request; `None` on a server without the admin API.
+fn admin_model_id(shared: &Shared, body: &Value) -> Option<String> {
+    shared
+        .admin
+        .load(Ordering::SeqCst)
+        .then(|| body["modelId"].as_str().unwrap_or_default().to_owned())
+}
+
 async fn admin_load(
     State(shared): State<Arc<Shared>>,
     axum::Json(body): axum::Json<Value>,
 ) -> Response {
-    if let Some(r) = admin_off(&shared) {
-        return r;
-    }
-    let id = body["modelId"].as_str().unwrap_or_default().to_owned();
+    let Some(id) = admin_model_id(&shared, &body) else {
+        return admin_missing();
+    };
     if !lock(&shared.available).contains(&id) {
         let message = format!("model {id} is not available");
         return (
@@ -371,10 +381,9 @@ async fn admin_unload(
     State(shared): State<Arc<Shared>>,
     axum::Json(body): axum::Json<Value>,
 ) -> Response {
-    if let Some(r) = admin_off(&shared) {
-        return r;
-    }
-    let id = body["modelId"].as_str().unwrap_or_default().to_owned();
+    let Some(id) = admin_model_id(&shared, &body) else {
+        return admin_missing();
+    };
     lock(&shared.models).retain(|m| *m != id);
     axum::Json(json!({"status": "unloaded", "modelId": id})).into_response()
 }

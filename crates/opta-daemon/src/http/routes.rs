@@ -8,8 +8,8 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use opta_protocol::{
     CancelRequest, CancelResponse, Contract, CreateSessionRequest, HealthResponse, MetricsResponse,
-    ResolvePermissionRequest, ResolvePermissionResponse, SessionDetail, SessionListResponse,
-    SessionSnapshot, SubmitTurnRequest, SubmitTurnResponse, V3HealthResponse,
+    ResolvePermissionRequest, ResolvePermissionResponse, SessionDetail, SessionId,
+    SessionListResponse, SessionSnapshot, SubmitTurnRequest, SubmitTurnResponse, V3HealthResponse,
 };
 use serde::Deserialize;
 
@@ -93,12 +93,18 @@ pub async fn list_sessions(
     }
     let cursor = query.cursor.as_deref().map(decode_cursor).transpose()?;
     let page = state.ctx.store.list_sessions(limit, cursor).await?;
-    let resident = state.registry.resident().await?;
     // Stored ids were validated on creation; a row that fails now is skipped, not served.
-    let snapshots = page.rows.iter().filter_map(|row| {
-        let id = opta_protocol::SessionId::parse(&row.id).ok()?;
-        let handle = resident.get(&id).cloned();
-        Some(async move {
+    let rows: Vec<(SessionId, &SessionRow)> = page
+        .rows
+        .iter()
+        .filter_map(|row| Some((SessionId::parse(&row.id).ok()?, row)))
+        .collect();
+    let ids = rows.iter().map(|(id, _)| id.clone()).collect();
+    let resident = state.registry.resident(ids).await?;
+    let snapshots = rows
+        .into_iter()
+        .zip(resident)
+        .map(|((id, row), handle)| async move {
             match handle {
                 Some(h) => match h.snapshot().await {
                     Ok(snapshot) => snapshot,
@@ -106,8 +112,7 @@ pub async fn list_sessions(
                 },
                 None => stored_snapshot(id, row),
             }
-        })
-    });
+        });
     let sessions: Vec<SessionSnapshot> = futures_util::future::join_all(snapshots).await;
     let next_cursor = if page.has_more {
         page.rows.last().map(encode_cursor)
@@ -120,7 +125,7 @@ pub async fn list_sessions(
     }))
 }
 
-fn stored_snapshot(session_id: opta_protocol::SessionId, row: &SessionRow) -> SessionSnapshot {
+fn stored_snapshot(session_id: SessionId, row: &SessionRow) -> SessionSnapshot {
     SessionSnapshot {
         session_id,
         model: row.model.clone(),

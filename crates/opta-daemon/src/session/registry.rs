@@ -37,7 +37,8 @@ enum RegistryCommand {
         reply: oneshot::Sender<Result<()>>,
     },
     Resident {
-        reply: oneshot::Sender<HashMap<SessionId, SessionHandle>>,
+        ids: Vec<SessionId>,
+        reply: oneshot::Sender<Vec<Option<SessionHandle>>>,
     },
     Shutdown {
         reply: oneshot::Sender<()>,
@@ -88,9 +89,10 @@ impl Registry {
             .await?
     }
 
-    /// Handles of the sessions resident in memory.
-    pub async fn resident(&self) -> Result<HashMap<SessionId, SessionHandle>> {
-        self.ask(|reply| RegistryCommand::Resident { reply }).await
+    /// For each of `ids`, its handle if that session is resident (without loading any).
+    pub async fn resident(&self, ids: Vec<SessionId>) -> Result<Vec<Option<SessionHandle>>> {
+        self.ask(|reply| RegistryCommand::Resident { ids, reply })
+            .await
     }
 
     /// Stops every session actor (running turns end as `interrupted`).
@@ -136,8 +138,9 @@ impl RegistryActor {
                     }
                     let _ = reply.send(result);
                 }
-                RegistryCommand::Resident { reply } => {
-                    let _ = reply.send(self.sessions.clone());
+                RegistryCommand::Resident { ids, reply } => {
+                    let handles = ids.iter().map(|id| self.sessions.get(id).cloned());
+                    let _ = reply.send(handles.collect());
                 }
                 RegistryCommand::Shutdown { reply } => {
                     let handles: Vec<_> = self.sessions.drain().map(|(_, h)| h).collect();
