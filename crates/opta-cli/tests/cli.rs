@@ -130,6 +130,58 @@ async fn daemon_start_twice_status_and_stop() {
         text(&logs.stdout)
     );
 
+    // `logs -f` follows the log: a refused request written now shows up.
+    let mut follow = home.command(&["daemon", "logs", "-f", "-n", "0"]);
+    follow.stdout(std::process::Stdio::piped());
+    let mut follower = follow.spawn().unwrap();
+    let stdout = follower.stdout.take().unwrap();
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if lines_tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let state = home.state().unwrap();
+    let url = format!("http://127.0.0.1:{}/v3/sessions/nope-{pid}", state["port"]);
+    let followed = tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            // Refused requests are logged at warn; repeat until the follower prints one.
+            let _ = std::process::Command::new("curl")
+                .args(["-s", "-o", "/dev/null", &url])
+                .status();
+            if let Ok(line) = lines_rx.recv_timeout(Duration::from_millis(300))
+                && line.contains("request refused")
+            {
+                return line;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "logs -f printed nothing new"
+            );
+        }
+    })
+    .await
+    .unwrap();
+    assert!(followed.contains("unauthorized"), "{followed}");
+    follower.kill().unwrap();
+    let _ = follower.wait();
+
+    // restart: a new daemon on the same home.
+    let restart = home.opta(&["daemon", "restart"]).await;
+    assert!(restart.status.success(), "{}", text(&restart.stderr));
+    assert!(text(&restart.stdout).contains("opta daemon started"));
+    let old_pid = pid;
+    let pid = home.state().unwrap()["pid"].as_u64().unwrap();
+    assert_ne!(pid, old_pid);
+    assert!(!alive(old_pid));
+
     let stop = home.opta(&["daemon", "stop"]).await;
     assert!(stop.status.success());
     assert!(text(&stop.stdout).contains(&format!("stopped (pid {pid})")));
