@@ -439,3 +439,46 @@ async fn lmx_routes_without_the_admin_api_answer_what_they_can() {
     assert_normal_turn_works(&d, &s).await;
     assert_eq!(lmx.model_list_requests(), 2);
 }
+
+#[tokio::test]
+async fn a_connect_that_never_completes_is_lmx_timeout() {
+    // A listener that never accepts, with its accept queue full: further connects hang in
+    // SYN retries, as with an unreachable host.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..8 {
+        let attempt = tokio::time::timeout(
+            Duration::from_millis(200),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await;
+        match attempt {
+            Ok(Ok(stream)) => fillers.push(stream),
+            // The queue is full: connects now hang.
+            Ok(Err(_)) | Err(_) => break,
+        }
+    }
+    let d = TestDaemon::start_with(&format!("http://{addr}"), |c| {
+        c.lmx_timeouts.connect = Duration::from_millis(300);
+    })
+    .await;
+    let s = d.create_session(None).await;
+    let started = Instant::now();
+    let (_, events) = turn(&d, &s, "hello?").await;
+    assert_eq!(
+        terminal(&events)["payload"]["code"],
+        "lmx-timeout",
+        "{:?}",
+        terminal(&events)
+    );
+    // Well under the 10 s admin timeout: it was the 300 ms connect timeout that fired.
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(listener);
+}
