@@ -196,19 +196,38 @@ async fn ws_inbound_frames_are_acked_or_answered_with_error_frames() {
         json!({"type": "ack", "action": "hello", "clientId": "c1", "sessionId": s, "lastSeq": 1})
     );
 
-    // Bad frames get error frames and the connection stays open.
+    // Bad frames get error frames and the connection stays open. An unknown type has no
+    // action; a known one names it.
     ws.send(json!({"type": "dance", "sessionId": s})).await;
-    assert_eq!(ws.next_json().await["code"], "invalid-request");
+    let frame = ws.next_json().await;
+    assert_eq!(
+        (frame["code"].clone(), frame.get("action")),
+        (json!("invalid-request"), None)
+    );
     ws.send(json!({"type": "turn.submit", "sessionId": "other", "clientId": "c", "writerId": "w", "content": "x", "mode": "chat"})).await;
     let frame = ws.next_json().await;
-    assert_eq!(frame["code"], "invalid-request");
+    assert_eq!(
+        (frame["code"].clone(), frame["action"].clone()),
+        (json!("invalid-request"), json!("turn.submit"))
+    );
     assert!(
         frame["error"].as_str().unwrap().contains("inbound"),
         "{frame}"
     );
     ws.send(json!({"type": "turn.submit", "sessionId": s, "clientId": "c", "writerId": "w", "content": "x", "mode": "sing"})).await;
     let frame = ws.next_json().await;
-    assert_eq!(frame["details"][0]["path"], "mode", "{frame}");
+    assert_eq!(
+        (frame["details"][0]["path"].clone(), frame["action"].clone()),
+        (json!("mode"), json!("turn.submit")),
+        "{frame}"
+    );
+    ws.send(json!({"type": "hello", "sessionId": s})).await;
+    let frame = ws.next_json().await;
+    assert_eq!(
+        (frame["code"].clone(), frame["action"].clone()),
+        (json!("invalid-request"), json!("hello")),
+        "{frame}"
+    );
     ws.send(json!({"type": "turn.submit", "sessionId": s, "clientId": "c", "writerId": "w", "content": "x", "mode": "chat", "lastSeenSeq": 0})).await;
     let frame = ws.next_json().await;
     assert_eq!(
@@ -249,6 +268,37 @@ async fn ws_inbound_frames_are_acked_or_answered_with_error_frames() {
         .map(|e| e["payload"]["code"].clone())
         .collect();
     assert_eq!(codes.last(), Some(&json!("cancelled")));
+}
+
+#[tokio::test]
+async fn a_message_over_the_size_limit_is_refused_with_1009_and_changes_nothing() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let d = TestDaemon::start(&lmx.url()).await;
+    let s = d.create_session(None).await;
+    let mut ws = d.ws(&s, 1).await;
+    let content = "x".repeat(opta_daemon::http::BODY_LIMIT);
+    ws.send(
+        json!({"type": "turn.submit", "sessionId": s, "clientId": "c", "writerId": "w",
+        "content": content, "mode": "chat"}),
+    )
+    .await;
+    let frame = ws.next_json().await;
+    assert_eq!(frame["code"], "payload-too-large", "{frame}");
+    assert!(matches!(ws.next().await, Some(WsItem::Closed(1009, _))));
+    // Nothing was queued, and the session still takes turns over a new connection.
+    let events = d.events(&s, 0).await;
+    assert_eq!(events.len(), 1, "only the snapshot: {events:?}");
+    let mut ws = d.ws(&s, 1).await;
+    ws.send(
+        json!({"type": "turn.submit", "sessionId": s, "clientId": "c", "writerId": "w",
+        "content": "small", "mode": "chat"}),
+    )
+    .await;
+    let ack = ws.next_json().await;
+    assert_eq!(ack["queued"], true, "{ack}");
+    let turn = ack["turnId"].as_str().unwrap().to_owned();
+    let events = ws.envelopes_until(is_terminal_of(&turn)).await;
+    assert_eq!(events.last().unwrap()["event"], "turn.done");
 }
 
 #[tokio::test]

@@ -61,6 +61,15 @@ pub enum ClientFrame {
 }
 
 impl ClientFrame {
+    /// Every frame `type` the daemon understands.
+    pub const ACTIONS: [&'static str; 4] =
+        ["hello", "turn.submit", "permission.resolve", "turn.cancel"];
+
+    /// `kind` as a known frame `type`, for naming the action of a frame that failed to parse.
+    pub fn known_action(kind: &str) -> Option<&'static str> {
+        Self::ACTIONS.into_iter().find(|a| *a == kind)
+    }
+
     /// The session the frame names.
     pub fn session_id(&self) -> &SessionId {
         match self {
@@ -99,6 +108,44 @@ pub struct AckFrame {
 mod tests {
     use super::*;
     use crate::model::Mode;
+
+    #[test]
+    fn every_variant_action_is_known() {
+        let session = || crate::ids::SessionId::parse("s1").unwrap();
+        let frames = [
+            ClientFrame::Hello {
+                client_id: "c".into(),
+                session_id: session(),
+                after_seq: None,
+            },
+            ClientFrame::TurnSubmit {
+                session_id: session(),
+                turn: SubmitTurnRequest::new("c", "w", "hi", Mode::Chat),
+            },
+            ClientFrame::PermissionResolve {
+                session_id: session(),
+                resolution: serde_json::from_value(serde_json::json!({
+                    "requestId": "perm_1", "decision": "allow", "decidedBy": "me"
+                }))
+                .unwrap(),
+            },
+            ClientFrame::TurnCancel {
+                session_id: session(),
+                cancel: CancelRequest::default(),
+            },
+        ];
+        let actions: Vec<&str> = frames.iter().map(ClientFrame::action).collect();
+        assert_eq!(actions, ClientFrame::ACTIONS);
+        for frame in &frames {
+            let wire = serde_json::to_value(frame).unwrap();
+            assert_eq!(wire["type"], frame.action());
+            assert_eq!(
+                ClientFrame::known_action(frame.action()),
+                Some(frame.action())
+            );
+        }
+        assert_eq!(ClientFrame::known_action("ack"), None);
+    }
 
     #[test]
     fn submit_frame_parses_flat() {

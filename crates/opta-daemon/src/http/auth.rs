@@ -37,8 +37,7 @@ pub fn is_authorised(expected: &str, headers: &HeaderMap, query: Option<&str>) -
     let from_header = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+        .and_then(bearer_credentials);
     if let Some(given) = from_header
         && tokens_match(expected, given)
     {
@@ -48,6 +47,15 @@ pub fn is_authorised(expected: &str, headers: &HeaderMap, query: Option<&str>) -
         form_urlencoded::parse(q.as_bytes())
             .any(|(k, v)| k == "token" && tokens_match(expected, &v))
     })
+}
+
+/// The credentials of a `Bearer` authorization value; the scheme name is case-insensitive
+/// (RFC 9110, section 11.1).
+fn bearer_credentials(value: &str) -> Option<&str> {
+    let (scheme, credentials) = value.trim_start().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| credentials.trim())
 }
 
 fn tokens_match(expected: &str, given: &str) -> bool {
@@ -72,6 +80,15 @@ mod tests {
         );
         assert!(is_authorised("abc", &headers, None));
         headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer ab"));
+        assert!(!is_authorised("abc", &headers, None));
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("bearer  abc"),
+        );
+        assert!(is_authorised("abc", &headers, None));
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
+        assert!(!is_authorised("abc", &headers, None));
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearerabc"));
         assert!(!is_authorised("abc", &headers, None));
     }
 }

@@ -27,6 +27,10 @@ use crate::session::SessionHandle;
 
 type WsSink = futures_util::stream::SplitSink<WebSocket, Message>;
 
+/// RFC 6455 close codes.
+const CLOSE_PROTOCOL_ERROR: u16 = 1002;
+const CLOSE_MESSAGE_TOO_BIG: u16 = 1009;
+
 pub async fn connect(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -103,7 +107,11 @@ async fn serve_socket(
                 return;
             }
             incoming = source.next() => match incoming {
-                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                None | Some(Ok(Message::Close(_))) => return,
+                Some(Err(e)) => {
+                    close_after_read_error(&mut sink, e).await;
+                    return;
+                }
                 Some(Ok(Message::Text(body))) => {
                     let reply = answer_frame(&handle, &session_id, body.as_bytes(), last_sent).await;
                     if sink.send(text(&reply)).await.is_err() {
@@ -111,7 +119,7 @@ async fn serve_socket(
                     }
                 }
                 Some(Ok(Message::Binary(_))) => {
-                    let reply = error_frame(&Error::invalid("frame", "binary frames are not supported"));
+                    let reply = error_reply(&Error::invalid("frame", "binary frames are not supported"), None);
                     if sink.send(text(&reply)).await.is_err() {
                         return;
                     }
@@ -158,10 +166,6 @@ fn text(json: &str) -> Message {
     Message::Text(Utf8Bytes::from(json))
 }
 
-fn error_frame(error: &Error) -> String {
-    error.body().to_string()
-}
-
 fn ack<T: Serialize>(action: &str, result: &T) -> String {
     let result = match serde_json::to_value(result) {
         Ok(serde_json::Value::Object(map)) => map,
@@ -183,15 +187,16 @@ async fn answer_frame(
 ) -> String {
     let frame = match parse_client_frame(body) {
         Ok(f) => f,
-        Err(e) => return error_frame(&e),
+        Err((action, e)) => return error_reply(&e, action),
     };
+    let action = frame.action();
     if frame.session_id() != session_id {
-        return error_frame(&Error::invalid(
+        let e = Error::invalid(
             "sessionId",
             format!("this connection is for session {session_id}"),
-        ));
+        );
+        return error_reply(&e, Some(action));
     }
-    let action = frame.action();
     let result = match frame {
         ClientFrame::Hello { client_id, .. } => Ok(ack(
             action,
@@ -209,38 +214,52 @@ async fn answer_frame(
             handle.cancel(cancel).await.map(|r| ack(action, &r))
         }
     };
-    result.unwrap_or_else(|e| {
-        let mut body = e.body();
-        if let Some(map) = body.as_object_mut() {
-            map.insert("action".into(), action.into());
-        }
-        body.to_string()
-    })
+    result.unwrap_or_else(|e| error_reply(&e, Some(action)))
 }
 
-/// Parses a client frame. serde reports errors inside an internally tagged enum without a
-/// path, so on failure the variant's body is parsed again to name the offending field.
-fn parse_client_frame(body: &[u8]) -> Result<ClientFrame, Error> {
-    let value: serde_json::Value = parse_json(body)?;
-    let kind = value
-        .get("type")
-        .and_then(serde_json::Value::as_str)
-        .map(str::to_owned);
-    serde_json::from_value::<ClientFrame>(value).map_err(|e| {
-        let precise = match kind.as_deref() {
+/// The HTTP error body as a frame, plus `action` when the frame's type was understood.
+fn error_reply(error: &Error, action: Option<&str>) -> String {
+    let mut body = error.body();
+    if let (Some(action), Some(map)) = (action, body.as_object_mut()) {
+        map.insert("action".into(), action.into());
+    }
+    body.to_string()
+}
+
+/// Parses a client frame; a failure names the frame's action when its `type` is known. serde
+/// reports errors inside an internally tagged enum without a path, so on failure the variant's
+/// body is parsed again to name the offending field.
+fn parse_client_frame(body: &[u8]) -> Result<ClientFrame, (Option<&'static str>, Error)> {
+    let value: serde_json::Value = parse_json(body).map_err(|e| (None, e))?;
+    let kind = value.get("type").and_then(serde_json::Value::as_str);
+    let action = kind.and_then(ClientFrame::known_action);
+    let has_type = kind.is_some();
+    let precise = |e: serde_json::Error| {
+        let reparsed = match action {
             Some("turn.submit") => parse_json::<SubmitTurnRequest>(body).err(),
             Some("permission.resolve") => parse_json::<ResolvePermissionRequest>(body).err(),
             Some("turn.cancel") => parse_json::<CancelRequest>(body).err(),
             _ => None,
         };
-        precise.unwrap_or_else(|| {
-            let path = match kind {
-                Some(_) => "frame",
-                None => "type",
-            };
-            Error::invalid(path, e.to_string())
-        })
-    })
+        let path = if has_type { "frame" } else { "type" };
+        reparsed.unwrap_or_else(|| Error::invalid(path, e.to_string()))
+    };
+    serde_json::from_value::<ClientFrame>(value).map_err(|e| (action, precise(e)))
+}
+
+/// Closes the connection after a failed read: 1009 with an error frame for a message over
+/// the size limit, 1002 for anything else (a protocol violation or a broken socket).
+async fn close_after_read_error(sink: &mut WsSink, error: axum::Error) {
+    let too_big = matches!(
+        error.into_inner().downcast_ref::<tungstenite::Error>(),
+        Some(tungstenite::Error::Capacity(_))
+    );
+    if too_big {
+        let e = Error::PayloadTooLarge { limit: BODY_LIMIT };
+        close_with_error(sink, &e, CLOSE_MESSAGE_TOO_BIG).await;
+    } else {
+        close(sink, CLOSE_PROTOCOL_ERROR, "protocol error").await;
+    }
 }
 
 async fn close(sink: &mut WsSink, code: u16, reason: &str) {
@@ -253,7 +272,7 @@ async fn close(sink: &mut WsSink, code: u16, reason: &str) {
 }
 
 async fn close_with_error(sink: &mut WsSink, error: &Error, code: u16) {
-    let _ = sink.send(text(&error_frame(error))).await;
+    let _ = sink.send(text(&error_reply(error, None))).await;
     // Close reasons are limited to 123 bytes.
     let mut reason = error.to_string();
     while reason.len() > 120 {
