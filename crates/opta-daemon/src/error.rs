@@ -77,6 +77,9 @@ pub enum Error {
         /// What failed.
         reason: String,
     },
+    /// A contract route this daemon does not implement yet. Retrying cannot help.
+    #[error("{0}: not available in this version of the opta daemon")]
+    NotImplemented(&'static str),
     /// The inference server failed or refused a proxied request (`/v3/lmx/*`).
     #[error("{0}")]
     Lmx(#[from] crate::inference::InferenceError),

@@ -24,6 +24,7 @@ impl Error {
             Error::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload-too-large"),
             Error::StorageFull(_) => (StatusCode::INSUFFICIENT_STORAGE, "storage-full"),
             Error::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting-down"),
+            Error::NotImplemented(_) => (StatusCode::NOT_IMPLEMENTED, "unsupported"),
             Error::Lmx(e) => lmx_status(e),
             Error::Storage(_)
             | Error::AlreadyRunning { .. }

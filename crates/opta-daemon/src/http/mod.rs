@@ -58,6 +58,20 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v3/sse/events", get(sse::events))
         .route("/v3/ws", get(ws::connect))
+        .route("/v3/background", get(routes::background_unavailable))
+        .route("/v3/background/start", post(routes::background_unavailable))
+        .route(
+            "/v3/background/{pid}/status",
+            get(routes::background_unavailable),
+        )
+        .route(
+            "/v3/background/{pid}/output",
+            get(routes::background_unavailable),
+        )
+        .route(
+            "/v3/background/{pid}/kill",
+            post(routes::background_unavailable),
+        )
         .route("/v3/lmx/status", get(lmx::status))
         .route("/v3/lmx/models", get(lmx::models))
         .route("/v3/lmx/memory", get(lmx::memory))

@@ -258,6 +258,12 @@ pub async fn resolve_permission(
     Ok(Json(handle.resolve_permission(request_id, request).await?))
 }
 
+/// The `/v3/background` routes of the contract: background processes come with the agent's
+/// tools, so until then each answers 501 rather than a misleading 404.
+pub async fn background_unavailable() -> Error {
+    Error::NotImplemented("Background processes")
+}
+
 pub async fn not_found(uri: Uri) -> Error {
     Error::RouteNotFound(uri.path().to_owned())
 }
