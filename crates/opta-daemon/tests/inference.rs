@@ -416,7 +416,7 @@ async fn lmx_routes_with_the_admin_api() {
 async fn lmx_routes_without_the_admin_api_answer_what_they_can() {
     let lmx = ScriptedLmx::start().await.unwrap();
     lmx.set_admin_api(false);
-    let d = TestDaemon::start(&lmx.url()).await;
+    let d = TestDaemon::start_with(&lmx.url(), |c| c.preflight_ttl = Duration::ZERO).await;
     let (status, body) = d.get("/v3/lmx/models").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body["source"], "v1");
@@ -434,10 +434,57 @@ async fn lmx_routes_without_the_admin_api_answer_what_they_can() {
     }
     let (status, _) = d.post("/v3/lmx/models/load", json!({"modelId": "x"})).await;
     assert_eq!(status, StatusCode::NOT_IMPLEMENTED);
-    // Turns work, and the fallback is remembered: one failed /admin probe, then /v1 only.
+    // Turns work, and their model check remembers the fallback: /v1/models only, no /admin
+    // probe first (the TTL is zero, so each turn asks).
     let s = d.create_session(None).await;
+    let before = lmx.model_list_requests();
     assert_normal_turn_works(&d, &s).await;
-    assert_eq!(lmx.model_list_requests(), 2);
+    assert_eq!(lmx.model_list_requests(), before + 1);
+}
+
+#[tokio::test]
+async fn another_kind_of_server_started_at_the_same_url_is_recognised() {
+    let plain = ScriptedLmx::start().await.unwrap();
+    plain.set_admin_api(false);
+    let port = plain.port();
+    let d = TestDaemon::start(&plain.url()).await;
+    let load = json!({"modelId": "other-model"});
+    let (status, _) = d.post("/v3/lmx/models/load", load.clone()).await;
+    assert_eq!(status, StatusCode::NOT_IMPLEMENTED);
+    let (_, body) = d.get("/v3/lmx/status").await;
+    assert_eq!(body["adminApi"], false);
+
+    // LMX takes the port: its admin API is found on the next admin call.
+    plain.stop().await;
+    let lmx = ScriptedLmx::start_on(port).await.unwrap();
+    let (status, body) = d.post("/v3/lmx/models/load", load.clone()).await;
+    assert_eq!(
+        (status, body["status"].clone()),
+        (StatusCode::OK, json!("loaded"))
+    );
+    let (_, body) = d.get("/v3/lmx/status").await;
+    assert_eq!(body["adminApi"], true);
+    // A model LMX does not have is its own 404, not "unsupported".
+    let (status, body) = d
+        .post("/v3/lmx/models/load", json!({"modelId": "nope"}))
+        .await;
+    assert_eq!(
+        (status, body["code"].clone()),
+        (StatusCode::NOT_FOUND, json!("lmx-rejected"))
+    );
+
+    // And back: a server without the admin API in LMX's place is "unsupported" at once.
+    lmx.stop().await;
+    let plain = ScriptedLmx::start_on(port).await.unwrap();
+    plain.set_admin_api(false);
+    let (status, body) = d.post("/v3/lmx/models/unload", load).await;
+    assert_eq!(
+        (status, body["code"].clone()),
+        (StatusCode::NOT_IMPLEMENTED, json!("unsupported")),
+        "{body}"
+    );
+    let (_, body) = d.get("/v3/lmx/status").await;
+    assert_eq!(body["adminApi"], false);
 }
 
 #[tokio::test]

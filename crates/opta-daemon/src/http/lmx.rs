@@ -21,12 +21,9 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 pub async fn status(State(state): State<AppState>) -> Result<Json<Value>> {
     let lmx = &state.ctx.lmx;
     let list = state.ctx.preflight.models(lmx).await?;
-    let server = if lmx.has_admin_api() {
-        // LMX may not offer /admin/status; the model list already proves it is up.
-        lmx.admin_get("/admin/status", "status").await.ok()
-    } else {
-        None
-    };
+    // Servers without the admin API (and LMX versions without /admin/status) have no status
+    // to add; the model list already proves the server is up.
+    let server = lmx.admin_get("/admin/status", "status").await.ok();
     Ok(Json(json!({
         "status": "ok",
         "url": lmx.base_url(),

@@ -280,22 +280,32 @@ impl LmxClient {
     }
 
     /// Lists the loaded models: `GET /admin/models` on LMX, else `GET /v1/models`. Which one
-    /// works is remembered, so later lists cost one request.
+    /// works is remembered until the server refuses a connection, so later lists cost one
+    /// request.
     pub async fn list_models(&self) -> Result<ModelList, InferenceError> {
-        if self.flavor.load(Ordering::Relaxed) != FLAVOR_OPENAI {
-            match self.get_json("/admin/models").await {
-                Ok(body) => {
-                    self.flavor.store(FLAVOR_LMX, Ordering::Relaxed);
-                    return ModelList::from_admin(&body);
-                }
-                Err(InferenceError::Http { status, .. }) if is_missing_route(status) => {
-                    self.flavor.store(FLAVOR_OPENAI, Ordering::Relaxed);
-                }
-                Err(e) => return Err(e),
-            }
+        if self.flavor.load(Ordering::Relaxed) != FLAVOR_OPENAI
+            && let Some(body) = self.admin_models().await?
+        {
+            return ModelList::from_admin(&body);
         }
         let body = self.get_json("/v1/models").await?;
         ModelList::from_v1(&body)
+    }
+
+    /// `GET /admin/models`: its answer on LMX, `None` on servers without the admin API;
+    /// either way the server's kind is remembered.
+    async fn admin_models(&self) -> Result<Option<Value>, InferenceError> {
+        match self.get_json("/admin/models").await {
+            Ok(body) => {
+                self.flavor.store(FLAVOR_LMX, Ordering::Relaxed);
+                Ok(Some(body))
+            }
+            Err(InferenceError::Http { status, .. }) if is_missing_route(status) => {
+                self.flavor.store(FLAVOR_OPENAI, Ordering::Relaxed);
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// `GET` an LMX admin route; [`InferenceError::Unsupported`] on servers without it.
@@ -319,21 +329,23 @@ impl LmxClient {
             .post(format!("{}{path}", self.base_url))
             .json(body)
             .send();
-        // On a server with the admin API a 404 here is the server's answer (unknown model),
-        // not a missing route.
-        self.finish_json(request).await.map_err(|e| match e {
-            InferenceError::Http {
-                status: 405 | 501, ..
-            } => self.unsupported_if_missing(e, what),
+        match self.finish_json(request).await {
+            // On LMX a 404 here is the server's answer (unknown model); it is a missing route
+            // when another kind of server now answers at this URL. Asking again tells which.
+            Err(e @ InferenceError::Http { status, .. }) if is_missing_route(status) => {
+                self.flavor.store(FLAVOR_UNKNOWN, Ordering::Relaxed);
+                self.require_admin(what).await?;
+                Err(e)
+            }
             other => other,
-        })
+        }
     }
 
     async fn require_admin(&self, what: &str) -> Result<(), InferenceError> {
-        if self.flavor.load(Ordering::Relaxed) == FLAVOR_UNKNOWN {
-            self.list_models().await?;
-        }
-        if self.has_admin_api() {
+        // Admin calls are rare and made by people: unless the server is known to be LMX, ask
+        // it again rather than trust an old answer, so an LMX started in place of another
+        // server is found.
+        if self.has_admin_api() || self.admin_models().await?.is_some() {
             Ok(())
         } else {
             Err(InferenceError::Unsupported {
@@ -493,6 +505,8 @@ impl LmxClient {
             return InferenceError::Timeout(self.timeouts.connect);
         }
         if is_connection_refused(&e) {
+            // Whatever answers at this URL next may be another kind of server.
+            self.flavor.store(FLAVOR_UNKNOWN, Ordering::Relaxed);
             return InferenceError::ConnectionRefused {
                 url: self.base_url.clone(),
             };
