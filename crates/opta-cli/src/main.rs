@@ -49,8 +49,8 @@ enum Command {
     Models {
         #[command(subcommand)]
         action: Option<sessions_cmd::ModelsAction>,
-        /// Print JSON.
-        #[arg(long)]
+        /// Print JSON (before or after the subcommand).
+        #[arg(long, global = true)]
         json: bool,
     },
 }

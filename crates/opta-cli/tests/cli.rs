@@ -342,3 +342,78 @@ async fn chat_streams_answers_and_ctrl_c_cancels_a_long_turn() {
         "the cancel dropped the inference stream"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_load_unload_and_sessions_cancel() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let home = Home::new(&lmx.url());
+
+    let load = home.opta(&["models", "load", "other-model"]).await;
+    assert!(load.status.success(), "{}", text(&load.stderr));
+    assert_eq!(text(&load.stdout), "loaded other-model\n");
+    let models = home.opta(&["models", "--json"]).await;
+    let models: Value = serde_json::from_slice(&models.stdout).unwrap();
+    let ids: Vec<&str> = models["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["default", "other-model"], "the load shows at once");
+    let unload = home
+        .opta(&["models", "unload", "other-model", "--json"])
+        .await;
+    assert!(unload.status.success(), "{}", text(&unload.stderr));
+    let answer: Value = serde_json::from_slice(&unload.stdout).unwrap();
+    assert_eq!(answer["modelId"], "other-model");
+    let refused = home.opta(&["models", "load", "no-such-model"]).await;
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        text(&refused.stderr).contains("no-such-model is not available"),
+        "{}",
+        text(&refused.stderr)
+    );
+    lmx.set_admin_api(false);
+    let unsupported = home.opta(&["models", "load", "other-model"]).await;
+    assert_eq!(unsupported.status.code(), Some(1));
+    assert!(
+        text(&unsupported.stderr).contains("501"),
+        "{}",
+        text(&unsupported.stderr)
+    );
+
+    // `sessions cancel ID` stops the running turn of an `opta do` elsewhere, which exits 130.
+    lmx.push(Reply::slow(2000, Duration::from_millis(20)));
+    let mut task = home.command(&["do", "talk for a long time"]);
+    task.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let task = task.spawn().unwrap();
+    lmx.wait_chat_requests(1).await;
+    let sessions = home.opta(&["sessions", "list", "--json"]).await;
+    let sessions: Value = serde_json::from_slice(&sessions.stdout).unwrap();
+    let id = sessions["sessions"][0]["sessionId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        sessions["sessions"][0]["activeTurnId"].is_string(),
+        "{sessions}"
+    );
+    let cancel = home.opta(&["sessions", "cancel", &id]).await;
+    assert!(cancel.status.success(), "{}", text(&cancel.stderr));
+    assert_eq!(
+        text(&cancel.stdout),
+        "cancelled 1 turn(s): 0 queued, active yes\n"
+    );
+    let task = tokio::task::spawn_blocking(move || task.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(task.status.code(), Some(130), "{}", text(&task.stderr));
+    lmx.wait_streams_dropped(1).await;
+    let again = home.opta(&["sessions", "cancel", &id, "--json"]).await;
+    let again: Value = serde_json::from_slice(&again.stdout).unwrap();
+    assert_eq!(
+        again,
+        serde_json::json!({"ok": true, "cancelled": 0, "cancelledQueued": 0, "cancelledActive": false})
+    );
+}
