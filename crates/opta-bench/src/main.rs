@@ -5,13 +5,17 @@
 //! `POST /v3/sessions/:id/turns` to the first `turn.token` and to `turn.done` on a WebSocket
 //! subscriber. The scripted server's own time to first byte is measured the same way
 //! (a direct streaming request), so the ratio shows what the daemon adds.
+//!
+//! `soak`: many rounds of a session's whole life with clients that misbehave (vanish
+//! mid-turn, send bad input), reporting the process's memory, file descriptors and threads
+//! after a warm-up and at the end, and what the daemon still holds: leaks show as growth.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use futures_util::StreamExt;
+use futures_util::{SinkExt, StreamExt};
 use opta_daemon::store::{Store, WriteOp};
 use opta_daemon::{DaemonConfig, RunningDaemon};
 use opta_test_support::ScriptedLmx;
@@ -36,6 +40,15 @@ enum Bench {
         #[arg(long, default_value_t = 20)]
         warmup: usize,
     },
+    /// Session lifecycles with vanishing and misbehaving clients; reports resource growth.
+    Soak {
+        /// Measured rounds.
+        #[arg(long, default_value_t = 2000)]
+        rounds: usize,
+        /// Rounds before the first resource sample.
+        #[arg(long, default_value_t = 200)]
+        warmup: usize,
+    },
     /// Round trip of one event commit through the store's writer thread.
     Store {
         /// Measured commits.
@@ -49,6 +62,7 @@ fn main() -> Result<()> {
     match cli.command {
         Bench::Overhead { turns, warmup } => overhead(turns, warmup),
         Bench::Store { commits } => store(commits),
+        Bench::Soak { rounds, warmup } => soak(rounds, warmup),
     }
 }
 
@@ -99,38 +113,214 @@ fn store(commits: usize) -> Result<()> {
     Ok(())
 }
 
+/// A daemon and a zero-latency scripted server on their own runtime (and threads), and a
+/// client runtime, so a measurement does not share a scheduler with what it measures.
+struct Rig {
+    server_rt: tokio::runtime::Runtime,
+    client_rt: tokio::runtime::Runtime,
+    lmx: ScriptedLmx,
+    daemon: RunningDaemon,
+    base: String,
+    _home: tempfile::TempDir,
+}
+
+impl Rig {
+    fn start() -> Result<Self> {
+        let server_rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let home = tempfile::tempdir()?;
+        let (lmx, daemon) = server_rt.block_on(async {
+            let lmx = ScriptedLmx::start().await?;
+            let mut config = DaemonConfig::new(home.path());
+            config.port = 0;
+            config.lmx_url = lmx.url();
+            config.token = Some(TOKEN.into());
+            let daemon = RunningDaemon::start(config).await?;
+            anyhow::Ok((lmx, daemon))
+        })?;
+        let base = format!("http://{}", daemon.addr());
+        let client_rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        Ok(Self {
+            server_rt,
+            client_rt,
+            lmx,
+            daemon,
+            base,
+            _home: home,
+        })
+    }
+
+    fn stop(self) -> Result<()> {
+        self.server_rt.block_on(self.daemon.shutdown())?;
+        drop(self.lmx);
+        Ok(())
+    }
+}
+
+const TOKEN: &str = "bench-token";
+
 fn overhead(turns: usize, warmup: usize) -> Result<()> {
-    // Daemon and scripted server get their own runtime (and threads); the client another, so
-    // the measurement does not share a scheduler with what it measures.
-    let server_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    let home = tempfile::tempdir()?;
-    let (lmx, daemon) = server_rt.block_on(async {
-        let lmx = ScriptedLmx::start().await?;
-        let mut config = DaemonConfig::new(home.path());
-        config.port = 0;
-        config.lmx_url = lmx.url();
-        config.token = Some("bench-token".into());
-        let daemon = RunningDaemon::start(config).await?;
-        anyhow::Ok((lmx, daemon))
-    })?;
-    let base = format!("http://{}", daemon.addr());
-    let client_rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let result = client_rt
-        .block_on(measure(&base, &lmx.url(), turns, warmup))
+    let rig = Rig::start()?;
+    let result = rig
+        .client_rt
+        .block_on(measure(&rig.base, &rig.lmx.url(), turns, warmup))
         .map(|mut report| {
             // With a warm preflight cache the whole run costs one model-list request.
-            report["lmxModelListRequests"] = json!(lmx.model_list_requests());
+            report["lmxModelListRequests"] = json!(rig.lmx.model_list_requests());
             report
         });
-    server_rt.block_on(daemon.shutdown())?;
-    drop(lmx);
+    rig.stop()?;
     let report = result?;
     println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
+
+/// This process's resident memory (KiB), open file descriptors and threads.
+fn resources() -> Result<Value> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let field = |name: &str| -> Option<u64> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+    };
+    let fds = std::fs::read_dir("/proc/self/fd")?.count();
+    Ok(json!({"rssKib": field("VmRSS:"), "fds": fds, "threads": field("Threads:")}))
+}
+
+fn soak(rounds: usize, warmup: usize) -> Result<()> {
+    let rig = Rig::start()?;
+    let result = rig.client_rt.block_on(async {
+        let http = reqwest::Client::new();
+        for i in 0..warmup {
+            soak_round(&http, &rig.base, i).await?;
+        }
+        settle(&http, &rig.base).await?;
+        let before = resources()?;
+        let started = Instant::now();
+        for i in 0..rounds {
+            soak_round(&http, &rig.base, i).await?;
+        }
+        let elapsed = started.elapsed();
+        let held = settle(&http, &rig.base).await?;
+        anyhow::Ok(json!({
+            "benchmark": "soak",
+            "rounds": rounds,
+            "warmup": warmup,
+            "roundMeanMs": (elapsed.as_secs_f64() * 1000.0 / rounds.max(1) as f64 * 1000.0).round() / 1000.0,
+            "afterWarmup": before,
+            "atEnd": resources()?,
+            "daemonHoldsAtEnd": held,
+        }))
+    });
+    rig.stop()?;
+    println!("{}", serde_json::to_string_pretty(&result?)?);
+    Ok(())
+}
+
+/// Waits (bounded) until the daemon holds no session, subscriber or turn; returns its runtime.
+async fn settle(http: &reqwest::Client, base: &str) -> Result<Value> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics: Value = http
+            .get(format!("{base}/v3/metrics"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await?
+            .json()
+            .await?;
+        let runtime = metrics["runtime"].clone();
+        let idle = [
+            "sessionCount",
+            "subscriberCount",
+            "activeTurnCount",
+            "queuedTurnCount",
+        ]
+        .iter()
+        .all(|k| runtime[k] == 0);
+        if idle || Instant::now() > deadline {
+            return Ok(runtime);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// One session's life: WS and SSE subscribers, bad input, a turn; odd rounds let it finish
+/// and close politely, even rounds drop both subscribers mid-turn and delete the session
+/// under the running turn.
+async fn soak_round(http: &reqwest::Client, base: &str, round: usize) -> Result<()> {
+    let created: Value = http
+        .post(format!("{base}/v3/sessions"))
+        .bearer_auth(TOKEN)
+        .json(&json!({}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let session = created["sessionId"]
+        .as_str()
+        .context("session id")?
+        .to_owned();
+    let ws_url = format!(
+        "{}/v3/ws?sessionId={session}&afterSeq=0&token={TOKEN}",
+        base.replacen("http://", "ws://", 1)
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(&ws_url, None, true).await?;
+    let mut sse = http
+        .get(format!("{base}/v3/sse/events?sessionId={session}"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await?
+        .bytes_stream();
+    sse.next().await.context("sse opened")??;
+    ws.send(Message::Text("not json".into())).await?;
+    let bad = http
+        .post(format!("{base}/v3/sessions/{session}/turns"))
+        .bearer_auth(TOKEN)
+        .json(&json!({"clientId": "soak", "writerId": "soak", "content": "x", "mode": "sing"}))
+        .send()
+        .await?;
+    if bad.status().as_u16() != 400 {
+        bail!("bad input answered {}", bad.status());
+    }
+    let submitted = http
+        .post(format!("{base}/v3/sessions/{session}/turns"))
+        .bearer_auth(TOKEN)
+        .json(&json!({"clientId": "soak", "writerId": "soak", "content": "soak", "mode": "chat"}))
+        .send()
+        .await?;
+    if submitted.status().as_u16() != 202 {
+        bail!("submit answered {}", submitted.status());
+    }
+    let polite = round % 2 == 1;
+    loop {
+        let msg = ws.next().await.context("ws closed")??;
+        let Message::Text(text) = msg else { continue };
+        let v: Value = serde_json::from_str(text.as_str())?;
+        match v["event"].as_str() {
+            Some("turn.token") if !polite => break,
+            Some("turn.done" | "turn.error") => break,
+            _ => {}
+        }
+    }
+    if polite {
+        ws.close(None).await?;
+    }
+    drop(ws);
+    drop(sse);
+    let deleted = http
+        .delete(format!("{base}/v3/sessions/{session}"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await?;
+    if deleted.status().as_u16() != 204 {
+        bail!("delete answered {}", deleted.status());
+    }
     Ok(())
 }
 
@@ -138,7 +328,7 @@ async fn measure(base: &str, lmx_url: &str, turns: usize, warmup: usize) -> Resu
     let http = reqwest::Client::builder().tcp_nodelay(true).build()?;
     let created: Value = http
         .post(format!("{base}/v3/sessions"))
-        .bearer_auth("bench-token")
+        .bearer_auth(TOKEN)
         .json(&json!({"sessionId": "bench"}))
         .send()
         .await?
@@ -149,28 +339,28 @@ async fn measure(base: &str, lmx_url: &str, turns: usize, warmup: usize) -> Resu
         .context("session id")?
         .to_owned();
     let ws_url = format!(
-        "{}/v3/ws?sessionId={session}&afterSeq=1&token=bench-token",
+        "{}/v3/ws?sessionId={session}&afterSeq=1&token={TOKEN}",
         base.replacen("http://", "ws://", 1)
     );
-    let (mut ws, _) = tokio_tungstenite::connect_async(&ws_url).await?;
+    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(&ws_url, None, true).await?;
     let submit_url = format!("{base}/v3/sessions/{session}/turns");
+    let mut submit_ack = Vec::with_capacity(turns);
     let mut first_token = Vec::with_capacity(turns);
     let mut done = Vec::with_capacity(turns);
     for i in 0..warmup + turns {
         let start = Instant::now();
         let resp = http
             .post(&submit_url)
-            .bearer_auth("bench-token")
+            .bearer_auth(TOKEN)
             .json(&json!({"clientId": "bench", "writerId": "bench", "content": "ping", "mode": "chat"}))
             .send()
             .await?;
         if resp.status().as_u16() != 202 {
             bail!("submit answered {}", resp.status());
         }
-        let turn_id = resp.json::<Value>().await?["turnId"]
-            .as_str()
-            .context("turnId")?
-            .to_owned();
+        let answer = resp.json::<Value>().await?;
+        let acked = start.elapsed();
+        let turn_id = answer["turnId"].as_str().context("turnId")?.to_owned();
         let mut first = None;
         loop {
             let msg = ws.next().await.context("ws closed")??;
@@ -187,6 +377,7 @@ async fn measure(base: &str, lmx_url: &str, turns: usize, warmup: usize) -> Resu
             }
         }
         if i >= warmup {
+            submit_ack.push(acked);
             first_token.push(first.context("no token")?);
             done.push(start.elapsed());
         }
@@ -217,6 +408,7 @@ async fn measure(base: &str, lmx_url: &str, turns: usize, warmup: usize) -> Resu
         "benchmark": "overhead",
         "turns": turns,
         "warmup": warmup,
+        "submitTo202Ms": summary(submit_ack),
         "submitToFirstTokenMs": summary(first_token),
         "submitToDoneMs": summary(done),
         "lmxTimeToFirstByteMs": summary(lmx_first_byte),

@@ -353,7 +353,8 @@ impl Connector {
                     self.session,
                     self.client.token
                 );
-                let (ws, _) = tokio_tungstenite::connect_async(&url)
+                // No Nagle: frames are small and each should leave at once.
+                let (ws, _) = tokio_tungstenite::connect_async_with_config(&url, None, true)
                     .await
                     .map_err(crate::error::transport)?;
                 Ok(Connection::Ws(Box::new(ws)))

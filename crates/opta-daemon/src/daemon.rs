@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::serve::ListenerExt;
 pub use opta_protocol::DaemonState;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -170,6 +171,13 @@ impl RunningDaemon {
             ctx: ctx.clone(),
             registry: registry.clone(),
             token,
+        });
+        // Events are many small writes (one per token): without TCP_NODELAY, Nagle holds each
+        // one back until the client's (delayed, ~40 ms) ACK of the previous one.
+        let listener = listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "could not set TCP_NODELAY on a connection");
+            }
         });
         let server = tokio::spawn(
             axum::serve(listener, app)

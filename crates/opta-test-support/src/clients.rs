@@ -26,10 +26,13 @@ pub struct WsClient {
 impl WsClient {
     /// Connects to `url` (with query parameters already in it).
     pub async fn connect(url: &str) -> Self {
-        let (stream, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
-            .await
-            .expect("ws connect in time")
-            .expect("ws connect");
+        let (stream, _) = tokio::time::timeout(
+            WAIT,
+            tokio_tungstenite::connect_async_with_config(url, None, true),
+        )
+        .await
+        .expect("ws connect in time")
+        .expect("ws connect");
         Self { stream }
     }
 

@@ -16,6 +16,7 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use futures_util::stream;
 use serde_json::{Value, json};
 use tokio::sync::Notify;
@@ -140,7 +141,8 @@ struct Shared {
     available: Mutex<Vec<String>>,
     /// Serve LMX's `/admin/*` API (404 there when false, like llama.cpp or Ollama).
     admin: std::sync::atomic::AtomicBool,
-    requests: Mutex<Vec<Value>>,
+    /// The most recent chat request bodies (at most [`KEPT_REQUESTS`]).
+    requests: Mutex<std::collections::VecDeque<Value>>,
     chat_requests: AtomicUsize,
     model_list_requests: AtomicUsize,
     streams_dropped: AtomicUsize,
@@ -190,6 +192,10 @@ impl ScriptedLmx {
             .with_state(shared.clone());
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
         let addr = listener.local_addr()?;
+        // A zero-latency server: chunks leave at once rather than wait for an ACK (Nagle).
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let stop = CancellationToken::new();
         let stopped = stop.clone();
         let server = tokio::spawn(async move {
@@ -276,9 +282,9 @@ impl ScriptedLmx {
         wait_for_count(&self.shared.dropped, dropped, n, what).await;
     }
 
-    /// Bodies of the chat requests received, in order.
+    /// Bodies of the most recent chat requests (up to 256), oldest first.
     pub fn requests(&self) -> Vec<Value> {
-        lock(&self.shared.requests).clone()
+        lock(&self.shared.requests).iter().cloned().collect()
     }
 }
 
@@ -298,6 +304,9 @@ async fn wait_for_count(notify: &Notify, counter: &AtomicUsize, n: usize, what: 
         panic!("only {} of {n} {what}", counter.load(Ordering::SeqCst));
     }
 }
+
+/// How many chat request bodies [`ScriptedLmx::requests`] keeps.
+const KEPT_REQUESTS: usize = 256;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -426,7 +435,6 @@ async fn chat(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
     shared.chat_requests.fetch_add(1, Ordering::SeqCst);
     shared.chat_seen.notify_waiters();
     let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    lock(&shared.requests).push(request.clone());
     let model = request["model"].as_str().unwrap_or("default").to_owned();
     let reply = lock(&shared.replies).pop_front().unwrap_or_else(|| {
         let last_user = request["messages"]
@@ -437,6 +445,14 @@ async fn chat(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
             .to_owned();
         Reply::echo(&last_user).with_chunk_delay(*lock(&shared.default_chunk_delay))
     });
+    {
+        // Bounded, so a benchmark's thousands of turns do not pile up their histories here.
+        let mut kept = lock(&shared.requests);
+        if kept.len() == KEPT_REQUESTS {
+            kept.pop_front();
+        }
+        kept.push_back(request);
+    }
     if !reply.first_byte_delay.is_zero() {
         tokio::time::sleep(reply.first_byte_delay).await;
     }
