@@ -185,7 +185,7 @@ pub struct Completion {
 #[derive(Serialize)]
 struct ChatRequest<'a> {
     model: &'a str,
-    messages: &'a [ChatMessage],
+    messages: &'a [Arc<ChatMessage>],
     stream: bool,
     stream_options: StreamOptions,
 }
@@ -401,7 +401,7 @@ impl LmxClient {
     pub async fn stream_chat(
         &self,
         model: &str,
-        messages: &[ChatMessage],
+        messages: &[Arc<ChatMessage>],
         mut on_delta: impl AsyncDeltaSink,
     ) -> Result<Completion, InferenceError> {
         let body = ChatRequest {

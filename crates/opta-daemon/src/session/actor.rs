@@ -60,7 +60,7 @@ struct TurnStartPlan {
     events: Vec<Event>,
     ops: Vec<WriteOp>,
     meta: SessionRow,
-    user: ChatMessage,
+    user: Arc<ChatMessage>,
     active: ActiveTurn,
 }
 
@@ -88,7 +88,8 @@ pub(crate) struct SessionActor {
     id: SessionId,
     id_arc: Arc<str>,
     meta: SessionRow,
-    history: Vec<ChatMessage>,
+    /// Shared, so a turn's request takes the history without copying it.
+    history: Vec<Arc<ChatMessage>>,
     seq: Seq,
     queue: VecDeque<PendingTurn>,
     active: Option<ActiveTurn>,
@@ -110,7 +111,7 @@ impl SessionActor {
         let history = loaded
             .messages
             .iter()
-            .map(|body| serde_json::from_str::<ChatMessage>(body))
+            .map(|body| serde_json::from_str::<ChatMessage>(body).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| Error::Storage(format!("corrupt message in session {id}: {e}")))?;
         let (commands_tx, commands) = mpsc::channel(256);
@@ -214,7 +215,7 @@ impl SessionActor {
             SessionCommand::Detail { reply } => {
                 let _ = reply.send(SessionDetail {
                     snapshot: self.snapshot(),
-                    messages: self.history.clone(),
+                    messages: self.messages(),
                 });
             }
             SessionCommand::Delete { reply } => {
@@ -287,6 +288,11 @@ impl SessionActor {
         Ok(())
     }
 
+    /// The history as owned messages, for answers and events.
+    fn messages(&self) -> Vec<ChatMessage> {
+        self.history.iter().map(|m| ChatMessage::clone(m)).collect()
+    }
+
     fn snapshot(&self) -> SessionSnapshot {
         let mut writers: HashSet<&str> = self.queue.iter().map(|t| t.writer_id.as_str()).collect();
         if let Some(active) = &self.active {
@@ -343,7 +349,7 @@ impl SessionActor {
         let snapshot = self.snapshot();
         let event = Event::SessionSnapshot(SessionSnapshotEvent {
             snapshot: snapshot.clone(),
-            messages: self.history.clone(),
+            messages: self.messages(),
         });
         if let Err(e) = self.emit(&[event], ops).await {
             self.meta = previous;
@@ -473,7 +479,7 @@ impl SessionActor {
     /// commit (it awaits it), so event order is unaffected. The caller commits `events` and
     /// `ops`, then calls [`Self::commit_start`] (or [`TurnStartPlan::abort`] on failure).
     fn prepare_start(&mut self, turn: PendingTurn) -> Result<TurnStartPlan> {
-        let user = ChatMessage::text(Role::User, turn.content.clone());
+        let user = Arc::new(ChatMessage::text(Role::User, turn.content.clone()));
         let mut ops = vec![
             self.message_op(&user, &turn.turn_id, false)?,
             WriteOp::SetTurnState {
@@ -498,7 +504,7 @@ impl SessionActor {
         let uses_session_model = override_model.is_none();
         let model = override_model.unwrap_or_else(|| meta.model.clone());
         let mut messages = Vec::with_capacity(self.history.len() + 1);
-        messages.extend_from_slice(&self.history);
+        messages.extend(self.history.iter().cloned());
         messages.push(user.clone());
         self.next_turn_no += 1;
         let turn_no = self.next_turn_no;
@@ -741,7 +747,7 @@ impl SessionActor {
         match result {
             Ok(()) => {
                 if let Some(message) = reply {
-                    self.history.push(message);
+                    self.history.push(Arc::new(message));
                 }
             }
             Err(e) => {

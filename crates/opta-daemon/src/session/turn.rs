@@ -49,7 +49,7 @@ impl AsyncDeltaSink for ActorSink {
 pub(crate) async fn run_turn(
     ctx: Arc<DaemonContext>,
     model: String,
-    messages: Vec<ChatMessage>,
+    messages: Vec<Arc<ChatMessage>>,
     turn_no: u64,
     updates: mpsc::Sender<TurnUpdate>,
 ) {
@@ -65,7 +65,7 @@ pub(crate) async fn run_turn(
 async fn complete(
     ctx: &DaemonContext,
     model: &str,
-    messages: &[ChatMessage],
+    messages: &[Arc<ChatMessage>],
     turn_no: u64,
     updates: &mpsc::Sender<TurnUpdate>,
 ) -> Result<Completion, InferenceError> {
