@@ -17,6 +17,8 @@ pub struct Tunables {
     pub subscriber_buffer: usize,
     /// How long token/thinking events of a finished turn stay replayable.
     pub delta_retention: Duration,
+    /// How often token/thinking events past their retention are looked for.
+    pub delta_sweep_interval: Duration,
     /// Interval of the SSE `: ping` comment.
     pub sse_ping: Duration,
     /// A session with no turn, no subscriber and no request for this long leaves memory (it
@@ -31,6 +33,7 @@ impl Default for Tunables {
         Self {
             subscriber_buffer: 4096,
             delta_retention: Duration::from_secs(60),
+            delta_sweep_interval: Duration::from_secs(10),
             sse_ping: Duration::from_secs(15),
             idle_eviction: Duration::from_secs(30 * 60),
             eviction_interval: Duration::from_secs(60),

@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::http::{AppState, router};
 use crate::ids::{new_daemon_id, new_token, now_iso};
 use crate::inference::{LmxClient, LmxTimeouts, PreflightCache};
-use crate::session::Registry;
+use crate::session::{Registry, sweep_deltas_periodically};
 use crate::store::Store;
 
 /// The default port; when it is taken the daemon tries [`FALLBACK_PORTS`].
@@ -137,6 +137,7 @@ impl RunningDaemon {
             started: std::time::Instant::now(),
         });
         let registry = Registry::spawn(ctx.clone());
+        tokio::spawn(sweep_deltas_periodically(ctx.clone()));
         for id in ctx.store.sessions_with_open_turns().await? {
             match opta_protocol::SessionId::parse(&id) {
                 Ok(id) => {

@@ -73,12 +73,18 @@ impl TestDaemon {
     }
 
     /// Stops the daemon gracefully and starts a new one on the same home.
-    pub async fn restart(mut self) -> Self {
+    pub async fn restart(self) -> Self {
+        let configure = self.configure;
+        self.restart_with(configure).await
+    }
+
+    /// Like [`TestDaemon::restart`], with another configuration for the new daemon.
+    pub async fn restart_with(mut self, configure: fn(&mut DaemonConfig)) -> Self {
         if let Some(d) = self.daemon.take() {
             d.shutdown().await.expect("clean shutdown");
         }
         let home = std::mem::replace(&mut self.home, tempfile::tempdir().expect("temp dir"));
-        Self::start_in(home, self.lmx_url.clone(), self.configure).await
+        Self::start_in(home, self.lmx_url.clone(), configure).await
     }
 
     /// Stops the daemon gracefully.

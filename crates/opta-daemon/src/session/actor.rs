@@ -756,7 +756,6 @@ impl SessionActor {
                     "could not record the end of a turn; it will be reported as interrupted");
             }
         }
-        self.schedule_delta_prune();
     }
 
     fn stats(&self, active: &ActiveTurn, completion: &Completion) -> TurnStats {
@@ -799,20 +798,6 @@ impl SessionActor {
     /// Token and thinking events stay replayable for a while after their turn ends, so a
     /// client reconnecting right at the end still gets them; then they are dropped (the
     /// text lives on in the stored assistant message).
-    fn schedule_delta_prune(&self) {
-        let store = self.ctx.store.clone();
-        let session_id = self.id_arc.clone();
-        let up_to_seq = self.seq;
-        let delay = self.ctx.limits.delta_retention;
-        tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
-            store.write_detached(vec![WriteOp::PruneDeltas {
-                session_id,
-                up_to_seq,
-            }]);
-        });
-    }
-
     async fn cancel(&mut self, request: CancelRequest) -> Result<CancelResponse> {
         let CancelRequest { turn_id, writer_id } = request;
         let (removed, active_hit) = match (&turn_id, &writer_id) {

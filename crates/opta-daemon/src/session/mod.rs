@@ -2,6 +2,7 @@
 
 mod actor;
 mod registry;
+mod retention;
 mod turn;
 
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use crate::error::{Error, Result};
 
 pub use registry::{Opened, Registry};
+pub use retention::sweep_deltas_periodically;
 
 /// A serialised envelope, shared by every subscriber (serialised once).
 #[derive(Debug, Clone)]

@@ -148,12 +148,15 @@ pub enum WriteOp {
         /// Time it ended, for terminal states.
         finished_at: Option<String>,
     },
-    /// Drop token/thinking events of finished turns up to `up_to_seq`.
-    PruneDeltas {
+    /// Drop a finished turn's token/thinking events (all after `after_seq`, its `turn.queued`)
+    /// and mark it swept.
+    PruneTurnDeltas {
         /// Session.
-        session_id: Arc<str>,
-        /// Highest seq to consider.
-        up_to_seq: u64,
+        session_id: String,
+        /// Turn.
+        turn_id: String,
+        /// The turn's `turn.queued` seq: its deltas come later.
+        after_seq: u64,
     },
     /// Drop every token/thinking event of one turn, running or not (frees space when the
     /// store is full).
@@ -306,6 +309,33 @@ impl Store {
             .send(job)
             .map_err(|_| Error::ShuttingDown)?;
         rx.await.map_err(|_| Error::ShuttingDown)?
+    }
+
+    /// Drops the token/thinking events of every turn that finished at or before
+    /// `finished_before` (an ISO-8601 UTC time, as stored) and was not swept yet, a page of
+    /// turns per commit so other writes are not held back. Returns the turns swept.
+    pub async fn sweep_deltas(&self, finished_before: &str) -> Result<usize> {
+        const PAGE: usize = 128;
+        let mut swept = 0;
+        loop {
+            let due = self.turns_to_sweep(finished_before, PAGE).await?;
+            let count = due.len();
+            let ops = due
+                .into_iter()
+                .map(
+                    |(session_id, turn_id, after_seq)| WriteOp::PruneTurnDeltas {
+                        session_id,
+                        turn_id,
+                        after_seq,
+                    },
+                )
+                .collect();
+            self.write(ops).await?;
+            swept += count;
+            if count < PAGE {
+                return Ok(swept);
+            }
+        }
     }
 
     /// Flushes pending writes, checkpoints the WAL and stops the threads.

@@ -224,6 +224,29 @@ impl Store {
         .await
     }
 
+    /// Up to `limit` finished turns not yet swept that finished at or before
+    /// `finished_before`, oldest first: `(session_id, turn_id, queued_seq)`.
+    pub async fn turns_to_sweep(
+        &self,
+        finished_before: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, String, u64)>> {
+        let cutoff = finished_before.to_owned();
+        self.read(move |conn| {
+            Ok(conn
+                .prepare_cached(
+                    "SELECT session_id, turn_id, queued_seq FROM turns
+                     WHERE deltas_pruned = 0 AND finished_at IS NOT NULL AND finished_at <= ?1
+                     ORDER BY finished_at LIMIT ?2",
+                )?
+                .query_map(params![cutoff, limit as i64], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+
     /// Number of stored sessions.
     pub async fn session_count(&self) -> Result<u64> {
         self.read(|conn| {

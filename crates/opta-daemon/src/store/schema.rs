@@ -57,6 +57,13 @@ const MIGRATIONS: &[&str] = &[
         WHERE idempotency_key IS NOT NULL;
     CREATE INDEX turns_open ON turns (state) WHERE state IN ('queued', 'running');
     ",
+    // 2: finished turns whose token/thinking events are still stored, oldest first, for the
+    // delta sweeper (turns finished before this migration are swept once).
+    "
+    ALTER TABLE turns ADD COLUMN deltas_pruned INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX turns_unswept ON turns (finished_at)
+        WHERE deltas_pruned = 0 AND finished_at IS NOT NULL;
+    ",
 ];
 
 /// Applies the migrations the database has not seen yet, each in its own transaction.

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use rusqlite::{Connection, Transaction, params};
 use tokio::sync::oneshot;
 
-use super::{TurnState, WriteOp};
+use super::WriteOp;
 use crate::error::{Error, Result};
 
 /// Upper bound of batches folded into one commit, so acks are not held back for long.
@@ -213,16 +213,18 @@ fn apply(conn: &Connection, op: &WriteOp) -> Result<()> {
             )?
             .execute(params![turn_id, state.as_str(), finished_at])?;
         }
-        WriteOp::PruneDeltas {
+        WriteOp::PruneTurnDeltas {
             session_id,
-            up_to_seq,
+            turn_id,
+            after_seq,
         } => {
             conn.prepare_cached(
-                "DELETE FROM events WHERE session_id = ?1 AND seq <= ?2
-                 AND event IN ('turn.token', 'turn.thinking')
-                 AND turn_id NOT IN (SELECT turn_id FROM turns WHERE session_id = ?1 AND state = ?3)",
+                "DELETE FROM events WHERE session_id = ?1 AND seq > ?2 AND turn_id = ?3
+                 AND event IN ('turn.token', 'turn.thinking')",
             )?
-            .execute(params![&**session_id, up_to_seq, TurnState::Running.as_str()])?;
+            .execute(params![session_id, after_seq, turn_id])?;
+            conn.prepare_cached("UPDATE turns SET deltas_pruned = 1 WHERE turn_id = ?1")?
+                .execute(params![turn_id])?;
         }
         WriteOp::DropTurnDeltas {
             session_id,
