@@ -511,3 +511,32 @@ async fn runtime_counters_follow_sessions_turns_and_subscribers() {
         (json!(t1), json!(1), json!(1))
     );
 }
+
+#[tokio::test]
+async fn every_route_of_the_openapi_document_is_served() {
+    let (_lmx, d) = daemon().await;
+    let doc = opta_protocol::openapi();
+    let mut checked = 0;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        // An unknown session, request and process: the route answers for itself.
+        let concrete = path
+            .replace("{sessionId}", "nobody-here")
+            .replace("{requestId}", "perm_nothing")
+            .replace("{pid}", "42");
+        for method in item.as_object().unwrap().keys() {
+            let method = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+            let body = (method == Method::POST).then(|| json!({}));
+            let (status, body) = d.request(method.clone(), &concrete, body).await;
+            assert!(
+                status != StatusCode::METHOD_NOT_ALLOWED
+                    && !matches!(
+                        body["code"].as_str(),
+                        Some("not-found" | "method-not-allowed")
+                    ),
+                "{method} {path} is documented but not served: {status} {body}"
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 24, "operations in the document");
+}

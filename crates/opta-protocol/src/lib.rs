@@ -5,10 +5,12 @@ pub mod api;
 pub mod events;
 pub mod ids;
 pub mod model;
+pub mod openapi;
 pub mod ws;
 
 pub use api::*;
 pub use events::*;
 pub use ids::*;
 pub use model::*;
+pub use openapi::openapi;
 pub use ws::*;

@@ -44,20 +44,32 @@ fn current() -> String {
     text
 }
 
-#[test]
-fn checked_in_schema_matches_the_types() {
-    let path =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/protocol.schema.json");
-    let now = current();
+/// Compares `docs/<file>` with `now` (rewriting it first under `UPDATE_SCHEMA=1`).
+fn assert_checked_in(file: &str, now: &str) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../docs")
+        .join(file);
     if std::env::var_os("UPDATE_SCHEMA").is_some() {
-        std::fs::write(&path, &now).unwrap();
+        std::fs::write(&path, now).unwrap();
     }
     let checked_in = std::fs::read_to_string(&path).unwrap_or_default();
     assert!(
         checked_in == now,
-        "docs/protocol.schema.json is out of date with the wire types: review the change, then \
+        "docs/{file} is out of date with the wire types: review the change, then \
          run `UPDATE_SCHEMA=1 cargo test -p opta-protocol --test schema` and update docs/protocol.md"
     );
+}
+
+#[test]
+fn checked_in_schema_matches_the_types() {
+    assert_checked_in("protocol.schema.json", &current());
+}
+
+#[test]
+fn checked_in_openapi_document_matches_the_types() {
+    let mut text = serde_json::to_string_pretty(&opta_protocol::openapi()).unwrap();
+    text.push('\n');
+    assert_checked_in("openapi.json", &text);
 }
 
 #[test]
