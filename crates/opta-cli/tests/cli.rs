@@ -336,10 +336,12 @@ async fn chat_streams_answers_and_ctrl_c_cancels_a_long_turn() {
         chat.send(ControlCode::EndOfText).unwrap();
         step(&mut chat, expectrl::Eof);
     });
+    // The scripted server notices the dropped stream on its next write: wait for it.
+    lmx.wait_streams_dropped(1).await;
     assert_eq!(
         lmx.streams_dropped(),
         1,
-        "the cancel dropped the inference stream"
+        "the cancel dropped the inference stream, and only that one"
     );
 }
 
