@@ -115,7 +115,7 @@ pub async fn sessions(
             }
         }
         SessionsAction::Events { id, after, json } => {
-            let events = client.events(&SessionId::parse(&id)?, after).await?;
+            let events = client.events(&SessionId::parse(&id)?, after).await?.events;
             for e in &events {
                 if json {
                     println!("{}", serde_json::to_string(e)?);

@@ -36,9 +36,8 @@ pub enum Transport {
 pub enum StartAt {
     /// Every stored event with a greater seq, then live ones.
     After(Seq),
-    /// Live events only. Over WebSocket the current seq is learnt at once (from the `hello`
-    /// ack); over SSE it is the first event's, and a reconnect before any event replays from
-    /// the start of the session so nothing is missed.
+    /// Live events only: those after the session's seq at subscription time (learnt from the
+    /// `hello` ack over WebSocket, from the events route's `lastSeq` over SSE).
     Live,
 }
 
@@ -131,17 +130,19 @@ impl DaemonClient {
             transport,
         };
         let (tx, rx) = mpsc::channel(1024);
-        let mut last = match start {
-            StartAt::After(seq) => Some(seq),
-            StartAt::Live => None,
-        };
-        let connection = connector.connect(last.unwrap_or(LIVE)).await?;
-        let connection = match (connection, start) {
-            (Connection::Ws(mut ws), StartAt::Live) => {
-                last = Some(pin_current_seq(&mut ws, session, &tx).await?);
-                Connection::Ws(ws)
+        let (connection, last) = match (start, transport) {
+            (StartAt::After(seq), _) => (connector.connect(seq).await?, seq),
+            (StartAt::Live, Transport::WebSocket) => {
+                let Connection::Ws(mut ws) = connector.connect(LIVE).await? else {
+                    return Err(ClientError::Transport("expected a WebSocket".into()));
+                };
+                let at = pin_current_seq(&mut ws, session, &tx).await?;
+                (Connection::Ws(ws), at)
             }
-            (c, _) => c,
+            (StartAt::Live, Transport::Sse) => {
+                let at = self.events(session, LIVE).await?.last_seq.unwrap_or(0);
+                (connector.connect(at).await?, at)
+            }
         };
         let reconnects = Arc::new(AtomicUsize::new(0));
         let task = tokio::spawn(pump(connector, connection, last, tx, reconnects.clone()));
@@ -197,7 +198,7 @@ fn as_envelope(value: &Value) -> Result<Option<Envelope>> {
 async fn pump(
     connector: Connector,
     mut connection: Connection,
-    mut last: Option<Seq>,
+    mut last: Seq,
     tx: mpsc::Sender<Result<Envelope>>,
     reconnects: Arc<AtomicUsize>,
 ) {
@@ -225,9 +226,7 @@ async fn pump(
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(MAX_BACKOFF);
-            // Before any event, a live SSE subscription cannot know its seq: replay from the
-            // start rather than risk a gap.
-            match connector.connect(last.unwrap_or(0)).await {
+            match connector.connect(last).await {
                 Ok(c) => {
                     reconnects.fetch_add(1, Ordering::Relaxed);
                     connection = c;
@@ -250,24 +249,20 @@ async fn pump(
 
 async fn deliver(
     envelope: Envelope,
-    last: &mut Option<Seq>,
+    last: &mut Seq,
     tx: &mpsc::Sender<Result<Envelope>>,
 ) -> Option<Ended> {
-    if last.is_some_and(|l| envelope.seq <= l) {
+    if envelope.seq <= *last {
         return None;
     }
-    *last = Some(envelope.seq);
+    *last = envelope.seq;
     tx.send(Ok(envelope))
         .await
         .err()
         .map(|_| Ended::ReceiverGone)
 }
 
-async fn read_ws(
-    ws: &mut WsStream,
-    last: &mut Option<Seq>,
-    tx: &mpsc::Sender<Result<Envelope>>,
-) -> Ended {
+async fn read_ws(ws: &mut WsStream, last: &mut Seq, tx: &mpsc::Sender<Result<Envelope>>) -> Ended {
     let mut last_error: Option<ErrorBody> = None;
     loop {
         let msg = tokio::select! {
@@ -314,7 +309,7 @@ async fn read_ws(
 
 async fn read_sse(
     sse: &mut SseStream,
-    last: &mut Option<Seq>,
+    last: &mut Seq,
     tx: &mpsc::Sender<Result<Envelope>>,
 ) -> Ended {
     loop {

@@ -23,9 +23,9 @@ mod legacy;
 use std::path::Path;
 
 use opta_protocol::{
-    CancelRequest, CancelResponse, Contract, CreateSessionRequest, DaemonState, Envelope,
-    ErrorBody, EventsResponse, HealthResponse, LmxModelsResponse, LmxStatusResponse,
-    MetricsResponse, ResolvePermissionRequest, ResolvePermissionResponse, SessionDetail, SessionId,
+    CancelRequest, CancelResponse, Contract, CreateSessionRequest, DaemonState, ErrorBody,
+    EventsResponse, HealthResponse, LmxModelsResponse, LmxStatusResponse, MetricsResponse,
+    ResolvePermissionRequest, ResolvePermissionResponse, SessionDetail, SessionId,
     SessionListResponse, SessionSnapshot, SubmitTurnRequest, SubmitTurnResponse, V3HealthResponse,
 };
 use reqwest::Method;
@@ -248,12 +248,11 @@ impl DaemonClient {
             .await
     }
 
-    /// `GET /v3/sessions/:id/events?afterSeq=`: stored envelopes, ascending.
-    pub async fn events(&self, id: &SessionId, after_seq: u64) -> Result<Vec<Envelope>> {
-        let answer: EventsResponse = self
-            .get(&format!("/v3/sessions/{id}/events?afterSeq={after_seq}"))
-            .await?;
-        Ok(answer.events)
+    /// `GET /v3/sessions/:id/events?afterSeq=`: stored envelopes, ascending, and the
+    /// session's highest stored seq.
+    pub async fn events(&self, id: &SessionId, after_seq: u64) -> Result<EventsResponse> {
+        self.get(&format!("/v3/sessions/{id}/events?afterSeq={after_seq}"))
+            .await
     }
 
     /// `POST /v3/sessions/:id/cancel`.

@@ -79,7 +79,10 @@ async fn every_route() {
     let seen = collect_until(&mut events, is_end_of(queued.turn_id.as_str())).await;
     assert_eq!(tokens(&seen), "echo: hello library");
     let stored = c.events(&id, 0).await.unwrap();
-    assert_eq!(stored[..seen.len()], seen[..]);
+    assert_eq!(stored.events[..seen.len()], seen[..]);
+    assert_eq!(stored.last_seq, stored.events.last().map(|e| e.seq));
+    let beyond = c.events(&id, 1000).await.unwrap();
+    assert_eq!((beyond.events.len(), beyond.last_seq), (0, stored.last_seq));
     let detail = c.get_session(&id).await.unwrap();
     assert_eq!(detail.messages.len(), 2);
     let page = c.list_sessions(Some(10), None).await.unwrap();
@@ -208,25 +211,36 @@ async fn sse_stream_survives_forced_disconnects() {
     survives_forced_disconnects(Transport::Sse).await;
 }
 
-#[tokio::test]
-async fn live_subscription_starts_at_the_current_seq() {
+/// A live subscription sees only what happens after it began, also when it reconnects before
+/// its first event (the daemon restarted on the same port meanwhile).
+async fn live_subscription_starts_at_the_current_seq(transport: Transport) {
     let lmx = ScriptedLmx::start().await.unwrap();
     let d = TestDaemon::start(&lmx.url()).await;
     let c = client(&d);
     let id = SessionId::parse(&d.create_session(None).await).unwrap();
     let first = c.legacy_chat("one", Some(&id)).await.unwrap();
     assert_eq!(first.response, "echo: one");
-    let mut live = c
-        .subscribe(&id, StartAt::Live, Transport::WebSocket)
-        .await
-        .unwrap();
+    let mut live = c.subscribe(&id, StartAt::Live, transport).await.unwrap();
+    let d = d.restart_on_same_port().await;
     let turn = c.submit_turn(&id, &submit("two")).await.unwrap().turn_id;
     let seen = collect_until(&mut live, is_end_of(turn.as_str())).await;
     assert!(
-        matches!(seen[0].event, Event::TurnQueued(_)),
+        matches!(&seen[0].event, Event::TurnQueued(q) if q.turn_id == turn),
         "{:?}",
         seen[0]
     );
+    assert!(live.reconnects() >= 1, "the restart ended the stream");
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn ws_live_subscription_starts_at_the_current_seq() {
+    live_subscription_starts_at_the_current_seq(Transport::WebSocket).await;
+}
+
+#[tokio::test]
+async fn sse_live_subscription_starts_at_the_current_seq() {
+    live_subscription_starts_at_the_current_seq(Transport::Sse).await;
 }
 
 #[tokio::test]

@@ -199,6 +199,10 @@ pub struct SubmitTurnResponse {
 pub struct EventsResponse {
     /// Envelopes ascending by seq.
     pub events: Vec<Envelope>,
+    /// The session's highest stored seq; `events` ends there, so a subscription after it
+    /// continues without a gap (also when `events` is empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seq: Option<Seq>,
 }
 
 /// `POST /v3/sessions/:id/cancel`, and the body of a WebSocket `turn.cancel`.

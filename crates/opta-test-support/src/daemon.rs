@@ -43,8 +43,17 @@ impl TestDaemon {
         lmx_url: String,
         configure: fn(&mut DaemonConfig),
     ) -> Self {
+        Self::start_on(home, lmx_url, configure, 0).await
+    }
+
+    async fn start_on(
+        home: tempfile::TempDir,
+        lmx_url: String,
+        configure: fn(&mut DaemonConfig),
+        port: u16,
+    ) -> Self {
         let mut config = DaemonConfig::new(home.path());
-        config.port = 0;
+        config.port = port;
         config.lmx_url = lmx_url.clone();
         config.token = Some("test-token-0123456789abcdef0123456789".into());
         configure(&mut config);
@@ -78,13 +87,25 @@ impl TestDaemon {
         self.restart_with(configure).await
     }
 
+    /// Like [`TestDaemon::restart`], on the same port, so clients reconnect to it.
+    pub async fn restart_on_same_port(mut self) -> Self {
+        let port = self.daemon().addr().port();
+        let home = self.shutdown_keeping_home().await;
+        Self::start_on(home, self.lmx_url.clone(), self.configure, port).await
+    }
+
     /// Like [`TestDaemon::restart`], with another configuration for the new daemon.
     pub async fn restart_with(mut self, configure: fn(&mut DaemonConfig)) -> Self {
+        let home = self.shutdown_keeping_home().await;
+        Self::start_in(home, self.lmx_url.clone(), configure).await
+    }
+
+    /// Stops the daemon gracefully and hands over its home (dropping `self` then leaves it).
+    async fn shutdown_keeping_home(&mut self) -> tempfile::TempDir {
         if let Some(d) = self.daemon.take() {
             d.shutdown().await.expect("clean shutdown");
         }
-        let home = std::mem::replace(&mut self.home, tempfile::tempdir().expect("temp dir"));
-        Self::start_in(home, self.lmx_url.clone(), configure).await
+        std::mem::replace(&mut self.home, tempfile::tempdir().expect("temp dir"))
     }
 
     /// Stops the daemon gracefully.

@@ -213,15 +213,15 @@ pub async fn session_events(
     ApiQuery(query): ApiQuery<EventsQuery>,
 ) -> Result<Response> {
     let id = session_id(&id, "path.sessionId")?;
-    let events = state
+    let (events, last_seq) = state
         .ctx
         .store
-        .events_after(id.to_string(), query.after_seq.unwrap_or(0), u64::MAX)
+        .events_to_last(id.to_string(), query.after_seq.unwrap_or(0))
         .await?
         .ok_or(Error::SessionNotFound(id))?;
     // Stored envelopes are already JSON: splice them rather than parse and re-serialise.
     let mut body =
-        String::with_capacity(16 + events.iter().map(|(_, e)| e.len() + 1).sum::<usize>());
+        String::with_capacity(40 + events.iter().map(|(_, e)| e.len() + 1).sum::<usize>());
     body.push_str("{\"events\":[");
     for (i, (_, envelope)) in events.iter().enumerate() {
         if i > 0 {
@@ -229,7 +229,9 @@ pub async fn session_events(
         }
         body.push_str(envelope);
     }
-    body.push_str("]}");
+    body.push_str("],\"lastSeq\":");
+    body.push_str(&last_seq.to_string());
+    body.push('}');
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 

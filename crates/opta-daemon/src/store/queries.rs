@@ -74,6 +74,30 @@ fn parse_turn_state(s: &str) -> rusqlite::Result<TurnState> {
     })
 }
 
+/// Envelopes of a session with `after < seq <= up_to`, ascending.
+fn select_events(
+    conn: &Connection,
+    session_id: &str,
+    after: u64,
+    up_to: u64,
+) -> Result<Vec<(u64, Arc<str>)>> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT seq, envelope FROM events WHERE session_id = ?1 AND seq > ?2 AND seq <= ?3
+             ORDER BY seq",
+        )?
+        .query_map(
+            params![session_id, after, i64::try_from(up_to).unwrap_or(i64::MAX)],
+            |r| {
+                Ok((
+                    r.get::<_, u64>(0)?,
+                    Arc::<str>::from(r.get::<_, String>(1)?),
+                ))
+            },
+        )?
+        .collect::<rusqlite::Result<Vec<_>>>()?)
+}
+
 impl Store {
     /// Loads a session with its history and open turns; `None` when it does not exist.
     pub async fn load_session(&self, id: String) -> Result<Option<LoadedSession>> {
@@ -165,16 +189,29 @@ impl Store {
             if session_row(conn, &session_id)?.is_none() {
                 return Ok(None);
             }
-            let events = conn
-                .prepare_cached(
-                    "SELECT seq, envelope FROM events WHERE session_id = ?1 AND seq > ?2 AND seq <= ?3
-                     ORDER BY seq",
-                )?
-                .query_map(params![session_id, after, i64::try_from(up_to).unwrap_or(i64::MAX)], |r| {
-                    Ok((r.get::<_, u64>(0)?, Arc::<str>::from(r.get::<_, String>(1)?)))
-                })?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            Ok(Some(events))
+            select_events(conn, &session_id, after, up_to).map(Some)
+        })
+        .await
+    }
+
+    /// Every stored envelope of a session after `after`, with the highest stored seq: the
+    /// list ends exactly there, so a subscription from that seq misses nothing. `None` when
+    /// the session does not exist.
+    pub async fn events_to_last(
+        &self,
+        session_id: String,
+        after: u64,
+    ) -> Result<Option<(Vec<(u64, Arc<str>)>, u64)>> {
+        self.read(move |conn| {
+            if session_row(conn, &session_id)?.is_none() {
+                return Ok(None);
+            }
+            // Read the bound first: events committed meanwhile lie beyond it, not in between.
+            let last: u64 = conn
+                .prepare_cached("SELECT COALESCE(MAX(seq), 0) FROM events WHERE session_id = ?1")?
+                .query_row(params![session_id], |r| r.get(0))?;
+            let events = select_events(conn, &session_id, after, last)?;
+            Ok(Some((events, last)))
         })
         .await
     }
