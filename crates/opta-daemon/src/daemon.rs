@@ -112,6 +112,7 @@ impl RunningDaemon {
     /// Starts a daemon: takes the home lock, opens the store, resumes open turns, binds,
     /// writes the state file.
     pub async fn start(config: DaemonConfig) -> Result<Self> {
+        check_lmx_url(&config.lmx_url)?;
         let dir = config.daemon_dir();
         fs::create_dir_all(&dir)?;
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))?;
@@ -255,6 +256,25 @@ fn take_lock(dir: &Path) -> Result<File> {
     }
 }
 
+/// The inference server's URL must be plain `http://host[:port][/path]`: local servers speak
+/// plain HTTP, and this build has no TLS. Refusing at start beats every turn failing.
+fn check_lmx_url(url: &str) -> Result<()> {
+    let invalid = |why: &str| Error::Config(format!("--lmx-url {url:?}: {why}"));
+    if !url.contains("://") {
+        return Err(invalid(&format!("no scheme; did you mean \"http://{url}\"?")));
+    }
+    let parsed = reqwest::Url::parse(url).map_err(|e| invalid(&e.to_string()))?;
+    match parsed.scheme() {
+        "http" if parsed.host().is_some() => Ok(()),
+        "http" => Err(invalid("needs a host")),
+        "https" => Err(invalid(
+            "https is not supported (this build has no TLS); local inference servers speak \
+             http://",
+        )),
+        other => Err(invalid(&format!("scheme {other} is not http"))),
+    }
+}
+
 async fn bind(host: &str, port: u16) -> Result<TcpListener> {
     let candidates: Vec<u16> = if port == DEFAULT_PORT {
         std::iter::once(DEFAULT_PORT)
@@ -314,6 +334,23 @@ pub fn read_state(home: &Path) -> Option<DaemonState> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_plain_http_inference_urls_are_taken() {
+        for ok in ["http://127.0.0.1:1234", "http://localhost:8080/", "http://[::1]:1/base"] {
+            assert!(check_lmx_url(ok).is_ok(), "{ok}");
+        }
+        for (bad, why) in [
+            ("https://127.0.0.1:1234", "no TLS"),
+            ("127.0.0.1:1234", "did you mean \"http://127.0.0.1:1234\""),
+            ("localhost:1234", "did you mean \"http://localhost:1234\""),
+            ("ftp://host", "scheme ftp is not http"),
+            ("http://", "empty host"),
+        ] {
+            let e = check_lmx_url(bad).unwrap_err().to_string();
+            assert!(e.contains(why) && e.contains(bad), "{bad}: {e}");
+        }
+    }
 
     #[tokio::test]
     async fn the_default_port_falls_back_when_taken() {

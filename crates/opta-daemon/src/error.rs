@@ -69,6 +69,9 @@ pub enum Error {
         /// `, pid N` when the state file names it.
         pid: String,
     },
+    /// The daemon's configuration is unusable (at start). Fix the setting named.
+    #[error("Invalid configuration: {0}")]
+    Config(String),
     /// No port could be bound.
     #[error("Could not listen on {host}: {reason}")]
     Bind {

@@ -29,6 +29,7 @@ impl Error {
             Error::Storage(_)
             | Error::AlreadyRunning { .. }
             | Error::Bind { .. }
+            | Error::Config(_)
             | Error::Io(_)
             | Error::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
