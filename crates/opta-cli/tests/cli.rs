@@ -419,3 +419,47 @@ async fn models_load_unload_and_sessions_cancel() {
         serde_json::json!({"ok": true, "cancelled": 0, "cancelledQueued": 0, "cancelledActive": false})
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_slash_commands() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let home = Home::new(&lmx.url());
+    let mut chat = expectrl::Session::spawn(home.command(&["chat"])).unwrap();
+    chat.set_expect_timeout(Some(Duration::from_secs(20)));
+    tokio::task::block_in_place(|| {
+        let mut say = |line: &str, expect: &str| {
+            step(&mut chat, "opta› ");
+            chat.send_line(line).unwrap();
+            step(&mut chat, expect);
+        };
+        say("/help", "/model [id]");
+        say("/mode", "mode: chat");
+        say("/mode dance", "unknown mode \"dance\"");
+        say("/mode do", "mode: do");
+        // A model the server has not loaded: the turn fails with the code and a hint.
+        say("/model other-model", "model: other-model");
+        say("first try", "[no-model-loaded]");
+        say("/model default", "model: default");
+        say("/model", "model: default");
+        say("second try", "echo: second try");
+        say("/cancel", "no turn is running");
+        say("/sessions", "ID");
+        say("/bogus", "unknown command /bogus");
+        step(&mut chat, "opta› ");
+        chat.send_line("/exit").unwrap();
+        step(&mut chat, expectrl::Eof);
+    });
+    // The turns ran in the mode chosen, with the model chosen.
+    let sessions = home.opta(&["sessions", "list", "--json"]).await;
+    let sessions: Value = serde_json::from_slice(&sessions.stdout).unwrap();
+    let id = sessions["sessions"][0]["sessionId"].as_str().unwrap();
+    let events = home.opta(&["sessions", "events", id, "--json"]).await;
+    let starts: Vec<Value> = text(&events.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|e| e["event"] == "turn.start")
+        .map(|e| e["payload"]["mode"].clone())
+        .collect();
+    assert_eq!(starts, [serde_json::json!("do"), serde_json::json!("do")]);
+    assert_eq!(lmx.requests().last().unwrap()["model"], "default");
+}

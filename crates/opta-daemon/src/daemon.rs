@@ -261,7 +261,9 @@ fn take_lock(dir: &Path) -> Result<File> {
 fn check_lmx_url(url: &str) -> Result<()> {
     let invalid = |why: &str| Error::Config(format!("--lmx-url {url:?}: {why}"));
     if !url.contains("://") {
-        return Err(invalid(&format!("no scheme; did you mean \"http://{url}\"?")));
+        return Err(invalid(&format!(
+            "no scheme; did you mean \"http://{url}\"?"
+        )));
     }
     let parsed = reqwest::Url::parse(url).map_err(|e| invalid(&e.to_string()))?;
     match parsed.scheme() {
@@ -337,7 +339,11 @@ mod tests {
 
     #[test]
     fn only_plain_http_inference_urls_are_taken() {
-        for ok in ["http://127.0.0.1:1234", "http://localhost:8080/", "http://[::1]:1/base"] {
+        for ok in [
+            "http://127.0.0.1:1234",
+            "http://localhost:8080/",
+            "http://[::1]:1/base",
+        ] {
             assert!(check_lmx_url(ok).is_ok(), "{ok}");
         }
         for (bad, why) in [
