@@ -19,8 +19,9 @@ pub struct Tunables {
     pub delta_retention: Duration,
     /// How often token/thinking events past their retention are looked for.
     pub delta_sweep_interval: Duration,
-    /// Interval of the SSE `: ping` comment.
-    pub sse_ping: Duration,
+    /// Interval of the SSE `: ping` comment and the WebSocket ping (which also finds peers
+    /// that vanished without closing).
+    pub keepalive: Duration,
     /// A session with no turn, no subscriber and no request for this long leaves memory (it
     /// is loaded again from the store on its next use).
     pub idle_eviction: Duration,
@@ -34,7 +35,7 @@ impl Default for Tunables {
             subscriber_buffer: 4096,
             delta_retention: Duration::from_secs(60),
             delta_sweep_interval: Duration::from_secs(10),
-            sse_ping: Duration::from_secs(15),
+            keepalive: Duration::from_secs(15),
             idle_eviction: Duration::from_secs(30 * 60),
             eviction_interval: Duration::from_secs(60),
         }

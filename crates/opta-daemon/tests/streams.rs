@@ -67,10 +67,23 @@ async fn sse_replays_then_goes_live_with_id_lines() {
 }
 
 #[tokio::test]
+async fn ws_pings_every_keepalive_period() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let d = TestDaemon::start_with(&lmx.url(), |c| {
+        c.limits.keepalive = Duration::from_millis(100);
+    })
+    .await;
+    let s = d.create_session(None).await;
+    let mut ws = d.ws(&s, 1).await;
+    ws.wait_for_ping().await;
+    ws.wait_for_ping().await;
+}
+
+#[tokio::test]
 async fn sse_opens_with_connected_and_pings() {
     let lmx = ScriptedLmx::start().await.unwrap();
     let d = TestDaemon::start_with(&lmx.url(), |c| {
-        c.limits.sse_ping = Duration::from_millis(100);
+        c.limits.keepalive = Duration::from_millis(100);
     })
     .await;
     let s = d.create_session(None).await;

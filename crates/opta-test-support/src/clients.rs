@@ -93,6 +93,21 @@ impl WsClient {
         }
     }
 
+    /// Reads frames (dropping them) until a ping arrives; panics after [`WAIT`].
+    pub async fn wait_for_ping(&mut self) {
+        tokio::time::timeout(WAIT, async {
+            loop {
+                match self.stream.next().await {
+                    Some(Ok(Message::Ping(_))) => return,
+                    Some(Ok(_)) => {}
+                    None | Some(Err(_)) => panic!("ws ended before a ping"),
+                }
+            }
+        })
+        .await
+        .expect("a ping in time");
+    }
+
     /// Closes the connection from the client side.
     pub async fn close(mut self) {
         let _ = self.stream.close(None).await;

@@ -50,7 +50,7 @@ pub async fn events(
     let after_seq = query.after_seq.or(last_event_id).unwrap_or(0);
     let feed = open_feed(&state, id, after_seq).await?;
     let shutdown = state.ctx.shutdown.clone();
-    let ping = state.ctx.limits.sse_ping;
+    let ping = state.ctx.limits.keepalive;
     let connected = stream::once(async { Ok(Event::default().comment("connected")) });
     let replay = stream::iter(feed.replay.into_iter().map(|f| Ok(sse_event(&f))));
     let live_state = (feed.receiver, feed.current_seq, feed.guard);

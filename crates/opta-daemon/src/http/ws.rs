@@ -100,11 +100,18 @@ async fn serve_socket(
         }
         last_sent = frame.seq;
     }
+    let period = state.ctx.limits.keepalive;
+    let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     loop {
         tokio::select! {
             _ = state.ctx.shutdown.cancelled() => {
                 close(&mut sink, 1001, "daemon shutting down").await;
                 return;
+            }
+            _ = keepalive.tick() => {
+                if sink.send(Message::Ping(Default::default())).await.is_err() {
+                    return;
+                }
             }
             incoming = source.next() => match incoming {
                 None | Some(Ok(Message::Close(_))) => return,
