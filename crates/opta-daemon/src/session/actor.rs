@@ -795,9 +795,6 @@ impl SessionActor {
         }
     }
 
-    /// Token and thinking events stay replayable for a while after their turn ends, so a
-    /// client reconnecting right at the end still gets them; then they are dropped (the
-    /// text lives on in the stored assistant message).
     async fn cancel(&mut self, request: CancelRequest) -> Result<CancelResponse> {
         let CancelRequest { turn_id, writer_id } = request;
         let (removed, active_hit) = match (&turn_id, &writer_id) {

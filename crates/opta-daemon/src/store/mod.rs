@@ -284,16 +284,6 @@ impl Store {
         done.await.map_err(|_| Error::ShuttingDown)?
     }
 
-    /// Queues `ops` without waiting for the commit (for housekeeping only).
-    pub fn write_detached(&self, ops: Vec<WriteOp>) {
-        let (ack, _done) = oneshot::channel();
-        // A closed writer means the store is shutting down; housekeeping can be skipped then.
-        let _ = self
-            .inner
-            .writer
-            .send(writer::WriterMsg::Batch { ops, ack });
-    }
-
     /// Runs `f` on a reader connection.
     pub async fn read<T, F>(&self, f: F) -> Result<T>
     where
