@@ -1,5 +1,5 @@
-//! Random interleavings of writers, cancels, stale submits, subscribers coming and going and
-//! misbehaving inference replies, from fixed seeds; then the event log's invariants are
+//! Random interleavings of writers, cancels, stale submits, subscribers coming and going,
+//! daemon restarts and misbehaving inference replies, from fixed seeds; then the event log's invariants are
 //! checked on what was stored and on what every subscriber saw.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure report
 
@@ -62,7 +62,7 @@ fn reply(rng: &mut Rng) -> Reply {
 async fn run(seed: u64) {
     let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
     let lmx = ScriptedLmx::start().await.unwrap();
-    let d = TestDaemon::start(&lmx.url()).await;
+    let mut d = TestDaemon::start(&lmx.url()).await;
     let s = d.create_session(None).await;
     let writers = ["w1", "w2", "w3"];
     let mut accepted: Vec<String> = Vec::new();
@@ -116,6 +116,15 @@ async fn run(seed: u64) {
                 let stored = d.events(&s, 0).await.len() as u64;
                 let after = rng.below(stored + 1);
                 subscribers.push(subscribe(d.ws(&s, after).await, after));
+            }
+            _ if rng.below(12) == 0 => {
+                // A graceful restart: the running turn ends `interrupted`, queued ones resume,
+                // subscribers are closed (1001) and checked.
+                let closed = std::mem::take(&mut subscribers);
+                d = d.restart().await;
+                for sub in closed {
+                    check_subscriber(&d, &s, sub).await;
+                }
             }
             _ => {
                 if !subscribers.is_empty() && rng.below(2) == 0 {
