@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use futures_util::{SinkExt, StreamExt};
-use opta_daemon::store::{Store, WriteOp};
+use opta_daemon::store::{Store, StoreOptions, WriteOp};
 use opta_daemon::{DaemonConfig, RunningDaemon};
 use opta_test_support::ScriptedLmx;
 use serde_json::{Value, json};
@@ -33,6 +33,9 @@ struct Cli {
 enum Bench {
     /// Submit → first token and submit → done over sequential turns.
     Overhead {
+        /// fsync every commit (the daemon's `--sync-commits`).
+        #[arg(long)]
+        sync_commits: bool,
         /// Measured turns.
         #[arg(long, default_value_t = 200)]
         turns: usize,
@@ -51,6 +54,9 @@ enum Bench {
     },
     /// Round trip of one event commit through the store's writer thread.
     Store {
+        /// fsync every commit (the daemon's `--sync-commits`).
+        #[arg(long)]
+        sync_commits: bool,
         /// Measured commits.
         #[arg(long, default_value_t = 3000)]
         commits: usize,
@@ -60,8 +66,15 @@ enum Bench {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Bench::Overhead { turns, warmup } => overhead(turns, warmup),
-        Bench::Store { commits } => store(commits),
+        Bench::Overhead {
+            turns,
+            warmup,
+            sync_commits,
+        } => overhead(turns, warmup, sync_commits),
+        Bench::Store {
+            commits,
+            sync_commits,
+        } => store(commits, sync_commits),
         Bench::Soak { rounds, warmup } => soak(rounds, warmup),
     }
 }
@@ -83,12 +96,16 @@ fn summary(mut samples: Vec<Duration>) -> Value {
     })
 }
 
-fn store(commits: usize) -> Result<()> {
+fn store(commits: usize, sync_commits: bool) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let dir = tempfile::tempdir()?;
-    let store = Store::open(&dir.path().join("bench.db"), None)?;
+    let options = StoreOptions {
+        max_bytes: None,
+        sync_commits,
+    };
+    let store = Store::open(&dir.path().join("bench.db"), options)?;
     let session: Arc<str> = Arc::from("bench");
     let envelope: Arc<str> = Arc::from(format!("{{\"payload\":\"{}\"}}", "x".repeat(300)));
     let samples = runtime.block_on(async {
@@ -108,7 +125,8 @@ fn store(commits: usize) -> Result<()> {
         }
         anyhow::Ok(samples)
     })?;
-    let report = json!({"benchmark": "store", "commitRoundTripMs": summary(samples)});
+    let report = json!({"benchmark": "store", "syncCommits": sync_commits,
+        "commitRoundTripMs": summary(samples)});
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
 }
@@ -125,7 +143,7 @@ struct Rig {
 }
 
 impl Rig {
-    fn start() -> Result<Self> {
+    fn start(store: StoreOptions) -> Result<Self> {
         let server_rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -137,6 +155,7 @@ impl Rig {
             config.port = 0;
             config.lmx_url = lmx.url();
             config.token = Some(TOKEN.into());
+            config.store = store;
             let daemon = RunningDaemon::start(config).await?;
             anyhow::Ok((lmx, daemon))
         })?;
@@ -163,14 +182,18 @@ impl Rig {
 
 const TOKEN: &str = "bench-token";
 
-fn overhead(turns: usize, warmup: usize) -> Result<()> {
-    let rig = Rig::start()?;
+fn overhead(turns: usize, warmup: usize, sync_commits: bool) -> Result<()> {
+    let rig = Rig::start(StoreOptions {
+        max_bytes: None,
+        sync_commits,
+    })?;
     let result = rig
         .client_rt
         .block_on(measure(&rig.base, &rig.lmx.url(), turns, warmup))
         .map(|mut report| {
             // With a warm preflight cache the whole run costs one model-list request.
             report["lmxModelListRequests"] = json!(rig.lmx.model_list_requests());
+            report["syncCommits"] = json!(sync_commits);
             report
         });
     rig.stop()?;
@@ -194,7 +217,7 @@ fn resources() -> Result<Value> {
 }
 
 fn soak(rounds: usize, warmup: usize) -> Result<()> {
-    let rig = Rig::start()?;
+    let rig = Rig::start(StoreOptions::default())?;
     let result = rig.client_rt.block_on(async {
         let http = reqwest::Client::new();
         for i in 0..warmup {

@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 use clap::Subcommand;
 use opta_daemon::context::Tunables;
 use opta_daemon::inference::LmxTimeouts;
+use opta_daemon::store::StoreOptions;
 use opta_daemon::{DaemonConfig, RunningDaemon};
 use serde_json::json;
 use tracing_subscriber::EnvFilter;
@@ -218,7 +219,10 @@ async fn run_foreground(home: &Path, args: &DaemonArgs) -> Result<()> {
         },
         preflight_ttl: Duration::from_millis(args.preflight_ttl_ms),
         limits: Tunables::default(),
-        store_max_bytes: (args.max_db_mb > 0).then(|| args.max_db_mb * 1024 * 1024),
+        store: StoreOptions {
+            max_bytes: (args.max_db_mb > 0).then(|| args.max_db_mb * 1024 * 1024),
+            sync_commits: args.sync_commits,
+        },
         logs_path: Some(logs_path),
     };
     let daemon = RunningDaemon::start(config).await?;

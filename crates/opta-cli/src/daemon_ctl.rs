@@ -75,6 +75,11 @@ pub struct DaemonArgs {
     /// with `storage-full` (HTTP 507) and nothing is half-written.
     #[arg(long, env = "OPTA_MAX_DB_MB", default_value_t = 0, global = true)]
     pub max_db_mb: u64,
+    /// fsync every commit: acknowledged turns and events then survive an OS crash or power
+    /// loss too (by default they survive a crash of the daemon, kill -9 included).
+    #[arg(long, env = "OPTA_SYNC_COMMITS", global = true,
+        value_parser = clap::builder::BoolishValueParser::new())]
+    pub sync_commits: bool,
     /// Timeout of model-list and admin requests, in milliseconds.
     #[arg(
         long,
@@ -89,7 +94,7 @@ impl DaemonArgs {
     /// The same flags as command-line arguments for `opta daemon run` (the token goes through
     /// the environment so it never shows in `ps`).
     fn to_run_args(&self) -> Vec<String> {
-        vec![
+        let mut args = vec![
             "--host".into(),
             self.host.clone(),
             "--port".into(),
@@ -110,7 +115,11 @@ impl DaemonArgs {
             self.lmx_admin_timeout_ms.to_string(),
             "--max-db-mb".into(),
             self.max_db_mb.to_string(),
-        ]
+        ];
+        if self.sync_commits {
+            args.push("--sync-commits".into());
+        }
+        args
     }
 }
 

@@ -20,7 +20,7 @@ use crate::http::{AppState, router};
 use crate::ids::{new_daemon_id, new_token, now_iso};
 use crate::inference::{LmxClient, LmxTimeouts, PreflightCache};
 use crate::session::{Registry, sweep_deltas_periodically};
-use crate::store::Store;
+use crate::store::{Store, StoreOptions};
 
 /// The default port; when it is taken the daemon tries [`FALLBACK_PORTS`].
 pub const DEFAULT_PORT: u16 = 9999;
@@ -48,8 +48,8 @@ pub struct DaemonConfig {
     pub preflight_ttl: Duration,
     /// Session actor tunables.
     pub limits: Tunables,
-    /// Largest size the database may grow to; `None` for no limit (the disk's).
-    pub store_max_bytes: Option<u64>,
+    /// Largest size the database may grow to, and whether every commit is fsynced.
+    pub store: StoreOptions,
     /// Log file reported in the state file.
     pub logs_path: Option<PathBuf>,
 }
@@ -66,7 +66,7 @@ impl DaemonConfig {
             model: String::new(),
             lmx_timeouts: LmxTimeouts::default(),
             preflight_ttl: Duration::from_secs(10),
-            store_max_bytes: None,
+            store: StoreOptions::default(),
             limits: Tunables::default(),
             logs_path: None,
         }
@@ -119,8 +119,8 @@ impl RunningDaemon {
         let lock = take_lock(&dir)?;
 
         let db_path = dir.join("opta.db");
-        let max_bytes = config.store_max_bytes;
-        let store = tokio::task::spawn_blocking(move || Store::open(&db_path, max_bytes))
+        let options = config.store;
+        let store = tokio::task::spawn_blocking(move || Store::open(&db_path, options))
             .await
             .map_err(|e| Error::Internal(format!("store open task: {e}")))??;
         let lmx = LmxClient::new(&config.lmx_url, config.lmx_timeouts)

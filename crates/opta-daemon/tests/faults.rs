@@ -11,7 +11,7 @@ use serde_json::json;
 #[tokio::test]
 async fn a_full_store_refuses_turns_with_507_and_changes_nothing() {
     let lmx = ScriptedLmx::start().await.unwrap();
-    let d = TestDaemon::start_with(&lmx.url(), |c| c.store_max_bytes = Some(400 * 1024)).await;
+    let d = TestDaemon::start_with(&lmx.url(), |c| c.store.max_bytes = Some(400 * 1024)).await;
     let s = d.create_session(None).await;
     let big = "x".repeat(60 * 1024);
     let mut refused = None;
@@ -64,7 +64,7 @@ async fn a_full_store_refuses_turns_with_507_and_changes_nothing() {
 async fn a_turn_that_fills_the_store_ends_with_storage_full_and_keeps_its_text() {
     let lmx = ScriptedLmx::start().await.unwrap();
     lmx.push(Reply::chunks((0..20_000).map(|i| format!("token-{i:05} "))));
-    let d = TestDaemon::start_with(&lmx.url(), |c| c.store_max_bytes = Some(512 * 1024)).await;
+    let d = TestDaemon::start_with(&lmx.url(), |c| c.store.max_bytes = Some(512 * 1024)).await;
     let s = d.create_session(None).await;
     let mut ws = d.ws(&s, 0).await;
     let turn = d.submit(&s, "flood the disk").await;

@@ -25,6 +25,16 @@ const READER_THREADS: usize = 2;
 /// How often the checkpointer folds the WAL back into the database when there were writes.
 const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
 
+/// How the store is opened.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StoreOptions {
+    /// Writes beyond this size fail as [`Error::StorageFull`]; `None` for the disk's limit.
+    pub max_bytes: Option<u64>,
+    /// fsync every commit (`synchronous=FULL`): commits then survive an OS crash or power
+    /// loss, not only a crash of the daemon, at the cost of one fsync per commit batch.
+    pub sync_commits: bool,
+}
+
 /// A stored session's metadata row.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SessionRow {
@@ -211,10 +221,10 @@ impl Store {
     /// Opens (creating if needed) the database at `path` and migrates it. With `max_bytes`,
     /// writes beyond that size fail as [`Error::StorageFull`] (a quota; the same path a full
     /// disk takes).
-    pub fn open(path: &Path, max_bytes: Option<u64>) -> Result<Self> {
-        let mut conn = open_connection(path, false)?;
+    pub fn open(path: &Path, options: StoreOptions) -> Result<Self> {
+        let mut conn = open_connection(path, Access::Write(options.sync_commits))?;
         schema::migrate(&mut conn)?;
-        if let Some(max) = max_bytes {
+        if let Some(max) = options.max_bytes {
             let page_size: u64 = conn.pragma_query_value(None, "page_size", |r| r.get(0))?;
             conn.pragma_update(None, "max_page_count", (max / page_size.max(1)).max(1))?;
         }
@@ -231,7 +241,7 @@ impl Store {
         );
         // Checkpoints (which fsync) run on their own connection and thread, never on the
         // commit path: SQLite's automatic checkpoint is off on the writer connection.
-        let checkpoint_conn = open_connection(path, false)?;
+        let checkpoint_conn = open_connection(path, Access::Write(false))?;
         threads.push(
             std::thread::Builder::new()
                 .name("opta-store-checkpoint".into())
@@ -249,7 +259,7 @@ impl Store {
                 })?,
         );
         for i in 0..READER_THREADS {
-            let conn = open_connection(path, true)?;
+            let conn = open_connection(path, Access::Read)?;
             let rrx = rrx.clone();
             threads.push(
                 std::thread::Builder::new()
@@ -343,23 +353,53 @@ impl Store {
     }
 }
 
-fn open_connection(path: &Path, read_only: bool) -> Result<Connection> {
-    let flags = if read_only {
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
-    } else {
-        OpenFlags::SQLITE_OPEN_READ_WRITE
-            | OpenFlags::SQLITE_OPEN_CREATE
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+/// How a connection is used: reading, or writing (with `true`: fsync every commit).
+#[derive(Debug, Clone, Copy)]
+enum Access {
+    Read,
+    Write(bool),
+}
+
+fn open_connection(path: &Path, access: Access) -> Result<Connection> {
+    let flags = match access {
+        Access::Read => OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        Access::Write(_) => {
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_CREATE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        }
     };
     let conn = Connection::open_with_flags(path, flags)?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
-    if !read_only {
+    if let Access::Write(sync_commits) = access {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         // NORMAL in WAL mode: a commit survives a process crash (kill -9); only an OS crash or
         // power loss can roll back the last commits. This keeps fsync off the per-event path.
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        // FULL (opt-in) fsyncs the WAL at every commit.
+        let synchronous = if sync_commits { "FULL" } else { "NORMAL" };
+        conn.pragma_update(None, "synchronous", synchronous)?;
         // Checkpoints run on the checkpointer thread (see `Store::open`).
         conn.pragma_update(None, "wal_autocheckpoint", 0)?;
     }
     Ok(conn)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sync_commits_makes_the_writer_fsync_every_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let level = |access| -> i64 {
+            open_connection(&path, access)
+                .unwrap()
+                .pragma_query_value(None, "synchronous", |r| r.get(0))
+                .unwrap()
+        };
+        // 1 = NORMAL, 2 = FULL.
+        assert_eq!(level(Access::Write(false)), 1);
+        assert_eq!(level(Access::Write(true)), 2);
+    }
 }
