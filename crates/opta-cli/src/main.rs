@@ -40,7 +40,7 @@ enum Command {
     Do(do_cmd::DoArgs),
     /// Chat interactively.
     Chat(chat::ChatArgs),
-    /// List and inspect sessions.
+    /// List, inspect, cancel and delete sessions.
     Sessions {
         #[command(subcommand)]
         action: sessions_cmd::SessionsAction,

@@ -1,4 +1,4 @@
-//! `opta sessions list|show|events|cancel` and `opta models [list]|load|unload`.
+//! `opta sessions list|show|events|cancel|delete` and `opta models [list]|load|unload`.
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -54,6 +54,11 @@ pub enum SessionsAction {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Delete a session: its turns are cancelled, its history and events are gone.
+    Delete {
+        /// Session id.
+        id: String,
     },
 }
 
@@ -154,6 +159,11 @@ pub async fn sessions(
                 answer.cancelled_queued,
                 if answer.cancelled_active { "yes" } else { "no" }
             );
+        }
+        SessionsAction::Delete { id } => {
+            let id = SessionId::parse(&id)?;
+            client.delete_session(&id).await?;
+            println!("deleted session {id}");
         }
     }
     Ok(ExitCode::SUCCESS)

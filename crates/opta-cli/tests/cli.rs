@@ -346,7 +346,7 @@ async fn chat_streams_answers_and_ctrl_c_cancels_a_long_turn() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn models_load_unload_and_sessions_cancel() {
+async fn models_load_unload_and_sessions_cancel_and_delete() {
     let lmx = ScriptedLmx::start().await.unwrap();
     let home = Home::new(&lmx.url());
 
@@ -418,6 +418,20 @@ async fn models_load_unload_and_sessions_cancel() {
         again,
         serde_json::json!({"ok": true, "cancelled": 0, "cancelledQueued": 0, "cancelledActive": false})
     );
+
+    let deleted = home.opta(&["sessions", "delete", &id]).await;
+    assert!(deleted.status.success(), "{}", text(&deleted.stderr));
+    assert_eq!(text(&deleted.stdout), format!("deleted session {id}\n"));
+    let gone = home.opta(&["sessions", "show", &id]).await;
+    assert_eq!(gone.status.code(), Some(1));
+    assert!(
+        text(&gone.stderr).contains("Session not found"),
+        "{}",
+        text(&gone.stderr)
+    );
+    let list = home.opta(&["sessions", "list", "--json"]).await;
+    let list: Value = serde_json::from_slice(&list.stdout).unwrap();
+    assert_eq!(list["sessions"], serde_json::json!([]));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
