@@ -9,6 +9,7 @@
 //! `soak`: many rounds of a session's whole life with clients that misbehave (vanish
 //! mid-turn, send bad input), reporting the process's memory, file descriptors and threads
 //! after a warm-up and at the end, and what the daemon still holds: leaks show as growth.
+//! Then the memory one idle resident session costs (1000 created, RSS growth per session).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -231,19 +232,52 @@ fn soak(rounds: usize, warmup: usize) -> Result<()> {
         }
         let elapsed = started.elapsed();
         let held = settle(&http, &rig.base).await?;
+        let at_end = resources()?;
+        let resident = resident_session_cost(&http, &rig.base, 1000).await?;
         anyhow::Ok(json!({
             "benchmark": "soak",
             "rounds": rounds,
             "warmup": warmup,
             "roundMeanMs": (elapsed.as_secs_f64() * 1000.0 / rounds.max(1) as f64 * 1000.0).round() / 1000.0,
             "afterWarmup": before,
-            "atEnd": resources()?,
+            "atEnd": at_end,
             "daemonHoldsAtEnd": held,
+            "residentSessionKib": resident,
         }))
     });
     rig.stop()?;
     println!("{}", serde_json::to_string_pretty(&result?)?);
     Ok(())
+}
+
+/// Memory each idle resident session costs: RSS growth over creating `n` sessions (each
+/// with its actor), in KiB per session. The sessions are deleted afterwards.
+async fn resident_session_cost(http: &reqwest::Client, base: &str, n: usize) -> Result<f64> {
+    let rss = || -> Result<f64> {
+        resources()?["rssKib"]
+            .as_f64()
+            .context("VmRSS in /proc/self/status")
+    };
+    let before = rss()?;
+    for i in 0..n {
+        let created = http
+            .post(format!("{base}/v3/sessions"))
+            .bearer_auth(TOKEN)
+            .json(&json!({"sessionId": format!("resident-{i}")}))
+            .send()
+            .await?;
+        if created.status().as_u16() != 201 {
+            bail!("create answered {}", created.status());
+        }
+    }
+    let per_session = (rss()? - before) / n as f64;
+    for i in 0..n {
+        http.delete(format!("{base}/v3/sessions/resident-{i}"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await?;
+    }
+    Ok((per_session * 10.0).round() / 10.0)
 }
 
 /// Waits (bounded) until the daemon holds no session, subscriber or turn; returns its runtime.

@@ -95,7 +95,9 @@ pub(crate) struct SessionActor {
     active: Option<ActiveTurn>,
     next_turn_no: u64,
     idempotency: HashMap<String, TurnId>,
-    events: broadcast::Sender<Frame>,
+    /// Live subscribers' channel; only while there are any (its ring buffer is
+    /// `subscriber_buffer` frames, too much to keep for every resident session).
+    events: Option<broadcast::Sender<Frame>>,
     updates_tx: mpsc::Sender<TurnUpdate>,
     updates: mpsc::Receiver<TurnUpdate>,
     stopping: bool,
@@ -116,7 +118,6 @@ impl SessionActor {
             .map_err(|e| Error::Storage(format!("corrupt message in session {id}: {e}")))?;
         let (commands_tx, commands) = mpsc::channel(256);
         let touched = Arc::new(AtomicU64::new(ctx.now_ms()));
-        let (events, _) = broadcast::channel(ctx.limits.subscriber_buffer);
         let (updates_tx, updates) = mpsc::channel(256);
         let actor = SessionActor {
             id_arc: Arc::from(id.as_str()),
@@ -132,7 +133,7 @@ impl SessionActor {
                 .into_iter()
                 .map(|(k, v)| (k, TurnId(v)))
                 .collect(),
-            events,
+            events: None,
             updates_tx,
             updates,
             stopping: false,
@@ -204,8 +205,12 @@ impl SessionActor {
                 let _ = reply.send(self.resolve_permission(request_id, request));
             }
             SessionCommand::Subscribe { reply } => {
+                let capacity = self.ctx.limits.subscriber_buffer;
+                let sender = self
+                    .events
+                    .get_or_insert_with(|| broadcast::channel(capacity).0);
                 let _ = reply.send(Subscription {
-                    receiver: self.events.subscribe(),
+                    receiver: sender.subscribe(),
                     current_seq: self.seq,
                 });
             }
@@ -237,7 +242,7 @@ impl SessionActor {
             } => {
                 let idle = self.active.is_none()
                     && self.queue.is_empty()
-                    && self.events.receiver_count() == 0
+                    && self.subscribers() == 0
                     && self.touched.load(Ordering::Relaxed) <= idle_since_ms;
                 let _ = reply.send(idle);
                 if idle {
@@ -281,11 +286,21 @@ impl SessionActor {
         }
         self.ctx.store.write(ops).await?;
         self.seq = seq;
-        for frame in frames {
-            // No receivers is fine: the event is stored and replayable.
-            let _ = self.events.send(frame);
+        if self.subscribers() == 0 {
+            // The last subscriber left: free the channel (the events are stored and replay).
+            self.events = None;
+        } else if let Some(sender) = &self.events {
+            for frame in frames {
+                let _ = sender.send(frame);
+            }
         }
         Ok(())
+    }
+
+    fn subscribers(&self) -> usize {
+        self.events
+            .as_ref()
+            .map_or(0, broadcast::Sender::receiver_count)
     }
 
     /// The history as owned messages, for answers and events.
