@@ -292,7 +292,9 @@ async fn session_list_is_paginated_newest_first() {
     for i in 0..7 {
         d.create_session(Some(&format!("list-{i}"))).await;
     }
-    // Touch list-2 so it becomes the most recently updated.
+    // Touch list-2 so it becomes the most recently updated. updatedAt has millisecond
+    // resolution: let the clock pass list-6's millisecond first, or the two tie.
+    tokio::time::sleep(std::time::Duration::from_millis(3)).await;
     d.post(
         "/v3/sessions",
         json!({"sessionId": "list-2", "title": "touched"}),
