@@ -22,6 +22,8 @@ pub struct Tunables {
     /// Interval of the SSE `: ping` comment and the WebSocket ping (which also finds peers
     /// that vanished without closing).
     pub keepalive: Duration,
+    /// A client must send its request headers within this time, or its connection closes.
+    pub header_read_timeout: Duration,
     /// A session with no turn, no subscriber and no request for this long leaves memory (it
     /// is loaded again from the store on its next use).
     pub idle_eviction: Duration,
@@ -36,6 +38,7 @@ impl Default for Tunables {
             delta_retention: Duration::from_secs(60),
             delta_sweep_interval: Duration::from_secs(10),
             keepalive: Duration::from_secs(15),
+            header_read_timeout: Duration::from_secs(30),
             idle_eviction: Duration::from_secs(30 * 60),
             eviction_interval: Duration::from_secs(60),
         }

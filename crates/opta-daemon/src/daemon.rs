@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::serve::ListenerExt;
 pub use opta_protocol::DaemonState;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -16,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::context::{DaemonContext, RuntimeCounters, Tunables};
 use crate::error::{Error, Result};
-use crate::http::{AppState, router};
+use crate::http::{AppState, router, serve};
 use crate::ids::{new_daemon_id, new_token, now_iso};
 use crate::inference::{LmxClient, LmxTimeouts, PreflightCache};
 use crate::session::{Registry, sweep_deltas_periodically};
@@ -95,7 +94,7 @@ pub struct RunningDaemon {
     state_path: PathBuf,
     ctx: Arc<DaemonContext>,
     registry: Registry,
-    server: JoinHandle<std::io::Result<()>>,
+    server: JoinHandle<()>,
     _lock: File,
 }
 
@@ -174,18 +173,12 @@ impl RunningDaemon {
             registry: registry.clone(),
             token,
         });
-        // Events are many small writes (one per token): without TCP_NODELAY, Nagle holds each
-        // one back until the client's (delayed, ~40 ms) ACK of the previous one.
-        let listener = listener.tap_io(|tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "could not set TCP_NODELAY on a connection");
-            }
-        });
-        let server = tokio::spawn(
-            axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown.cancelled_owned())
-                .into_future(),
-        );
+        let server = tokio::spawn(serve(
+            listener,
+            app,
+            shutdown.clone(),
+            config.limits.header_read_timeout,
+        ));
         tracing::info!(%addr, daemon_id = %ctx.daemon_id, "daemon listening");
         Ok(Self {
             addr,
@@ -217,10 +210,8 @@ impl RunningDaemon {
     /// remove the state file, release the lock.
     pub async fn shutdown(self) -> Result<()> {
         self.ctx.shutdown.cancel();
-        match self.server.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, "server ended with an error"),
-            Err(e) => tracing::error!(error = %e, "server task failed"),
+        if let Err(e) = self.server.await {
+            tracing::error!(error = %e, "server task failed");
         }
         self.registry.shutdown().await;
         self.ctx.store.shutdown().await?;

@@ -542,3 +542,51 @@ async fn every_route_of_the_openapi_document_is_served() {
     }
     assert_eq!(checked, 24, "operations in the document");
 }
+
+#[tokio::test]
+async fn a_client_that_never_finishes_its_headers_is_cut_off_but_streams_live_on() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let d = TestDaemon::start_with(&lmx.url(), |c| {
+        c.limits.header_read_timeout = std::time::Duration::from_millis(200);
+        c.limits.keepalive = std::time::Duration::from_millis(150);
+    })
+    .await;
+    let s = d.create_session(None).await;
+    // An SSE stream outlives the header timeout: it is past its headers.
+    let mut sse = opta_test_support::SseClient::connect(
+        &d.http,
+        &format!("{}/v3/sse/events?sessionId={s}", d.base),
+        &d.token,
+        None,
+    )
+    .await;
+    sse.next().await.expect("the snapshot replays");
+
+    let addr = d.base.trim_start_matches("http://").to_owned();
+    let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    slow.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut rest = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        slow.read_to_end(&mut rest),
+    )
+    .await
+    .expect("the daemon closes the connection")
+    .ok();
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(150),
+        "closed after {:?}, before the timeout",
+        started.elapsed()
+    );
+
+    // Well past the timeout, the stream still delivers, and new requests are served.
+    let turn = d.submit(&s, "still there?").await;
+    let events = sse.envelopes_until(is_terminal_of(&turn)).await;
+    assert_eq!(events.last().unwrap()["event"], "turn.done");
+    let (status, _) = d.get("/v3/health").await;
+    assert_eq!(status, StatusCode::OK);
+}

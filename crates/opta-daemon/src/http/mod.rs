@@ -6,6 +6,7 @@ mod error;
 mod extract;
 mod lmx;
 mod routes;
+mod serve;
 mod sse;
 mod subscribe;
 mod ws;
@@ -23,6 +24,7 @@ use crate::session::Registry;
 pub use cors::is_loopback_origin;
 pub use extract::BODY_LIMIT;
 pub use routes::VERSION;
+pub use serve::serve;
 
 /// What every handler can reach.
 #[derive(Clone)]
