@@ -307,27 +307,41 @@ async fn settle(http: &reqwest::Client, base: &str) -> Result<Value> {
     }
 }
 
-/// One session's life: WS and SSE subscribers, bad input, a turn; odd rounds let it finish
-/// and close politely, even rounds drop both subscribers mid-turn and delete the session
-/// under the running turn.
-async fn soak_round(http: &reqwest::Client, base: &str, round: usize) -> Result<()> {
+/// `POST /v3/sessions` with `body`; the session's id.
+async fn create_session(http: &reqwest::Client, base: &str, body: Value) -> Result<String> {
     let created: Value = http
         .post(format!("{base}/v3/sessions"))
         .bearer_auth(TOKEN)
-        .json(&json!({}))
+        .json(&body)
         .send()
         .await?
         .json()
         .await?;
-    let session = created["sessionId"]
+    Ok(created["sessionId"]
         .as_str()
         .context("session id")?
-        .to_owned();
-    let ws_url = format!(
-        "{}/v3/ws?sessionId={session}&afterSeq=0&token={TOKEN}",
+        .to_owned())
+}
+
+type WsStream =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A WebSocket subscription to `session` after `after_seq` (Nagle off, as the CLI has it).
+async fn connect_ws(base: &str, session: &str, after_seq: u64) -> Result<WsStream> {
+    let url = format!(
+        "{}/v3/ws?sessionId={session}&afterSeq={after_seq}&token={TOKEN}",
         base.replacen("http://", "ws://", 1)
     );
-    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(&ws_url, None, true).await?;
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(&url, None, true).await?;
+    Ok(ws)
+}
+
+/// One session's life: WS and SSE subscribers, bad input, a turn; odd rounds let it finish
+/// and close politely, even rounds drop both subscribers mid-turn and delete the session
+/// under the running turn.
+async fn soak_round(http: &reqwest::Client, base: &str, round: usize) -> Result<()> {
+    let session = create_session(http, base, json!({})).await?;
+    let mut ws = connect_ws(base, &session, 0).await?;
     let mut sse = http
         .get(format!("{base}/v3/sse/events?sessionId={session}"))
         .bearer_auth(TOKEN)
@@ -383,23 +397,8 @@ async fn soak_round(http: &reqwest::Client, base: &str, round: usize) -> Result<
 
 async fn measure(base: &str, lmx_url: &str, turns: usize, warmup: usize) -> Result<Value> {
     let http = reqwest::Client::builder().tcp_nodelay(true).build()?;
-    let created: Value = http
-        .post(format!("{base}/v3/sessions"))
-        .bearer_auth(TOKEN)
-        .json(&json!({"sessionId": "bench"}))
-        .send()
-        .await?
-        .json()
-        .await?;
-    let session = created["sessionId"]
-        .as_str()
-        .context("session id")?
-        .to_owned();
-    let ws_url = format!(
-        "{}/v3/ws?sessionId={session}&afterSeq=1&token={TOKEN}",
-        base.replacen("http://", "ws://", 1)
-    );
-    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(&ws_url, None, true).await?;
+    let session = create_session(&http, base, json!({"sessionId": "bench"})).await?;
+    let mut ws = connect_ws(base, &session, 1).await?;
     let submit_url = format!("{base}/v3/sessions/{session}/turns");
     let mut submit_ack = Vec::with_capacity(turns);
     let mut first_token = Vec::with_capacity(turns);
