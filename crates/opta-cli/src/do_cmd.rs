@@ -3,6 +3,7 @@
 use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
@@ -42,14 +43,20 @@ pub struct DoArgs {
     /// Show the model's reasoning (dimmed, on stderr).
     #[arg(long)]
     thinking: bool,
+    /// Seconds to wait for a daemon that went away mid-turn to come back before giving up.
+    #[arg(long, default_value_t = 30)]
+    daemon_wait: u64,
 }
+
+/// How long the event stream may be down before the daemon itself is looked for.
+const LOOK_FOR_DAEMON_AFTER: Duration = Duration::from_secs(2);
 
 pub fn parse_mode(s: &str) -> Result<Mode, String> {
     Mode::parse(s).ok_or_else(|| format!("unknown mode {s:?} (chat, do, plan, review, research)"))
 }
 
 pub async fn run(args: DoArgs, home: &Path, daemon: &DaemonArgs) -> Result<ExitCode> {
-    let client = daemon_ctl::ensure(home, daemon).await?;
+    let mut client = daemon_ctl::ensure(home, daemon).await?;
     let workspace = std::env::current_dir().context("reading the current directory")?;
     let session_id = args.session.as_deref().map(SessionId::parse).transpose()?;
     let snapshot = client
@@ -94,8 +101,45 @@ pub async fn run(args: DoArgs, home: &Path, daemon: &DaemonArgs) -> Result<ExitC
         .context("installing the Ctrl-C handler")?;
     let mut cancel_sent = false;
     let mut wrote_text = false;
+    let mut watchdog = tokio::time::interval(Duration::from_secs(1));
+    let mut told_waiting = false;
     let outcome = loop {
         let envelope = tokio::select! {
+            _ = watchdog.tick() => {
+                let Some(down) = events.disconnected_for() else {
+                    continue;
+                };
+                if down < LOOK_FOR_DAEMON_AFTER {
+                    continue;
+                }
+                match daemon_ctl::running(home).await {
+                    // Restarted elsewhere (another port): follow it from the last event seen.
+                    Some(r) if r.client.base_url() != client.base_url() => {
+                        client = r.client;
+                        let after = StartAt::After(events.last_seq());
+                        events = client.subscribe(&session, after, Transport::WebSocket).await?;
+                    }
+                    // Same address: the stream reconnects by itself.
+                    Some(_) => {}
+                    None if down >= Duration::from_secs(args.daemon_wait) => {
+                        if let Some(s) = spinner.take() {
+                            s.finish_and_clear();
+                        }
+                        anyhow::bail!(
+                            "the daemon stopped during the turn and did not come back within {} s; \
+                             when it starts again the turn is reported as interrupted \
+                             (`opta sessions events {session}`)",
+                            args.daemon_wait
+                        );
+                    }
+                    None if !told_waiting => {
+                        told_waiting = true;
+                        eprintln!("\n{}", ui::dim("lost the daemon; waiting for it to come back…"));
+                    }
+                    None => {}
+                }
+                continue;
+            }
             next = events.recv() => match next {
                 Some(e) => e?,
                 None => anyhow::bail!("the daemon closed the session's event stream"),

@@ -477,3 +477,47 @@ async fn chat_slash_commands() {
     assert_eq!(starts, [serde_json::json!("do"), serde_json::json!("do")]);
     assert_eq!(lmx.requests().last().unwrap()["model"], "default");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn do_follows_a_restarted_daemon_and_gives_up_on_a_stopped_one() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let home = Home::new(&lmx.url());
+    let spawn_do = |args: &[&str]| {
+        let mut cmd = home.command(args);
+        cmd.stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        cmd.spawn().unwrap()
+    };
+    let finish = |child: std::process::Child| {
+        tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+    };
+
+    // Restarted (on another port, as OPTA_PORT=0 gives): `do` follows it and reports the
+    // turn the restart interrupted.
+    lmx.push(Reply::slow(2000, Duration::from_millis(20)));
+    let task = spawn_do(&["do", "a long task"]);
+    lmx.wait_chat_requests(1).await;
+    let restart = home.opta(&["daemon", "restart"]).await;
+    assert!(restart.status.success(), "{}", text(&restart.stderr));
+    let out = finish(task).await.unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("[interrupted]"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // Stopped for good: `do` waits as long as it was told, then says what happened.
+    lmx.push(Reply::slow(2000, Duration::from_millis(20)));
+    let task = spawn_do(&["do", "--daemon-wait", "2", "another long task"]);
+    lmx.wait_chat_requests(2).await;
+    let stop = home.opta(&["daemon", "stop"]).await;
+    assert!(stop.status.success(), "{}", text(&stop.stderr));
+    let out = finish(task).await.unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("did not come back within 2 s") && stderr.contains("interrupted"),
+        "{stderr}"
+    );
+}

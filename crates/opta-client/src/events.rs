@@ -3,7 +3,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -47,7 +47,31 @@ pub enum StartAt {
 pub struct EventStream {
     rx: mpsc::Receiver<Result<Envelope>>,
     task: JoinHandle<()>,
-    reconnects: Arc<AtomicUsize>,
+    status: Arc<Status>,
+}
+
+/// What the pump shares with the stream's owner.
+struct Status {
+    reconnects: AtomicUsize,
+    /// The seq of the last event delivered (or the start).
+    last_seq: AtomicU64,
+    /// When the connection was lost, while it is: milliseconds since `epoch`, plus one
+    /// (0 = connected).
+    down_since: AtomicU64,
+    epoch: std::time::Instant,
+}
+
+impl Status {
+    fn set_down(&self, down: bool) {
+        let value = if down {
+            self.epoch.elapsed().as_millis() as u64 + 1
+        } else {
+            0
+        };
+        if !down || self.down_since.load(Ordering::Relaxed) == 0 {
+            self.down_since.store(value, Ordering::Relaxed);
+        }
+    }
 }
 
 impl EventStream {
@@ -58,7 +82,26 @@ impl EventStream {
 
     /// How many times the stream reconnected.
     pub fn reconnects(&self) -> usize {
-        self.reconnects.load(Ordering::Relaxed)
+        self.status.reconnects.load(Ordering::Relaxed)
+    }
+
+    /// The seq of the last event delivered (or where the stream started): subscribe after it
+    /// to continue elsewhere, say on a daemon that restarted on another port.
+    pub fn last_seq(&self) -> Seq {
+        self.status.last_seq.load(Ordering::Relaxed)
+    }
+
+    /// How long the stream has been trying to reconnect; `None` while it is connected.
+    pub fn disconnected_for(&self) -> Option<Duration> {
+        match self.status.down_since.load(Ordering::Relaxed) {
+            0 => None,
+            since => Some(
+                self.status
+                    .epoch
+                    .elapsed()
+                    .saturating_sub(Duration::from_millis(since - 1)),
+            ),
+        }
     }
 }
 
@@ -144,13 +187,14 @@ impl DaemonClient {
                 (connector.connect(at).await?, at)
             }
         };
-        let reconnects = Arc::new(AtomicUsize::new(0));
-        let task = tokio::spawn(pump(connector, connection, last, tx, reconnects.clone()));
-        Ok(EventStream {
-            rx,
-            task,
-            reconnects,
-        })
+        let status = Arc::new(Status {
+            reconnects: AtomicUsize::new(0),
+            last_seq: AtomicU64::new(last),
+            down_since: AtomicU64::new(0),
+            epoch: std::time::Instant::now(),
+        });
+        let task = tokio::spawn(pump(connector, connection, last, tx, status.clone()));
+        Ok(EventStream { rx, task, status })
     }
 }
 
@@ -200,14 +244,14 @@ async fn pump(
     mut connection: Connection,
     mut last: Seq,
     tx: mpsc::Sender<Result<Envelope>>,
-    reconnects: Arc<AtomicUsize>,
+    status: Arc<Status>,
 ) {
     let mut backoff = FIRST_BACKOFF;
     loop {
         let before = last;
         let ended = match &mut connection {
-            Connection::Ws(ws) => read_ws(ws, &mut last, &tx).await,
-            Connection::Sse(sse) => read_sse(sse, &mut last, &tx).await,
+            Connection::Ws(ws) => read_ws(ws, &mut last, &tx, &status).await,
+            Connection::Sse(sse) => read_sse(sse, &mut last, &tx, &status).await,
         };
         match ended {
             Ended::ReceiverGone | Ended::SessionGone => return,
@@ -215,7 +259,7 @@ async fn pump(
                 let _ = tx.send(Err(e)).await;
                 return;
             }
-            Ended::Retry => {}
+            Ended::Retry => status.set_down(true),
         }
         if last != before {
             backoff = FIRST_BACKOFF;
@@ -228,7 +272,8 @@ async fn pump(
             backoff = (backoff * 2).min(MAX_BACKOFF);
             match connector.connect(last).await {
                 Ok(c) => {
-                    reconnects.fetch_add(1, Ordering::Relaxed);
+                    status.reconnects.fetch_add(1, Ordering::Relaxed);
+                    status.set_down(false);
                     connection = c;
                     break;
                 }
@@ -251,18 +296,25 @@ async fn deliver(
     envelope: Envelope,
     last: &mut Seq,
     tx: &mpsc::Sender<Result<Envelope>>,
+    status: &Status,
 ) -> Option<Ended> {
     if envelope.seq <= *last {
         return None;
     }
     *last = envelope.seq;
+    status.last_seq.store(envelope.seq, Ordering::Relaxed);
     tx.send(Ok(envelope))
         .await
         .err()
         .map(|_| Ended::ReceiverGone)
 }
 
-async fn read_ws(ws: &mut WsStream, last: &mut Seq, tx: &mpsc::Sender<Result<Envelope>>) -> Ended {
+async fn read_ws(
+    ws: &mut WsStream,
+    last: &mut Seq,
+    tx: &mpsc::Sender<Result<Envelope>>,
+    status: &Status,
+) -> Ended {
     let mut last_error: Option<ErrorBody> = None;
     loop {
         let msg = tokio::select! {
@@ -277,7 +329,7 @@ async fn read_ws(ws: &mut WsStream, last: &mut Seq, tx: &mpsc::Sender<Result<Env
                 };
                 match as_envelope(&value) {
                     Ok(Some(envelope)) => {
-                        if let Some(end) = deliver(envelope, last, tx).await {
+                        if let Some(end) = deliver(envelope, last, tx, status).await {
                             return end;
                         }
                     }
@@ -311,6 +363,7 @@ async fn read_sse(
     sse: &mut SseStream,
     last: &mut Seq,
     tx: &mpsc::Sender<Result<Envelope>>,
+    status: &Status,
 ) -> Ended {
     loop {
         let data = tokio::select! {
@@ -328,7 +381,7 @@ async fn read_sse(
         };
         match envelope {
             Ok(Some(envelope)) => {
-                if let Some(end) = deliver(envelope, last, tx).await {
+                if let Some(end) = deliver(envelope, last, tx, status).await {
                     return end;
                 }
             }
