@@ -20,7 +20,7 @@ use rustyline::error::ReadlineError;
 use serde_json::json;
 use tokio::sync::mpsc;
 
-use crate::daemon_ctl::{self, DaemonArgs};
+use crate::daemon_ctl::{self, DaemonArgs, StreamCheck};
 use crate::do_cmd::{CLIENT_ID, answer_permission, parse_mode};
 use crate::render::{Outcome, Output, PermissionPolicy, TurnRenderer, report_failure};
 use crate::ui;
@@ -145,8 +145,26 @@ pub async fn run(args: ChatArgs, home: &Path, daemon: &DaemonArgs) -> Result<Exi
         spinner: None,
     };
     chat.prompt(&prompt_tx);
+    let mut watchdog = tokio::time::interval(std::time::Duration::from_secs(1));
+    let mut told_waiting = false;
     loop {
         tokio::select! {
+            _ = watchdog.tick() => match daemon_ctl::check_stream(home, &events, &chat.client).await {
+                StreamCheck::Fine => {}
+                // The daemon restarted on another port: follow it from the last event seen.
+                StreamCheck::Moved(r) => {
+                    chat.client = r.client;
+                    let after = StartAt::After(events.last_seq());
+                    events = chat.client.subscribe(&chat.session, after, Transport::WebSocket).await?;
+                    told_waiting = false;
+                    chat.say(&format!("reconnected to the daemon at {}", chat.client.base_url()));
+                }
+                StreamCheck::DaemonGone(_) if !told_waiting => {
+                    told_waiting = true;
+                    chat.say("lost the daemon; waiting for it to come back (Ctrl-C leaves)");
+                }
+                StreamCheck::DaemonGone(_) => {}
+            },
             line = lines.recv() => {
                 chat.prompting = false;
                 match line {

@@ -10,7 +10,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use opta_client::DaemonClient;
+use opta_client::{DaemonClient, EventStream};
 use opta_protocol::DaemonState;
 
 /// How long `start` waits for a new daemon to answer, and `stop` for it to exit.
@@ -232,6 +232,35 @@ pub async fn start(home: &Path, args: &DaemonArgs) -> Result<Started> {
             );
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// How long an event stream may be down before the daemon itself is looked for.
+const LOOK_FOR_DAEMON_AFTER: Duration = Duration::from_secs(2);
+
+/// Where a subscription stands whose connection may have dropped.
+pub enum StreamCheck {
+    /// Connected, or down only briefly, or the daemon answers where it did: nothing to do.
+    Fine,
+    /// The daemon answers at another address (it restarted there): subscribe again there.
+    Moved(Running),
+    /// No daemon answers; the stream has been down this long.
+    DaemonGone(Duration),
+}
+
+/// Checks on `events` (subscribed through `client`): a daemon that restarted on another port
+/// is found through the state file.
+pub async fn check_stream(home: &Path, events: &EventStream, client: &DaemonClient) -> StreamCheck {
+    let Some(down) = events
+        .disconnected_for()
+        .filter(|d| *d >= LOOK_FOR_DAEMON_AFTER)
+    else {
+        return StreamCheck::Fine;
+    };
+    match running(home).await {
+        Some(r) if r.client.base_url() != client.base_url() => StreamCheck::Moved(r),
+        Some(_) => StreamCheck::Fine,
+        None => StreamCheck::DaemonGone(down),
     }
 }
 

@@ -14,7 +14,7 @@ use opta_protocol::{
 };
 use serde_json::json;
 
-use crate::daemon_ctl::{self, DaemonArgs};
+use crate::daemon_ctl::{self, DaemonArgs, StreamCheck};
 use crate::render::{
     Outcome, Output, PermissionAsk, PermissionPolicy, TurnRenderer, Verdict, report_failure,
 };
@@ -47,9 +47,6 @@ pub struct DoArgs {
     #[arg(long, default_value_t = 30)]
     daemon_wait: u64,
 }
-
-/// How long the event stream may be down before the daemon itself is looked for.
-const LOOK_FOR_DAEMON_AFTER: Duration = Duration::from_secs(2);
 
 pub fn parse_mode(s: &str) -> Result<Mode, String> {
     Mode::parse(s).ok_or_else(|| format!("unknown mode {s:?} (chat, do, plan, review, research)"))
@@ -106,22 +103,15 @@ pub async fn run(args: DoArgs, home: &Path, daemon: &DaemonArgs) -> Result<ExitC
     let outcome = loop {
         let envelope = tokio::select! {
             _ = watchdog.tick() => {
-                let Some(down) = events.disconnected_for() else {
-                    continue;
-                };
-                if down < LOOK_FOR_DAEMON_AFTER {
-                    continue;
-                }
-                match daemon_ctl::running(home).await {
+                match daemon_ctl::check_stream(home, &events, &client).await {
+                    StreamCheck::Fine => {}
                     // Restarted elsewhere (another port): follow it from the last event seen.
-                    Some(r) if r.client.base_url() != client.base_url() => {
+                    StreamCheck::Moved(r) => {
                         client = r.client;
                         let after = StartAt::After(events.last_seq());
                         events = client.subscribe(&session, after, Transport::WebSocket).await?;
                     }
-                    // Same address: the stream reconnects by itself.
-                    Some(_) => {}
-                    None if down >= Duration::from_secs(args.daemon_wait) => {
+                    StreamCheck::DaemonGone(down) if down >= Duration::from_secs(args.daemon_wait) => {
                         if let Some(s) = spinner.take() {
                             s.finish_and_clear();
                         }
@@ -132,11 +122,11 @@ pub async fn run(args: DoArgs, home: &Path, daemon: &DaemonArgs) -> Result<ExitC
                             args.daemon_wait
                         );
                     }
-                    None if !told_waiting => {
+                    StreamCheck::DaemonGone(_) if !told_waiting => {
                         told_waiting = true;
                         eprintln!("\n{}", ui::dim("lost the daemon; waiting for it to come back…"));
                     }
-                    None => {}
+                    StreamCheck::DaemonGone(_) => {}
                 }
                 continue;
             }

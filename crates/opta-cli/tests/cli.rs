@@ -460,6 +460,13 @@ async fn chat_slash_commands() {
         say("/sessions", "ID");
         say("/bogus", "unknown command /bogus");
         step(&mut chat, "opta› ");
+        // The daemon restarts on another port (OPTA_PORT=0): chat finds it and carries on.
+        let restart = home.command(&["daemon", "restart"]).output().unwrap();
+        assert!(restart.status.success(), "{}", text(&restart.stderr));
+        step(&mut chat, "reconnected to the daemon at");
+        chat.send_line("after the restart").unwrap();
+        step(&mut chat, "echo: after the restart");
+        step(&mut chat, "opta› ");
         chat.send_line("/exit").unwrap();
         step(&mut chat, expectrl::Eof);
     });
@@ -474,7 +481,7 @@ async fn chat_slash_commands() {
         .filter(|e| e["event"] == "turn.start")
         .map(|e| e["payload"]["mode"].clone())
         .collect();
-    assert_eq!(starts, [serde_json::json!("do"), serde_json::json!("do")]);
+    assert_eq!(starts, vec![serde_json::json!("do"); 3]);
     assert_eq!(lmx.requests().last().unwrap()["model"], "default");
 }
 
