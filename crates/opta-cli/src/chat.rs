@@ -149,22 +149,9 @@ pub async fn run(args: ChatArgs, home: &Path, daemon: &DaemonArgs) -> Result<Exi
     let mut told_waiting = false;
     loop {
         tokio::select! {
-            _ = watchdog.tick() => match daemon_ctl::check_stream(home, &events, &chat.client).await {
-                StreamCheck::Fine => {}
-                // The daemon restarted on another port: follow it from the last event seen.
-                StreamCheck::Moved(r) => {
-                    chat.client = r.client;
-                    let after = StartAt::After(events.last_seq());
-                    events = chat.client.subscribe(&chat.session, after, Transport::WebSocket).await?;
-                    told_waiting = false;
-                    chat.say(&format!("reconnected to the daemon at {}", chat.client.base_url()));
-                }
-                StreamCheck::DaemonGone(_) if !told_waiting => {
-                    told_waiting = true;
-                    chat.say("lost the daemon; waiting for it to come back (Ctrl-C leaves)");
-                }
-                StreamCheck::DaemonGone(_) => {}
-            },
+            _ = watchdog.tick() => {
+                chat.follow_daemon(home, &mut events, &mut told_waiting).await?;
+            }
             line = lines.recv() => {
                 chat.prompting = false;
                 match line {
@@ -209,6 +196,36 @@ enum LineResult {
 }
 
 impl<P: ExternalPrinter> Chat<P> {
+    /// Once a second: a daemon that restarted on another port is followed there, from the
+    /// last event seen; one that is gone is said once.
+    async fn follow_daemon(
+        &mut self,
+        home: &Path,
+        events: &mut opta_client::EventStream,
+        told_waiting: &mut bool,
+    ) -> Result<()> {
+        match daemon_ctl::check_stream(home, events, &self.client).await {
+            StreamCheck::Fine => {}
+            StreamCheck::Moved(r) => {
+                self.client = r.client;
+                let after = StartAt::After(events.last_seq());
+                *events = self
+                    .client
+                    .subscribe(&self.session, after, Transport::WebSocket)
+                    .await?;
+                *told_waiting = false;
+                let line = format!("reconnected to the daemon at {}", self.client.base_url());
+                self.say(&line);
+            }
+            StreamCheck::DaemonGone(_) if !*told_waiting => {
+                *told_waiting = true;
+                self.say("lost the daemon; waiting for it to come back (Ctrl-C leaves)");
+            }
+            StreamCheck::DaemonGone(_) => {}
+        }
+        Ok(())
+    }
+
     fn prompt(&mut self, prompt_tx: &std::sync::mpsc::Sender<()>) {
         self.prompting = true;
         let _ = prompt_tx.send(());

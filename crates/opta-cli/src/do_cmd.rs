@@ -100,6 +100,7 @@ pub async fn run(args: DoArgs, home: &Path, daemon: &DaemonArgs) -> Result<ExitC
     let mut wrote_text = false;
     let mut watchdog = tokio::time::interval(Duration::from_secs(1));
     let mut told_waiting = false;
+    let daemon_wait = Duration::from_secs(args.daemon_wait);
     let outcome = loop {
         let envelope = tokio::select! {
             _ = watchdog.tick() => {
@@ -111,16 +112,11 @@ pub async fn run(args: DoArgs, home: &Path, daemon: &DaemonArgs) -> Result<ExitC
                         let after = StartAt::After(events.last_seq());
                         events = client.subscribe(&session, after, Transport::WebSocket).await?;
                     }
-                    StreamCheck::DaemonGone(down) if down >= Duration::from_secs(args.daemon_wait) => {
+                    StreamCheck::DaemonGone(down) if down >= daemon_wait => {
                         if let Some(s) = spinner.take() {
                             s.finish_and_clear();
                         }
-                        anyhow::bail!(
-                            "the daemon stopped during the turn and did not come back within {} s; \
-                             when it starts again the turn is reported as interrupted \
-                             (`opta sessions events {session}`)",
-                            args.daemon_wait
-                        );
+                        anyhow::bail!(gone_for_good(&session, daemon_wait));
                     }
                     StreamCheck::DaemonGone(_) if !told_waiting => {
                         told_waiting = true;
@@ -192,6 +188,14 @@ pub async fn run(args: DoArgs, home: &Path, daemon: &DaemonArgs) -> Result<ExitC
             }
         }
     })
+}
+
+fn gone_for_good(session: &SessionId, waited: Duration) -> String {
+    format!(
+        "the daemon stopped during the turn and did not come back within {} s; when it starts \
+         again the turn is reported as interrupted (`opta sessions events {session}`)",
+        waited.as_secs()
+    )
 }
 
 async fn cancel(client: &DaemonClient, session: &SessionId, turn: &TurnId) {
