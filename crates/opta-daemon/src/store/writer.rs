@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use rusqlite::{Connection, Transaction, params};
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use tokio::sync::oneshot;
 
 use super::WriteOp;
@@ -218,11 +218,26 @@ fn apply(conn: &Connection, op: &WriteOp) -> Result<()> {
             turn_id,
             after_seq,
         } => {
+            // The turn's events lie between its turn.queued and its terminal event: bound the
+            // delete by the latter, or it would scan every later event of the session (all of
+            // them, for each turn, when an old database is swept the first time).
+            let end: Option<u64> = conn
+                .prepare_cached(
+                    "SELECT seq FROM events WHERE session_id = ?1 AND seq > ?2 AND turn_id = ?3
+                     AND event IN ('turn.done', 'turn.error') ORDER BY seq LIMIT 1",
+                )?
+                .query_row(params![session_id, after_seq, turn_id], |r| r.get(0))
+                .optional()?;
             conn.prepare_cached(
-                "DELETE FROM events WHERE session_id = ?1 AND seq > ?2 AND turn_id = ?3
-                 AND event IN ('turn.token', 'turn.thinking')",
+                "DELETE FROM events WHERE session_id = ?1 AND seq > ?2 AND seq < ?3
+                 AND turn_id = ?4 AND event IN ('turn.token', 'turn.thinking')",
             )?
-            .execute(params![session_id, after_seq, turn_id])?;
+            .execute(params![
+                session_id,
+                after_seq,
+                end.unwrap_or(i64::MAX as u64),
+                turn_id
+            ])?;
             conn.prepare_cached("UPDATE turns SET deltas_pruned = 1 WHERE turn_id = ?1")?
                 .execute(params![turn_id])?;
         }
