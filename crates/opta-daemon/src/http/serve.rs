@@ -12,6 +12,7 @@ use hyper_util::server::conn::auto::Builder;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// Serves `app` on `listener` until `shutdown`, then waits for open connections to close.
 pub async fn serve(
@@ -20,8 +21,7 @@ pub async fn serve(
     shutdown: CancellationToken,
     header_read_timeout: Duration,
 ) {
-    // Every connection task holds a receiver; `closed()` resolves when the last one is gone.
-    let (open_tx, open_rx) = tokio::sync::watch::channel(());
+    let connections = TaskTracker::new();
     loop {
         let tcp = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -42,9 +42,7 @@ pub async fn serve(
         }
         let service = TowerToHyperService::new(app.clone());
         let shutdown = shutdown.clone();
-        let open = open_rx.clone();
-        tokio::spawn(async move {
-            let _open = open;
+        connections.spawn(async move {
             let mut builder = Builder::new(TokioExecutor::new());
             builder
                 .http1()
@@ -67,6 +65,6 @@ pub async fn serve(
         });
     }
     drop(listener);
-    drop(open_rx);
-    open_tx.closed().await;
+    connections.close();
+    connections.wait().await;
 }
