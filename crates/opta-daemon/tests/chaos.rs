@@ -8,21 +8,13 @@ use std::time::{Duration, Instant};
 
 use opta_test_support::{Reply, ScriptedLmx, TestDaemon, WAIT, WsClient, WsItem};
 use pretty_assertions::assert_eq;
+use rand::{RngExt, SeedableRng};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
-/// xorshift64*: a small deterministic generator, so a failing seed replays.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
-    }
-}
+/// A seeded generator, so a failing seed replays.
+type Rng = rand::rngs::SmallRng;
 
 /// A subscriber that reads until told to stop, keeping every envelope it got.
 struct Subscriber {
@@ -51,16 +43,16 @@ fn subscribe(mut ws: WsClient, after: u64) -> Subscriber {
 }
 
 fn reply(rng: &mut Rng) -> Reply {
-    match rng.below(6) {
-        0 => Reply::slow(1 + rng.below(30) as usize, Duration::from_millis(2)),
+    match rng.random_range(0..6) {
+        0 => Reply::slow(rng.random_range(1..31), Duration::from_millis(2)),
         1 => Reply::chunks(["partial ", "then ", "cut ", "off"]).cut_after(2),
         2 => Reply::status(500, "scripted failure"),
-        _ => Reply::chunks((0..1 + rng.below(8)).map(|i| format!("t{i} "))),
+        _ => Reply::chunks((0..rng.random_range(1..9)).map(|i| format!("t{i} "))),
     }
 }
 
 async fn run(seed: u64) {
-    let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    let mut rng = Rng::seed_from_u64(seed);
     let lmx = ScriptedLmx::start().await.unwrap();
     let mut d = TestDaemon::start(&lmx.url()).await;
     let s = d.create_session(None).await;
@@ -69,10 +61,10 @@ async fn run(seed: u64) {
     let mut stale_refused = 0;
     let mut subscribers = Vec::new();
     for op in 0..80 {
-        match rng.below(10) {
+        match rng.random_range(0..10) {
             0..=4 => {
                 lmx.push(reply(&mut rng));
-                let writer = writers[rng.below(3) as usize];
+                let writer = writers[rng.random_range(0..3)];
                 let (status, body) = d
                     .post(
                         &format!("/v3/sessions/{s}/turns"),
@@ -96,14 +88,14 @@ async fn run(seed: u64) {
                 stale_refused += 1;
             }
             6 if !accepted.is_empty() => {
-                let turn = &accepted[rng.below(accepted.len() as u64) as usize];
+                let turn = &accepted[rng.random_range(0..accepted.len())];
                 let (status, _) = d
                     .post(&format!("/v3/sessions/{s}/cancel"), json!({"turnId": turn}))
                     .await;
                 assert_eq!(status, StatusCode::OK);
             }
             7 => {
-                let writer = writers[rng.below(3) as usize];
+                let writer = writers[rng.random_range(0..3)];
                 let (status, _) = d
                     .post(
                         &format!("/v3/sessions/{s}/cancel"),
@@ -114,10 +106,10 @@ async fn run(seed: u64) {
             }
             8 => {
                 let stored = d.events(&s, 0).await.len() as u64;
-                let after = rng.below(stored + 1);
+                let after = rng.random_range(0..stored + 1);
                 subscribers.push(subscribe(d.ws(&s, after).await, after));
             }
-            _ if rng.below(12) == 0 => {
+            _ if rng.random_range(0..12) == 0 => {
                 // A graceful restart: the running turn ends `interrupted`, queued ones resume,
                 // subscribers are closed (1001) and checked.
                 let closed = std::mem::take(&mut subscribers);
@@ -127,11 +119,11 @@ async fn run(seed: u64) {
                 }
             }
             _ => {
-                if !subscribers.is_empty() && rng.below(2) == 0 {
-                    let gone = subscribers.remove(rng.below(subscribers.len() as u64) as usize);
+                if !subscribers.is_empty() && rng.random_range(0..2) == 0 {
+                    let gone = subscribers.remove(rng.random_range(0..subscribers.len()));
                     check_subscriber(&d, &s, gone).await;
                 }
-                tokio::time::sleep(Duration::from_millis(rng.below(4))).await;
+                tokio::time::sleep(Duration::from_millis(rng.random_range(0..4))).await;
             }
         }
     }
