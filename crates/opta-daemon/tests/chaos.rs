@@ -61,7 +61,9 @@ async fn run(seed: u64) {
     let mut stale_refused = 0;
     let mut subscribers = Vec::new();
     for op in 0..80 {
-        match rng.random_range(0..10) {
+        // Op 40 always falls through to the restart below.
+        let draw = if op == 40 { 9 } else { rng.random_range(0..10) };
+        match draw {
             0..=4 => {
                 lmx.push(reply(&mut rng));
                 let writer = writers[rng.random_range(0..3)];
@@ -109,9 +111,9 @@ async fn run(seed: u64) {
                 let after = rng.random_range(0..stored + 1);
                 subscribers.push(subscribe(d.ws(&s, after).await, after));
             }
-            _ if rng.random_range(0..12) == 0 => {
-                // A graceful restart: the running turn ends `interrupted`, queued ones resume,
-                // subscribers are closed (1001) and checked.
+            // A graceful restart, at least once per seed: the running turn ends `interrupted`,
+            // queued ones resume, subscribers are closed (1001) and checked.
+            _ if op == 40 || rng.random_range(0..12) == 0 => {
                 let closed = std::mem::take(&mut subscribers);
                 d = d.restart().await;
                 for sub in closed {
