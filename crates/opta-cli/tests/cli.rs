@@ -528,3 +528,55 @@ async fn do_follows_a_restarted_daemon_and_gives_up_on_a_stopped_one() {
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn do_and_chat_attach_to_an_existing_session() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let home = Home::new(&lmx.url());
+    let first = home.opta(&["do", "--session", "work-1", "first"]).await;
+    assert!(first.status.success(), "{}", text(&first.stderr));
+    let second = home.opta(&["do", "--session", "work-1", "second"]).await;
+    assert_eq!(text(&second.stdout), "echo: second\n");
+    // The second turn saw the first one's history: one session, not two.
+    let sent = lmx.requests().last().unwrap()["messages"].clone();
+    assert_eq!(
+        sent,
+        serde_json::json!([
+            {"role": "user", "content": "first"},
+            {"role": "assistant", "content": "echo: first"},
+            {"role": "user", "content": "second"}
+        ])
+    );
+    let list = home.opta(&["sessions", "list", "--json"]).await;
+    let list: Value = serde_json::from_slice(&list.stdout).unwrap();
+    assert_eq!(list["sessions"].as_array().unwrap().len(), 1);
+
+    // chat --session joins it too, and names a missing one.
+    let missing = home.opta(&["chat", "--session", "nope"]).await;
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(
+        text(&missing.stderr).contains("no session nope"),
+        "{}",
+        text(&missing.stderr)
+    );
+    let mut chat =
+        expectrl::Session::spawn(home.command(&["chat", "--session", "work-1"])).unwrap();
+    chat.set_expect_timeout(Some(Duration::from_secs(20)));
+    tokio::task::block_in_place(|| {
+        step(&mut chat, "session work-1");
+        step(&mut chat, "opta› ");
+        chat.send_line("third").unwrap();
+        step(&mut chat, "echo: third");
+        step(&mut chat, "opta› ");
+        chat.send_line("/exit").unwrap();
+        step(&mut chat, expectrl::Eof);
+    });
+    assert_eq!(
+        lmx.requests().last().unwrap()["messages"]
+            .as_array()
+            .unwrap()
+            .len(),
+        5,
+        "chat continued the same history"
+    );
+}
