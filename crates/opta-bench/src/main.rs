@@ -105,6 +105,7 @@ fn store(commits: usize, sync_commits: bool) -> Result<()> {
     let options = StoreOptions {
         max_bytes: None,
         sync_commits,
+        ..StoreOptions::default()
     };
     let store = Store::open(&dir.path().join("bench.db"), options)?;
     let session: Arc<str> = Arc::from("bench");
@@ -187,6 +188,7 @@ fn overhead(turns: usize, warmup: usize, sync_commits: bool) -> Result<()> {
     let rig = Rig::start(StoreOptions {
         max_bytes: None,
         sync_commits,
+        ..StoreOptions::default()
     })?;
     let result = rig
         .client_rt

@@ -215,6 +215,7 @@ async fn run_foreground(home: &Path, args: &DaemonArgs) -> Result<()> {
             connect: Duration::from_millis(args.lmx_connect_timeout_ms),
             first_byte: Duration::from_millis(args.lmx_first_byte_timeout_ms),
             idle: Duration::from_millis(args.lmx_idle_timeout_ms),
+            first_token: Duration::from_millis(args.lmx_first_token_timeout_ms),
             admin: Duration::from_millis(args.lmx_admin_timeout_ms),
         },
         preflight_ttl: Duration::from_millis(args.preflight_ttl_ms),
@@ -222,8 +223,10 @@ async fn run_foreground(home: &Path, args: &DaemonArgs) -> Result<()> {
         store: StoreOptions {
             max_bytes: (args.max_db_mb > 0).then(|| args.max_db_mb * 1024 * 1024),
             sync_commits: args.sync_commits,
+            ..StoreOptions::default()
         },
         logs_path: Some(logs_path),
+        faults: Default::default(),
     };
     let daemon = RunningDaemon::start(config).await?;
     let state = daemon.state();
@@ -234,18 +237,39 @@ async fn run_foreground(home: &Path, args: &DaemonArgs) -> Result<()> {
         state.port,
         opta_daemon::state_path(home).display()
     );
-    wait_for_signal().await?;
-    tracing::info!("signal received; shutting down");
+    let mut signals = Signals::install()?;
+    signals.next().await;
+    tracing::info!("signal received; shutting down (again to stop waiting for connections)");
+    // A second SIGTERM or Ctrl-C: stop waiting for open connections, drop them and exit.
+    let force = daemon.force_token();
+    tokio::spawn(async move {
+        signals.next().await;
+        tracing::warn!("second signal: not waiting for open connections");
+        force.cancel();
+    });
     daemon.shutdown().await?;
     Ok(())
 }
 
-async fn wait_for_signal() -> Result<()> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r.context("waiting for SIGINT")?,
-        _ = term.recv() => {}
+/// SIGINT and SIGTERM, installed once so that a second one is caught too.
+struct Signals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            interrupt: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+            terminate: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+        })
     }
-    Ok(())
+
+    async fn next(&mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
+    }
 }

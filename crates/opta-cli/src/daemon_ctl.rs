@@ -71,6 +71,15 @@ pub struct DaemonArgs {
         global = true
     )]
     pub lmx_idle_timeout_ms: u64,
+    /// Longest wait for a reply's first token, however lively the server looks meanwhile
+    /// (keep-alive comments do not extend it).
+    #[arg(
+        long,
+        env = "OPTA_LMX_FIRST_TOKEN_TIMEOUT_MS",
+        default_value_t = 300_000,
+        global = true
+    )]
+    pub lmx_first_token_timeout_ms: u64,
     /// Largest size of the session database in MiB (0: no limit). Beyond it writes fail
     /// with `storage-full` (HTTP 507) and nothing is half-written.
     #[arg(long, env = "OPTA_MAX_DB_MB", default_value_t = 0, global = true)]
@@ -111,6 +120,8 @@ impl DaemonArgs {
             self.lmx_first_byte_timeout_ms.to_string(),
             "--lmx-idle-timeout-ms".into(),
             self.lmx_idle_timeout_ms.to_string(),
+            "--lmx-first-token-timeout-ms".into(),
+            self.lmx_first_token_timeout_ms.to_string(),
             "--lmx-admin-timeout-ms".into(),
             self.lmx_admin_timeout_ms.to_string(),
             "--max-db-mb".into(),

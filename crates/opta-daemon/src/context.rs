@@ -24,6 +24,13 @@ pub struct Tunables {
     pub keepalive: Duration,
     /// A client must send its request headers within this time, or its connection closes.
     pub header_read_timeout: Duration,
+    /// A request body must arrive whole within this time from its headers (else 408).
+    pub body_read_timeout: Duration,
+    /// A write to a client that makes no progress for this long (the client stopped
+    /// reading) closes its connection.
+    pub write_timeout: Duration,
+    /// On shutdown, open connections get this long to finish, then they are dropped.
+    pub shutdown_grace: Duration,
     /// A session with no turn, no subscriber and no request for this long leaves memory (it
     /// is loaded again from the store on its next use).
     pub idle_eviction: Duration,
@@ -39,10 +46,21 @@ impl Default for Tunables {
             delta_sweep_interval: Duration::from_secs(10),
             keepalive: Duration::from_secs(15),
             header_read_timeout: Duration::from_secs(30),
+            body_read_timeout: Duration::from_secs(30),
+            write_timeout: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(5),
             idle_eviction: Duration::from_secs(30 * 60),
             eviction_interval: Duration::from_secs(60),
         }
     }
+}
+
+/// Faults a test can inject into a daemon, to prove what it does when a part fails; none by
+/// default, and no flag or client can set them.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FaultHooks {
+    /// A turn task whose user message this accepts panics before calling the model.
+    pub turn_panics_on: Option<fn(&str) -> bool>,
 }
 
 /// Live counters, updated by the actors and stream handlers.
@@ -125,6 +143,8 @@ pub struct DaemonContext {
     pub shutdown: CancellationToken,
     /// When the daemon started (the clock of idle times).
     pub started: std::time::Instant,
+    /// Injected faults (tests only).
+    pub faults: FaultHooks,
 }
 
 impl DaemonContext {

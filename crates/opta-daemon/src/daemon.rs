@@ -13,9 +13,9 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::context::{DaemonContext, RuntimeCounters, Tunables};
+use crate::context::{DaemonContext, FaultHooks, RuntimeCounters, Tunables};
 use crate::error::{Error, Result};
-use crate::http::{AppState, router, serve};
+use crate::http::{AppState, ServeControl, router, serve};
 use crate::ids::{new_daemon_id, new_token, now_iso};
 use crate::inference::{LmxClient, LmxTimeouts, PreflightCache};
 use crate::session::{Registry, sweep_deltas_periodically};
@@ -51,6 +51,8 @@ pub struct DaemonConfig {
     pub store: StoreOptions,
     /// Log file reported in the state file.
     pub logs_path: Option<PathBuf>,
+    /// Injected faults, for tests.
+    pub faults: FaultHooks,
 }
 
 impl DaemonConfig {
@@ -68,6 +70,7 @@ impl DaemonConfig {
             store: StoreOptions::default(),
             limits: Tunables::default(),
             logs_path: None,
+            faults: FaultHooks::default(),
         }
     }
 
@@ -95,6 +98,7 @@ pub struct RunningDaemon {
     ctx: Arc<DaemonContext>,
     registry: Registry,
     server: JoinHandle<()>,
+    force: CancellationToken,
     _lock: File,
 }
 
@@ -135,6 +139,7 @@ impl RunningDaemon {
             counters: RuntimeCounters::default(),
             shutdown: shutdown.clone(),
             started: std::time::Instant::now(),
+            faults: config.faults,
         });
         let registry = Registry::spawn(ctx.clone());
         tokio::spawn(sweep_deltas_periodically(ctx.clone()));
@@ -173,11 +178,15 @@ impl RunningDaemon {
             registry: registry.clone(),
             token,
         });
+        let force = CancellationToken::new();
         let server = tokio::spawn(serve(
             listener,
             app,
-            shutdown.clone(),
-            config.limits.header_read_timeout,
+            ServeControl {
+                shutdown: shutdown.clone(),
+                force: force.clone(),
+            },
+            config.limits,
         ));
         tracing::info!(%addr, daemon_id = %ctx.daemon_id, "daemon listening");
         Ok(Self {
@@ -187,6 +196,7 @@ impl RunningDaemon {
             ctx,
             registry,
             server,
+            force,
             _lock: lock,
         })
     }
@@ -206,8 +216,15 @@ impl RunningDaemon {
         self.ctx.shutdown.clone()
     }
 
-    /// Graceful stop: stop accepting, end streams, interrupt running turns, flush the store,
-    /// remove the state file, release the lock.
+    /// Cancelling this during [`RunningDaemon::shutdown`] stops it waiting for open
+    /// connections (a second Ctrl-C): they are dropped at once.
+    pub fn force_token(&self) -> CancellationToken {
+        self.force.clone()
+    }
+
+    /// Graceful stop: stop accepting, end streams (open connections get the shutdown grace
+    /// period, then are dropped), interrupt running turns, flush the store, remove the state
+    /// file, release the lock.
     pub async fn shutdown(self) -> Result<()> {
         self.ctx.shutdown.cancel();
         if let Err(e) = self.server.await {

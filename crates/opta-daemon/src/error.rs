@@ -44,6 +44,9 @@ pub enum Error {
     /// The permission request was already decided.
     #[error("Permission request {0} was already decided")]
     PermissionConflict(String),
+    /// The client did not send its whole request body in time; nothing changed.
+    #[error("The request body did not arrive within {} s", .0.as_secs())]
+    RequestTimeout(std::time::Duration),
     /// The request body exceeds the limit.
     #[error("Request body too large (limit {limit} bytes)")]
     PayloadTooLarge {

@@ -231,7 +231,14 @@ async fn sessions_create_reopen_get_list_delete() {
         .map(|e| e["event"].as_str().unwrap())
         .collect();
     assert_eq!(kinds, vec!["session.snapshot", "session.snapshot"]);
-    assert_eq!(events[1]["payload"]["messages"], detail["messages"]);
+    // Created: the snapshot carries the history; re-opened: it does not (issue 8 #12), so
+    // re-opening a long session does not store its history again.
+    assert_eq!(events[0]["payload"]["messages"], detail["messages"]);
+    assert!(
+        events[1]["payload"].get("messages").is_none(),
+        "{}",
+        events[1]
+    );
 
     // A generated id matches the pattern.
     let (_, generated) = d.post("/v3/sessions", json!({})).await;

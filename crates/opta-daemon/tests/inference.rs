@@ -141,6 +141,7 @@ async fn a_server_that_never_answers_times_out_and_cancel_still_works_meanwhile(
     let lmx = ScriptedLmx::start().await.unwrap();
     let d = TestDaemon::start_with(&lmx.url(), |c| {
         c.lmx_timeouts.first_byte = Duration::from_millis(400);
+        c.lmx_timeouts.first_token = Duration::from_millis(1200);
     })
     .await;
     let s = d.create_session(None).await;
@@ -156,10 +157,25 @@ async fn a_server_that_never_answers_times_out_and_cancel_still_works_meanwhile(
     assert_normal_turn_works(&d, &s).await;
     // The timeout dropped the cache: the normal turn asked for the list again.
     assert_eq!(lmx.model_list_requests(), 2);
-    // Headers, then nothing but keep-alive comments: the first-byte timeout still applies.
+    // Headers, then nothing but keep-alive comments (every 50 ms): the bytes keep the
+    // first-byte and idle timeouts quiet, the first-token deadline ends it.
     lmx.push(Reply::hang());
+    let started = Instant::now();
     let (_, events) = turn(&d, &s, "stuck after headers").await;
+    let waited = started.elapsed();
     assert_eq!(terminal(&events)["payload"]["code"], "lmx-timeout");
+    assert!(
+        terminal(&events)["payload"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no token within 1200 ms"),
+        "{}",
+        terminal(&events)
+    );
+    assert!(
+        waited >= Duration::from_millis(1200) && waited < Duration::from_secs(5),
+        "{waited:?}"
+    );
     lmx.wait_streams_dropped(1).await;
 
     // With a long timeout, a cancel ends the hanging turn at once.

@@ -164,8 +164,11 @@ impl Event {
 pub struct SessionSnapshotEvent {
     /// The session's metadata.
     pub snapshot: SessionSnapshot,
-    /// The whole conversation history.
-    pub messages: Vec<ChatMessage>,
+    /// The whole conversation history, only when the session was just created: a re-open
+    /// leaves it out (clients fetch it with `GET /v3/sessions/:id`), so re-opening a long
+    /// session does not store its history again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages: Option<Vec<ChatMessage>>,
 }
 
 /// Payload of `turn.queued`.

@@ -36,6 +36,15 @@ pub enum Behaviour {
     CutAfter(usize),
     /// Answer with this HTTP status and an OpenAI-style error message.
     Status(u16, String),
+    /// Answer 200 with this content type and these body pieces, each after its pause, as
+    /// given: for servers that send what the scripted ones do not (a BOM, `null` fields,
+    /// comments, a whole JSON body, an error object).
+    Raw {
+        /// The `Content-Type` header.
+        content_type: String,
+        /// Body pieces and the pause before each.
+        pieces: Vec<(Duration, Bytes)>,
+    },
 }
 
 /// One scripted reply.
@@ -102,6 +111,28 @@ impl Reply {
         }
     }
 
+    /// A 200 answer of `content_type` made of `pieces`, sent as they are.
+    pub fn raw<B: Into<Bytes>>(
+        content_type: &str,
+        pieces: impl IntoIterator<Item = (Duration, B)>,
+    ) -> Self {
+        Self {
+            behaviour: Behaviour::Raw {
+                content_type: content_type.to_owned(),
+                pieces: pieces.into_iter().map(|(d, b)| (d, b.into())).collect(),
+            },
+            ..Self::chunks(Vec::<String>::new())
+        }
+    }
+
+    /// An event stream of `pieces`, sent at once.
+    pub fn sse<B: Into<Bytes>>(pieces: impl IntoIterator<Item = B>) -> Self {
+        Self::raw(
+            "text/event-stream",
+            pieces.into_iter().map(|b| (Duration::ZERO, b)),
+        )
+    }
+
     /// With `delay` before every chunk.
     pub fn with_chunk_delay(mut self, delay: Duration) -> Self {
         self.chunk_delay = delay;
@@ -141,6 +172,8 @@ struct Shared {
     available: Mutex<Vec<String>>,
     /// Serve LMX's `/admin/*` API (404 there when false, like llama.cpp or Ollama).
     admin: std::sync::atomic::AtomicBool,
+    /// Model lists (`/admin/models`, `/v1/models`) are accepted and never answered.
+    models_hang: std::sync::atomic::AtomicBool,
     /// The most recent chat request bodies (at most [`KEPT_REQUESTS`]).
     requests: Mutex<std::collections::VecDeque<Value>>,
     chat_requests: AtomicUsize,
@@ -249,6 +282,11 @@ impl ScriptedLmx {
         self.shared.admin.store(enabled, Ordering::SeqCst);
     }
 
+    /// Whether model lists are accepted and never answered (default false).
+    pub fn set_model_list_hangs(&self, hangs: bool) {
+        self.shared.models_hang.store(hangs, Ordering::SeqCst);
+    }
+
     /// Chat requests received.
     pub fn chat_requests(&self) -> usize {
         self.shared.chat_requests.load(Ordering::SeqCst)
@@ -325,8 +363,16 @@ fn admin_off(shared: &Shared) -> Option<Response> {
     (!shared.admin.load(Ordering::SeqCst)).then(admin_missing)
 }
 
-async fn admin_models(State(shared): State<Arc<Shared>>) -> Response {
+/// Counts a model-list request; never returns while lists hang.
+async fn model_list_request(shared: &Shared) {
     shared.model_list_requests.fetch_add(1, Ordering::SeqCst);
+    if shared.models_hang.load(Ordering::SeqCst) {
+        std::future::pending::<()>().await;
+    }
+}
+
+async fn admin_models(State(shared): State<Arc<Shared>>) -> Response {
+    model_list_request(&shared).await;
     if let Some(r) = admin_off(&shared) {
         return r;
     }
@@ -398,7 +444,7 @@ async fn admin_unload(
 }
 
 async fn models(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
-    shared.model_list_requests.fetch_add(1, Ordering::SeqCst);
+    model_list_request(&shared).await;
     let data: Vec<Value> = lock(&shared.models)
         .iter()
         .map(|id| json!({"id": id, "object": "model"}))
@@ -477,6 +523,33 @@ async fn chat(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
             });
             return Response::builder()
                 .header(header::CONTENT_TYPE, "text/event-stream")
+                .body(Body::from_stream(body))
+                .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response());
+        }
+        Behaviour::Raw {
+            content_type,
+            pieces,
+        } => {
+            let guard = StreamGuard {
+                shared,
+                finished: false,
+            };
+            let body = stream::unfold(
+                (pieces.clone().into_iter(), guard),
+                |(mut pieces, mut guard)| async move {
+                    let Some((delay, piece)) = pieces.next() else {
+                        guard.finished = true;
+                        drop(guard);
+                        return None;
+                    };
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
+                    }
+                    Some((Ok::<_, std::io::Error>(piece), (pieces, guard)))
+                },
+            );
+            return Response::builder()
+                .header(header::CONTENT_TYPE, content_type.as_str())
                 .body(Body::from_stream(body))
                 .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response());
         }

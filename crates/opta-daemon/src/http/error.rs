@@ -22,6 +22,7 @@ impl Error {
             Error::StateConflict { .. } => (StatusCode::CONFLICT, "state-conflict"),
             Error::PermissionConflict(_) => (StatusCode::CONFLICT, "permission-conflict"),
             Error::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload-too-large"),
+            Error::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "request-timeout"),
             Error::StorageFull(_) => (StatusCode::INSUFFICIENT_STORAGE, "storage-full"),
             Error::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting-down"),
             Error::NotImplemented(_) => (StatusCode::NOT_IMPLEMENTED, "unsupported"),
@@ -72,7 +73,9 @@ fn lmx_status(e: &InferenceError) -> (StatusCode, &'static str) {
         InferenceError::ConnectionRefused { .. } => {
             (StatusCode::SERVICE_UNAVAILABLE, "lmx-connection-refused")
         }
-        InferenceError::Timeout(_) => (StatusCode::SERVICE_UNAVAILABLE, "lmx-timeout"),
+        InferenceError::Timeout(_) | InferenceError::FirstTokenTimeout(_) => {
+            (StatusCode::SERVICE_UNAVAILABLE, "lmx-timeout")
+        }
         InferenceError::Unsupported { .. } => (StatusCode::NOT_IMPLEMENTED, "unsupported"),
         InferenceError::NoModelLoaded { .. }
         | InferenceError::ModelNotLoaded { .. }
@@ -84,6 +87,7 @@ fn lmx_status(e: &InferenceError) -> (StatusCode, &'static str) {
         ),
         InferenceError::Http { .. }
         | InferenceError::StreamClosed
+        | InferenceError::Reported(_)
         | InferenceError::InvalidResponse(_)
         | InferenceError::Transport(_) => (StatusCode::BAD_GATEWAY, "lmx-error"),
     }

@@ -8,6 +8,7 @@ use axum::http::request::Parts;
 use opta_protocol::{ErrorDetail, SessionId};
 use serde::de::DeserializeOwned;
 
+use super::AppState;
 use crate::error::Error;
 
 /// Request bodies are limited to 10 MiB.
@@ -17,12 +18,16 @@ pub const BODY_LIMIT: usize = 10 * 1024 * 1024;
 /// An empty body reads as `{}`.
 pub struct ApiJson<T>(pub T);
 
-impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+impl<T: DeserializeOwned> FromRequest<AppState> for ApiJson<T> {
     type Rejection = Error;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = Bytes::from_request(req, state)
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        // A client that sends half its body and stalls must not hold the connection (nor a
+        // shutdown) open: the whole body has a deadline.
+        let deadline = state.ctx.limits.body_read_timeout;
+        let bytes = tokio::time::timeout(deadline, Bytes::from_request(req, state))
             .await
+            .map_err(|_| Error::RequestTimeout(deadline))?
             .map_err(|e: BytesRejection| {
                 if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
                     Error::PayloadTooLarge { limit: BODY_LIMIT }

@@ -24,7 +24,7 @@ use crate::session::Registry;
 pub use cors::is_loopback_origin;
 pub use extract::BODY_LIMIT;
 pub use routes::VERSION;
-pub(crate) use serve::serve;
+pub(crate) use serve::{ServeControl, serve};
 
 /// What every handler can reach.
 #[derive(Clone)]

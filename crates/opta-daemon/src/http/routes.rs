@@ -71,7 +71,7 @@ pub async fn create_session(
         metadata: request.metadata.clone(),
     };
     let snapshot = match state.registry.open(request).await? {
-        Opened::Created(handle) => handle.open(SessionChanges::default()).await?,
+        Opened::Created(handle) => handle.announce_created().await?,
         Opened::Existing(handle) => handle.open(changes).await?,
     };
     Ok((StatusCode::CREATED, Json(snapshot)))

@@ -38,16 +38,18 @@ pub async fn events(
         .session_id
         .ok_or_else(|| Error::invalid("query.sessionId", "is required"))?;
     let id = session_id(&raw, "query.sessionId")?;
-    let last_event_id = match headers.get("last-event-id") {
+    // A browser's EventSource reconnects with its original URL plus `Last-Event-ID`: the
+    // header is the newer position, so it wins over `afterSeq`. An empty one is absent.
+    let last_event_id = match headers.get("last-event-id").map(|v| v.to_str()) {
         None => None,
+        Some(Ok(s)) if s.trim().is_empty() => None,
         Some(v) => Some(
-            v.to_str()
-                .ok()
+            v.ok()
                 .and_then(|s| s.trim().parse::<u64>().ok())
                 .ok_or_else(|| Error::invalid("header.Last-Event-ID", "must be a seq number"))?,
         ),
     };
-    let after_seq = query.after_seq.or(last_event_id).unwrap_or(0);
+    let after_seq = last_event_id.or(query.after_seq).unwrap_or(0);
     let feed = open_feed(&state, id, after_seq).await?;
     let shutdown = state.ctx.shutdown.clone();
     let ping = state.ctx.limits.keepalive;

@@ -3,20 +3,21 @@
 
 mod models;
 mod preflight;
+mod sse;
 mod think;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
-use eventsource_stream::Eventsource;
 use futures_util::StreamExt;
 use opta_protocol::{ChatMessage, TurnErrorCode};
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 
 pub use models::{ModelEntry, ModelList, ModelSource, resolve_model};
 pub use preflight::PreflightCache;
+pub use sse::SseDecoder;
 pub use think::ThinkSplitter;
 
 /// Timeouts for talking to the inference server.
@@ -26,8 +27,11 @@ pub struct LmxTimeouts {
     pub connect: Duration,
     /// From sending a chat request to the response headers, and to the first chunk.
     pub first_byte: Duration,
-    /// Between two chunks of a streaming reply.
+    /// Between two pieces of a streaming reply (any bytes: keep-alive comments count).
     pub idle: Duration,
+    /// From sending a chat request to the reply's first delta, however lively the server
+    /// looks meanwhile (a server sending only comments cannot hold a turn forever).
+    pub first_token: Duration,
     /// Whole model-list and admin requests.
     pub admin: Duration,
 }
@@ -38,6 +42,7 @@ impl Default for LmxTimeouts {
             connect: Duration::from_secs(5),
             first_byte: Duration::from_secs(120),
             idle: Duration::from_secs(60),
+            first_token: Duration::from_secs(300),
             admin: Duration::from_secs(10),
         }
     }
@@ -55,6 +60,9 @@ pub enum InferenceError {
     /// Connect, first byte or the gap between chunks took too long. Retrying may help.
     #[error("The inference server did not answer within {} ms", .0.as_millis())]
     Timeout(Duration),
+    /// The server kept the stream open but produced no token in time. Retrying may help.
+    #[error("The inference server sent no token within {} ms", .0.as_millis())]
+    FirstTokenTimeout(Duration),
     /// The stream ended before the reply was complete. Retrying may help.
     #[error("The inference stream closed before the reply was complete")]
     StreamClosed,
@@ -101,6 +109,10 @@ pub enum InferenceError {
         /// The missing capability.
         what: String,
     },
+    /// The server reported an error inside a successful answer (an `error` object in the
+    /// stream or body), with its message.
+    #[error("The inference server reported an error: {0}")]
+    Reported(String),
     /// The server's answer was not what the API promises.
     #[error("The inference server sent an unexpected answer: {0}")]
     InvalidResponse(String),
@@ -114,13 +126,16 @@ impl InferenceError {
     pub fn code(&self) -> Option<TurnErrorCode> {
         match self {
             InferenceError::ConnectionRefused { .. } => Some(TurnErrorCode::LmxConnectionRefused),
-            InferenceError::Timeout(_) => Some(TurnErrorCode::LmxTimeout),
+            InferenceError::Timeout(_) | InferenceError::FirstTokenTimeout(_) => {
+                Some(TurnErrorCode::LmxTimeout)
+            }
             InferenceError::StreamClosed => Some(TurnErrorCode::LmxWsClosed),
             InferenceError::NoModelLoaded { .. }
             | InferenceError::ModelNotLoaded { .. }
             | InferenceError::ModelNotFound { .. } => Some(TurnErrorCode::NoModelLoaded),
             InferenceError::Http { .. }
             | InferenceError::Unsupported { .. }
+            | InferenceError::Reported(_)
             | InferenceError::InvalidResponse(_)
             | InferenceError::Transport(_) => None,
         }
@@ -153,10 +168,10 @@ pub enum Delta {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 pub struct Usage {
     /// Prompt tokens.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub prompt_tokens: u64,
     /// Completion tokens.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub completion_tokens: u64,
 }
 
@@ -195,17 +210,24 @@ struct StreamOptions {
     include_usage: bool,
 }
 
+// What the server sends. Every field is optional in practice and servers write `null` for
+// "absent": each one accepts `null` and absence alike (`Option`, or `null_as_default`).
+
+/// A streamed chunk, or the whole body of a non-streamed answer (`message` in place of
+/// `delta`), or an error object.
 #[derive(Deserialize)]
 struct Chunk {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     choices: Vec<ChunkChoice>,
     #[serde(default)]
     usage: Option<Usage>,
+    #[serde(default)]
+    error: Option<Value>,
 }
 
 #[derive(Deserialize)]
 struct ChunkChoice {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default", alias = "message")]
     delta: ChunkDelta,
     #[serde(default)]
     finish_reason: Option<String>,
@@ -217,14 +239,14 @@ struct ChunkDelta {
     content: Option<String>,
     #[serde(default)]
     reasoning_content: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     tool_calls: Vec<ToolCallFragment>,
 }
 
 #[derive(Deserialize)]
 struct ToolCallFragment {
     #[serde(default)]
-    index: usize,
+    index: Option<usize>,
     #[serde(default)]
     id: Option<String>,
     #[serde(default)]
@@ -237,6 +259,67 @@ struct FunctionFragment {
     name: Option<String>,
     #[serde(default)]
     arguments: Option<String>,
+}
+
+/// `null` reads as the type's default, as absence does.
+fn null_as_default<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
+}
+
+/// Builds a reply from chunks: splits `<think>` spans, assembles tool calls, and remembers
+/// usage and the finish reason.
+#[derive(Default)]
+struct ReplyAssembler {
+    think: ThinkSplitter,
+    completion: Completion,
+    /// A content, reasoning or tool-call delta arrived (the first-token deadline is met).
+    has_delta: bool,
+}
+
+impl ReplyAssembler {
+    /// Applies one chunk; an `error` object in it is the server's failure.
+    async fn apply(
+        &mut self,
+        chunk: Chunk,
+        sink: &mut impl AsyncDeltaSink,
+    ) -> Result<(), InferenceError> {
+        if let Some(error) = chunk.error.filter(|e| !e.is_null()) {
+            return Err(InferenceError::Reported(error_message(&error)));
+        }
+        if let Some(usage) = chunk.usage {
+            self.completion.usage = Some(usage);
+        }
+        for choice in chunk.choices {
+            if let Some(text) = choice.delta.reasoning_content.filter(|t| !t.is_empty()) {
+                self.has_delta = true;
+                sink.send(Delta::Reasoning(text)).await;
+            }
+            if let Some(text) = choice.delta.content.filter(|t| !t.is_empty()) {
+                self.has_delta = true;
+                let (reasoning, content) = self.think.push(&text);
+                send_split(sink, reasoning, content).await;
+            }
+            for (position, fragment) in choice.delta.tool_calls.into_iter().enumerate() {
+                self.has_delta = true;
+                merge_tool_call(&mut self.completion.tool_calls, position, fragment);
+            }
+            if choice.finish_reason.is_some() {
+                self.completion.finish_reason = choice.finish_reason;
+            }
+        }
+        Ok(())
+    }
+
+    /// Flushes a `<think>` span left open and returns the completion.
+    async fn finish(mut self, sink: &mut impl AsyncDeltaSink) -> Completion {
+        let (reasoning, content) = self.think.finish();
+        send_split(sink, reasoning, content).await;
+        self.completion
+    }
 }
 
 /// What kind of server this is, learned from its answers.
@@ -412,6 +495,7 @@ impl LmxClient {
                 include_usage: true,
             },
         };
+        let token_deadline = tokio::time::Instant::now() + self.timeouts.first_token;
         let request = self
             .http
             .post(format!("{}/v1/chat/completions", self.base_url))
@@ -436,68 +520,88 @@ impl LmxClient {
                 message,
             });
         }
-        let mut events = response.bytes_stream().eventsource();
-        let mut completion = Completion::default();
-        let mut think = ThinkSplitter::default();
-        let mut tool_calls: Vec<ToolCall> = Vec::new();
+        let is_json = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim_start().starts_with("application/json"));
+        if is_json {
+            // A server that ignores `stream: true` answers with the whole completion.
+            return self.whole_reply(response, &mut on_delta).await;
+        }
+        let mut bytes = response.bytes_stream();
+        let mut decoder = SseDecoder::default();
+        let mut datas = Vec::new();
+        let mut reply = ReplyAssembler::default();
         let mut wait = self.timeouts.first_byte;
         let mut done = false;
-        loop {
-            let next = tokio::time::timeout(wait, events.next())
-                .await
-                .map_err(|_| InferenceError::Timeout(wait))?;
+        while !done {
+            // The idle timeout is about bytes (comments count); until the first delta an
+            // overall deadline also runs.
+            let token_left = token_deadline.saturating_duration_since(tokio::time::Instant::now());
+            let limit = if reply.has_delta { wait } else { wait.min(token_left) };
+            let next = match tokio::time::timeout(limit, bytes.next()).await {
+                Ok(next) => next,
+                Err(_) if !reply.has_delta && limit == token_left => {
+                    return Err(InferenceError::FirstTokenTimeout(self.timeouts.first_token));
+                }
+                Err(_) => return Err(InferenceError::Timeout(wait)),
+            };
             wait = self.timeouts.idle;
-            let event = match next {
+            match next {
                 None => break,
-                Some(Ok(event)) => event,
+                Some(Ok(piece)) => decoder.push(&piece, &mut datas),
                 Some(Err(e)) => {
-                    tracing::debug!(error = %e, "inference stream failed");
+                    tracing::debug!(error = %error_chain(&e), "inference stream failed");
                     return Err(InferenceError::StreamClosed);
                 }
-            };
-            let data = event.data.trim();
-            if data == "[DONE]" {
-                done = true;
-                break;
             }
-            if data.is_empty() {
-                continue;
-            }
-            let chunk: Chunk = match serde_json::from_str(data) {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "skipping unparseable inference chunk");
+            for data in datas.drain(..) {
+                let data = data.trim();
+                if data == "[DONE]" {
+                    done = true;
+                    break;
+                }
+                if data.is_empty() {
                     continue;
                 }
-            };
-            if let Some(usage) = chunk.usage {
-                completion.usage = Some(usage);
-            }
-            for choice in chunk.choices {
-                if let Some(text) = choice.delta.reasoning_content.filter(|t| !t.is_empty()) {
-                    on_delta.send(Delta::Reasoning(text)).await;
-                }
-                if let Some(text) = choice.delta.content.filter(|t| !t.is_empty()) {
-                    let (reasoning, content) = think.push(&text);
-                    send_split(&mut on_delta, reasoning, content).await;
-                }
-                for fragment in choice.delta.tool_calls {
-                    merge_tool_call(&mut tool_calls, fragment);
-                }
-                if choice.finish_reason.is_some() {
-                    completion.finish_reason = choice.finish_reason;
+                match serde_json::from_str::<Chunk>(data) {
+                    Ok(chunk) => reply.apply(chunk, &mut on_delta).await?,
+                    Err(e) => tracing::warn!(error = %e, "skipping unparseable inference chunk"),
                 }
             }
         }
-        let (reasoning, content) = think.finish();
-        send_split(&mut on_delta, reasoning, content).await;
-        completion.tool_calls = tool_calls;
+        decoder.finish();
+        let completion = reply.finish(&mut on_delta).await;
         // Without [DONE] the reply is complete only if the server said why it finished.
         if done || completion.finish_reason.is_some() {
             Ok(completion)
         } else {
             Err(InferenceError::StreamClosed)
         }
+    }
+
+    /// Reads a non-streamed `chat.completion` body as the reply.
+    async fn whole_reply(
+        &self,
+        response: reqwest::Response,
+        sink: &mut impl AsyncDeltaSink,
+    ) -> Result<Completion, InferenceError> {
+        let body = tokio::time::timeout(self.timeouts.first_byte, response.bytes())
+            .await
+            .map_err(|_| InferenceError::Timeout(self.timeouts.first_byte))?
+            .map_err(|e| {
+                tracing::debug!(error = %error_chain(&e), "inference body failed");
+                InferenceError::StreamClosed
+            })?;
+        let chunk: Chunk = serde_json::from_slice(&body).map_err(|e| {
+            InferenceError::InvalidResponse(format!("a JSON answer that is no completion: {e}"))
+        })?;
+        let mut reply = ReplyAssembler::default();
+        reply.apply(chunk, sink).await?;
+        let mut completion = reply.finish(sink).await;
+        completion.finish_reason.get_or_insert_with(|| "stop".to_owned());
+        Ok(completion)
     }
 
     fn classify(&self, e: reqwest::Error) -> InferenceError {
@@ -524,11 +628,14 @@ async fn send_split(sink: &mut impl AsyncDeltaSink, reasoning: String, content: 
     }
 }
 
-fn merge_tool_call(calls: &mut Vec<ToolCall>, fragment: ToolCallFragment) {
-    if calls.len() <= fragment.index {
-        calls.resize_with(fragment.index + 1, ToolCall::default);
+/// Adds a fragment to the call at its `index` (a whole call without one, as non-streamed
+/// answers send them, takes its position in the list).
+fn merge_tool_call(calls: &mut Vec<ToolCall>, position: usize, fragment: ToolCallFragment) {
+    let index = fragment.index.unwrap_or(position);
+    if calls.len() <= index {
+        calls.resize_with(index + 1, ToolCall::default);
     }
-    let call = &mut calls[fragment.index];
+    let call = &mut calls[index];
     if let Some(id) = fragment.id {
         call.id = id;
     }
@@ -576,6 +683,15 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     out
 }
 
+/// The message of an OpenAI-style `error` value (`{"message": ..}` or a string).
+fn error_message(error: &Value) -> String {
+    error
+        .get("message")
+        .and_then(Value::as_str)
+        .or_else(|| error.as_str())
+        .map_or_else(|| error.to_string(), str::to_owned)
+}
+
 /// Pulls a human message out of an OpenAI-style error body, else returns the text itself.
 fn server_message(body: &str) -> String {
     let parsed: Option<Value> = serde_json::from_str(body).ok();
@@ -610,16 +726,16 @@ mod tests {
         let mut calls = Vec::new();
         let frag =
             |index, id: Option<&str>, name: Option<&str>, args: Option<&str>| ToolCallFragment {
-                index,
+                index: Some(index),
                 id: id.map(str::to_owned),
                 function: Some(FunctionFragment {
                     name: name.map(str::to_owned),
                     arguments: args.map(str::to_owned),
                 }),
             };
-        merge_tool_call(&mut calls, frag(1, Some("b"), Some("write"), Some("{\"p")));
-        merge_tool_call(&mut calls, frag(0, Some("a"), Some("read"), Some("{}")));
-        merge_tool_call(&mut calls, frag(1, None, None, Some("\":1}")));
+        merge_tool_call(&mut calls, 0, frag(1, Some("b"), Some("write"), Some("{\"p")));
+        merge_tool_call(&mut calls, 0, frag(0, Some("a"), Some("read"), Some("{}")));
+        merge_tool_call(&mut calls, 0, frag(1, None, None, Some("\":1}")));
         assert_eq!(
             calls,
             vec![

@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use opta_protocol::{
     CancelRequest, CancelResponse, ChatMessage, EnvelopeRef, Event, Mode, PROTOCOL_VERSION,
@@ -17,7 +17,7 @@ use opta_protocol::{
     TurnOverrides, TurnQueued, TurnStart, TurnStats, TurnText,
 };
 use tokio::sync::{broadcast, mpsc};
-use tokio::task::JoinHandle;
+use tokio::task::{JoinError, JoinHandle};
 
 use super::turn::{TurnUpdate, run_turn};
 use super::{Frame, SessionChanges, SessionCommand, SessionHandle, Subscription};
@@ -29,6 +29,9 @@ use crate::store::{LoadedSession, SessionRow, TurnRow, TurnState, WriteOp};
 
 /// Deltas folded into one store commit when the model outpaces the disk.
 const MAX_DELTAS_PER_COMMIT: usize = 256;
+/// First and longest wait before an unrecorded turn ending is written again.
+const RETRY_FIRST: Duration = Duration::from_millis(250);
+const RETRY_MAX: Duration = Duration::from_secs(10);
 
 /// A turn waiting in the queue.
 #[derive(Debug, Clone)]
@@ -73,6 +76,15 @@ impl TurnStartPlan {
     }
 }
 
+/// A turn's terminal events that could not be committed (the store was full). The queue
+/// waits until they are: each turn gets exactly one terminal event, in order.
+struct OwedRecord {
+    events: Vec<Event>,
+    ops: Vec<WriteOp>,
+    /// The reply to add to the history once recorded.
+    reply: Option<ChatMessage>,
+}
+
 /// How the active turn ends.
 enum TurnEnding {
     Done(Completion),
@@ -103,6 +115,10 @@ pub(crate) struct SessionActor {
     stopping: bool,
     /// Shared with the handles: last use on the daemon's clock.
     touched: Arc<AtomicU64>,
+    /// A turn ending still to be recorded, and when to try again.
+    owed: Option<OwedRecord>,
+    retry_at: Option<tokio::time::Instant>,
+    retry_delay: Duration,
 }
 
 impl SessionActor {
@@ -138,6 +154,9 @@ impl SessionActor {
             updates,
             stopping: false,
             touched: touched.clone(),
+            owed: None,
+            retry_at: None,
+            retry_delay: RETRY_FIRST,
             ctx: ctx.clone(),
         };
         ctx.counters.add(Counter::Sessions, 1);
@@ -158,6 +177,8 @@ impl SessionActor {
         self.recover(open_turns, running_text).await;
         self.maybe_start_next().await;
         loop {
+            let task = self.active.as_mut().and_then(|a| a.task.as_mut());
+            let retry_at = self.retry_at;
             tokio::select! {
                 biased;
                 command = commands.recv() => {
@@ -167,7 +188,14 @@ impl SessionActor {
                     }
                 }
                 Some(update) = self.updates.recv() => self.on_update(update).await,
+                // After `updates` (biased): a task reports its end there before it returns,
+                // so one that ends while its turn is still active ended without reporting.
+                joined = join_running(task) => self.on_task_exit(joined).await,
+                () = sleep_until(retry_at) => self.retry_at = None,
             }
+            // Whatever happened (a turn ended, a record was owed or paid, a cancel), the
+            // queue moves on from here.
+            self.maybe_start_next().await;
         }
         if let Some(active) = self.active.take()
             && let Some(task) = active.task
@@ -186,16 +214,18 @@ impl SessionActor {
             self.touched.fetch_max(self.ctx.now_ms(), Ordering::Relaxed);
         }
         match command {
-            SessionCommand::Open { changes, reply } => {
-                let _ = reply.send(self.open(changes).await);
+            SessionCommand::Open {
+                changes,
+                created,
+                reply,
+            } => {
+                let _ = reply.send(self.open(changes, created).await);
             }
             SessionCommand::Submit { request, reply } => {
                 let _ = reply.send(self.submit(*request).await);
-                self.maybe_start_next().await;
             }
             SessionCommand::Cancel { request, reply } => {
                 let _ = reply.send(self.cancel(request).await);
-                self.maybe_start_next().await;
             }
             SessionCommand::ResolvePermission {
                 request_id,
@@ -242,6 +272,7 @@ impl SessionActor {
             } => {
                 let idle = self.active.is_none()
                     && self.queue.is_empty()
+                    && self.owed.is_none()
                     && self.subscribers() == 0
                     && self.touched.load(Ordering::Relaxed) <= idle_since_ms;
                 let _ = reply.send(idle);
@@ -342,7 +373,7 @@ impl SessionActor {
         })
     }
 
-    async fn open(&mut self, changes: SessionChanges) -> Result<SessionSnapshot> {
+    async fn open(&mut self, changes: SessionChanges, created: bool) -> Result<SessionSnapshot> {
         let mut meta = self.meta.clone();
         let changed =
             changes.model.is_some() || changes.title.is_some() || changes.metadata.is_some();
@@ -364,7 +395,7 @@ impl SessionActor {
         let snapshot = self.snapshot();
         let event = Event::SessionSnapshot(SessionSnapshotEvent {
             snapshot: snapshot.clone(),
-            messages: self.messages(),
+            messages: created.then(|| self.messages()),
         });
         if let Err(e) = self.emit(&[event], ops).await {
             self.meta = previous;
@@ -374,20 +405,22 @@ impl SessionActor {
     }
 
     async fn submit(&mut self, request: SubmitTurnRequest) -> Result<SubmitTurnResponse> {
-        if let Some(last_seen) = request.last_seen_seq
-            && last_seen < self.seq
-        {
-            return Err(Error::StateConflict {
-                last_seen,
-                current: self.seq,
-            });
-        }
+        // A retry of a request whose answer was lost carries the same `lastSeenSeq`, which
+        // the first attempt's own events have since passed: the key is checked first.
         if let Some(key) = &request.idempotency_key
             && let Some(turn_id) = self.idempotency.get(key)
         {
             return Ok(SubmitTurnResponse {
                 turn_id: turn_id.clone(),
                 queued: false,
+            });
+        }
+        if let Some(last_seen) = request.last_seen_seq
+            && last_seen < self.seq
+        {
+            return Err(Error::StateConflict {
+                last_seen,
+                current: self.seq,
             });
         }
         let turn = PendingTurn {
@@ -428,7 +461,11 @@ impl SessionActor {
         let mut events = vec![event];
         let mut ops = vec![WriteOp::InsertTurn(row)];
         // An idle session starts the turn in the same commit as its queueing.
-        let mut start = if self.active.is_none() && self.queue.is_empty() && !self.stopping {
+        let mut start = if self.active.is_none()
+            && self.queue.is_empty()
+            && self.owed.is_none()
+            && !self.stopping
+        {
             Some(self.prepare_start(turn.clone())?)
         } else {
             None
@@ -456,8 +493,10 @@ impl SessionActor {
         Ok(response)
     }
 
+    /// Starts the next queued turn when none runs, once any owed turn ending is recorded; a
+    /// turn that cannot be started gets its terminal event instead.
     async fn maybe_start_next(&mut self) {
-        while self.active.is_none() && !self.stopping {
+        while self.active.is_none() && !self.stopping && self.pay_owed().await {
             let Some(turn) = self.queue.pop_front() else {
                 return;
             };
@@ -471,6 +510,77 @@ impl SessionActor {
                 }
             }
         }
+    }
+
+    /// Records an owed turn ending if there is one and its retry is due; true when nothing
+    /// is owed any more.
+    async fn pay_owed(&mut self) -> bool {
+        if self.retry_at.is_some() {
+            return false;
+        }
+        let Some(owed) = self.owed.take() else {
+            return true;
+        };
+        match self.emit(&owed.events, owed.ops.clone()).await {
+            Ok(()) => {
+                if let Some(reply) = owed.reply {
+                    self.history.push(Arc::new(reply));
+                }
+                self.retry_delay = RETRY_FIRST;
+                true
+            }
+            Err(e) => {
+                tracing::warn!(session = %self.id, error = %e,
+                    "still cannot record a turn's end; retrying in {:?}", self.retry_delay);
+                self.owe(owed);
+                false
+            }
+        }
+    }
+
+    /// Keeps `record` to commit later (after everything owed before it) and schedules the
+    /// retry.
+    fn owe(&mut self, record: OwedRecord) {
+        match &mut self.owed {
+            Some(owed) => {
+                owed.events.extend(record.events);
+                owed.ops.extend(record.ops);
+                if record.reply.is_some() {
+                    owed.reply = record.reply;
+                }
+            }
+            None => self.owed = Some(record),
+        }
+        self.retry_at = Some(tokio::time::Instant::now() + self.retry_delay);
+        self.retry_delay = (self.retry_delay * 2).min(RETRY_MAX);
+    }
+
+    /// The active turn's task ended without reporting its result: it panicked or was
+    /// aborted. The turn ends with `turn.error` and the queue moves on.
+    async fn on_task_exit(&mut self, joined: std::result::Result<(), JoinError>) {
+        let Some(active) = self.active.take() else {
+            return;
+        };
+        let why = match joined {
+            Err(e) if e.is_panic() => {
+                let payload = e.into_panic();
+                let text = payload
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "no message".to_owned());
+                format!("it panicked: {text}")
+            }
+            Err(_) => "it was aborted".to_owned(),
+            Ok(()) => "it ended without a result".to_owned(),
+        };
+        tracing::error!(session = %self.id, turn = %active.turn.turn_id, "turn task failed: {why}");
+        let ending = TurnEnding::Failed {
+            code: None,
+            message: format!("The turn failed inside the daemon ({why}); the next turn runs"),
+            state: TurnState::Failed,
+        };
+        self.conclude(active, ending, Vec::new(), Vec::new()).await;
     }
 
     async fn start_turn(&mut self, turn: PendingTurn) -> Result<()> {
@@ -575,8 +685,15 @@ impl SessionActor {
             state: TurnState::Failed,
             finished_at: Some(now_iso()),
         }];
-        if let Err(e) = self.emit(&[event], ops).await {
-            tracing::error!(session = %self.id, error = %e, "could not record failed turn");
+        let events = vec![event];
+        if let Err(e) = self.emit(&events, ops.clone()).await {
+            tracing::error!(session = %self.id, error = %e,
+                "could not record a failed turn; retrying");
+            self.owe(OwedRecord {
+                events,
+                ops,
+                reply: None,
+            });
         }
     }
 
@@ -587,10 +704,16 @@ impl SessionActor {
         let mut next = Some(first);
         while let Some(update) = next.take() {
             match update {
-                TurnUpdate::Resolved { turn_no, model } => {
-                    // The canonical id is stored with the turn's end (`conclude`).
+                TurnUpdate::Resolved {
+                    turn_no,
+                    requested,
+                    model,
+                } => {
+                    // The canonical id is stored with the turn's end (`conclude`), unless a
+                    // client picked another model meanwhile: that choice stands.
                     if Some(turn_no) == current
                         && self.active.as_ref().is_some_and(|a| a.uses_session_model)
+                        && self.meta.model == requested
                     {
                         self.meta.model = model;
                     }
@@ -627,7 +750,6 @@ impl SessionActor {
                 },
             };
             self.conclude(active, ending, Vec::new(), Vec::new()).await;
-            self.maybe_start_next().await;
         }
     }
 
@@ -743,8 +865,12 @@ impl SessionActor {
         events.push(Event::SessionUpdated(SessionUpdated {
             snapshot: self.snapshot(),
         }));
-        // The ops are kept for one retry (below); the events are only borrowed.
-        let mut result = self.emit(&events, ops.clone()).await;
+        // Whatever is owed goes first: terminal events stay in turn order.
+        let mut result = if self.owed.is_some() {
+            Err(Error::StorageFull("an earlier turn's end is not recorded yet".into()))
+        } else {
+            self.emit(&events, ops.clone()).await
+        };
         if let Err(Error::StorageFull(_)) = result {
             // The turn's own token events are the likely space hog and its text is in the
             // reply being stored: drop them in the same commit to make room for its end.
@@ -757,7 +883,9 @@ impl SessionActor {
                     turn_id: turn.turn_id.0.clone(),
                 },
             );
-            result = self.emit(&events, ops).await;
+            if self.owed.is_none() {
+                result = self.emit(&events, ops.clone()).await;
+            }
         }
         match result {
             Ok(()) => {
@@ -768,7 +896,9 @@ impl SessionActor {
             Err(e) => {
                 self.meta.updated_at = previous_updated_at;
                 tracing::error!(session = %self.id, turn = %turn.turn_id, error = %e,
-                    "could not record the end of a turn; it will be reported as interrupted");
+                    "could not record the end of a turn; retrying (a restart meanwhile \
+                     reports it interrupted)");
+                self.owe(OwedRecord { events, ops, reply });
             }
         }
     }
@@ -935,6 +1065,10 @@ impl SessionActor {
 
     async fn shutdown(&mut self) {
         self.stopping = true;
+        // A last try for an owed ending; if it fails, the restart reports the turn from the
+        // store's state (interrupted, or queued again).
+        self.retry_at = None;
+        self.pay_owed().await;
         if let Some(active) = self.active.take() {
             let ending = TurnEnding::Failed {
                 code: Some(TurnErrorCode::Interrupted),
@@ -992,6 +1126,22 @@ impl SessionActor {
                 | TurnState::Interrupted => {}
             }
         }
+    }
+}
+
+/// Resolves when the running turn's task ends; never without one.
+async fn join_running(task: Option<&mut JoinHandle<()>>) -> std::result::Result<(), JoinError> {
+    match task {
+        Some(task) => task.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves at `at`; never without one.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -51,6 +51,8 @@ pub struct SessionChanges {
 pub(crate) enum SessionCommand {
     Open {
         changes: SessionChanges,
+        /// The session was just created: the snapshot event carries its messages.
+        created: bool,
         reply: oneshot::Sender<Result<SessionSnapshot>>,
     },
     Submit {
@@ -115,10 +117,26 @@ impl SessionHandle {
             .map_err(|_| Error::SessionNotFound(self.id.clone()))
     }
 
-    /// Applies `changes`, emits `session.snapshot` and returns the snapshot.
+    /// Applies `changes` to an existing session, emits `session.snapshot` (without the
+    /// messages) and returns the snapshot.
     pub async fn open(&self, changes: SessionChanges) -> Result<SessionSnapshot> {
-        self.ask(|reply| SessionCommand::Open { changes, reply })
-            .await?
+        self.ask(|reply| SessionCommand::Open {
+            changes,
+            created: false,
+            reply,
+        })
+        .await?
+    }
+
+    /// Emits the `session.snapshot` of a just created session (with its messages) and
+    /// returns the snapshot.
+    pub async fn announce_created(&self) -> Result<SessionSnapshot> {
+        self.ask(|reply| SessionCommand::Open {
+            changes: SessionChanges::default(),
+            created: true,
+            reply,
+        })
+        .await?
     }
 
     /// Queues a turn; resolves once it is durably queued.

@@ -11,9 +11,10 @@ use crate::inference::{AsyncDeltaSink, Completion, Delta, InferenceError, resolv
 /// What a turn task tells its session actor. `turn_no` tells a cancelled turn's late
 /// messages apart from the current turn's.
 pub(crate) enum TurnUpdate {
-    /// The preflight check matched the requested model to this loaded id.
+    /// The preflight check matched `requested` to this loaded id.
     Resolved {
         turn_no: u64,
+        requested: String,
         model: String,
     },
     Delta {
@@ -53,6 +54,14 @@ pub(crate) async fn run_turn(
     turn_no: u64,
     updates: mpsc::Sender<TurnUpdate>,
 ) {
+    if let Some(panics) = ctx.faults.turn_panics_on
+        && messages
+            .last()
+            .and_then(|m| m.content.as_deref())
+            .is_some_and(panics)
+    {
+        panic!("injected fault: turn task panics");
+    }
     let result = complete(&ctx, &model, &messages, turn_no, &updates).await;
     if let Err(e) = &result
         && e.invalidates_model_cache()
@@ -85,6 +94,7 @@ async fn complete(
         let _ = updates
             .send(TurnUpdate::Resolved {
                 turn_no,
+                requested: model.to_owned(),
                 model: canonical.to_owned(),
             })
             .await;

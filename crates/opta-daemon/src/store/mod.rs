@@ -33,6 +33,9 @@ pub struct StoreOptions {
     /// fsync every commit (`synchronous=FULL`): commits then survive an OS crash or power
     /// loss, not only a crash of the daemon, at the cost of one fsync per commit batch.
     pub sync_commits: bool,
+    /// Injected fault (tests only): while this is set, every commit fails as a full disk
+    /// does, changing nothing.
+    pub full_disk_fault: Option<&'static AtomicBool>,
 }
 
 /// A stored session's metadata row.
@@ -237,7 +240,7 @@ impl Store {
         threads.push(
             std::thread::Builder::new()
                 .name("opta-store-writer".into())
-                .spawn(move || writer::run(conn, wrx, &writer_dirty))?,
+                .spawn(move || writer::run(conn, wrx, &writer_dirty, options.full_disk_fault))?,
         );
         // Checkpoints (which fsync) run on their own connection and thread, never on the
         // commit path: SQLite's automatic checkpoint is off on the writer connection.

@@ -74,6 +74,12 @@ fn parse_turn_state(s: &str) -> rusqlite::Result<TurnState> {
     })
 }
 
+/// A client's seq as an SQLite integer: beyond `i64::MAX` no seq can exist, so such a bound
+/// means "after everything" and clamps rather than failing the query.
+fn seq_bound(seq: u64) -> i64 {
+    i64::try_from(seq).unwrap_or(i64::MAX)
+}
+
 /// Envelopes of a session with `after < seq <= up_to`, ascending.
 fn select_events(
     conn: &Connection,
@@ -87,7 +93,7 @@ fn select_events(
              ORDER BY seq",
         )?
         .query_map(
-            params![session_id, after, i64::try_from(up_to).unwrap_or(i64::MAX)],
+            params![session_id, seq_bound(after), seq_bound(up_to)],
             |r| {
                 Ok((
                     r.get::<_, u64>(0)?,

@@ -2,7 +2,7 @@
 
 use rusqlite::Connection;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// Migration `i` moves the schema from version `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -67,8 +67,17 @@ const MIGRATIONS: &[&str] = &[
 ];
 
 /// Applies the migrations the database has not seen yet, each in its own transaction.
+/// Refuses a database whose schema is newer than this build's: running on would misread or
+/// damage what a newer opta wrote.
 pub fn migrate(conn: &mut Connection) -> Result<()> {
     let current: usize = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if current > MIGRATIONS.len() {
+        return Err(Error::Config(format!(
+            "the session database has schema version {current}, newer than this opta's {}: \
+             it was written by a newer opta; upgrade opta, or use another --home",
+            MIGRATIONS.len()
+        )));
+    }
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
         let tx = conn.transaction()?;
         tx.execute_batch(sql)?;
@@ -97,5 +106,18 @@ mod tests {
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .unwrap();
         assert_eq!(v, latest_version());
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused_and_left_alone() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        conn.pragma_update(None, "user_version", latest_version() + 1)
+            .unwrap();
+        let e = migrate(&mut conn).unwrap_err().to_string();
+        assert!(e.contains("newer than this opta"), "{e}");
+        let v: usize = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, latest_version() + 1);
     }
 }

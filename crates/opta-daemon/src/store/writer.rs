@@ -27,6 +27,7 @@ pub(super) fn run(
     mut conn: Connection,
     rx: crossbeam_channel::Receiver<WriterMsg>,
     dirty: &AtomicBool,
+    full_disk_fault: Option<&AtomicBool>,
 ) {
     let mut pending: Vec<(Vec<WriteOp>, oneshot::Sender<Result<()>>)> = Vec::new();
     while let Ok(first) = rx.recv() {
@@ -44,6 +45,11 @@ pub(super) fn run(
                 break;
             }
             next = rx.try_recv().ok();
+        }
+        if full_disk_fault.is_some_and(|full| full.load(Ordering::Relaxed)) {
+            for (_, ack) in pending.drain(..) {
+                let _ = ack.send(Err(Error::StorageFull("injected fault: disk full".into())));
+            }
         }
         if !pending.is_empty() {
             commit_batches(&mut conn, &mut pending);

@@ -1,0 +1,231 @@
+//! Inference servers that do what the OpenAI API allows but the common case does not: a
+//! byte-order mark, `null` for absent fields, keep-alive comments, a whole JSON answer to a
+//! streaming request, an error object mid-stream, a model list that never answers; and a turn
+//! task that panics. Each ends in the documented outcome within a bounded time.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure report
+
+use std::time::{Duration, Instant};
+
+use opta_test_support::{Reply, ScriptedLmx, TestDaemon, is_terminal_of, token_text};
+use pretty_assertions::assert_eq;
+use serde_json::{Value, json};
+
+/// Submits `content` and returns the turn id and its events up to its terminal event.
+async fn turn(d: &TestDaemon, session: &str, content: &str) -> (String, Vec<Value>) {
+    let turn = d.submit(session, content).await;
+    let events = d
+        .ws(session, 0)
+        .await
+        .envelopes_until(is_terminal_of(&turn))
+        .await;
+    let events = events
+        .into_iter()
+        .filter(|e| e["payload"]["turnId"] == turn.as_str())
+        .collect();
+    (turn, events)
+}
+
+fn terminal(events: &[Value]) -> &Value {
+    events.last().unwrap()
+}
+
+fn chunk(delta: Value) -> String {
+    let chunk = json!({"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta}]});
+    format!("data: {chunk}\n\n")
+}
+
+#[tokio::test]
+async fn a_stream_that_begins_with_a_byte_order_mark_is_read() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let d = TestDaemon::start(&lmx.url()).await;
+    let s = d.create_session(None).await;
+    lmx.push(Reply::sse([
+        format!("\u{feff}{}", chunk(json!({"content": "hello"}))),
+        chunk(json!({"content": " there"})),
+        "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n".into(),
+        "data: [DONE]\n\n".into(),
+    ]));
+    let (t, events) = turn(&d, &s, "bom").await;
+    assert_eq!(terminal(&events)["event"], "turn.done", "{events:?}");
+    assert_eq!(token_text(&events, &t), "hello there");
+}
+
+#[tokio::test]
+async fn null_in_every_optional_field_is_absence() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let d = TestDaemon::start(&lmx.url()).await;
+    let s = d.create_session(None).await;
+    let nulls = json!({"id": null, "object": "chat.completion.chunk", "model": null,
+        "usage": {"prompt_tokens": null, "completion_tokens": null, "total_tokens": null},
+        "choices": [{"index": 0, "logprobs": null, "finish_reason": null,
+            "delta": {"role": null, "content": "text kept", "reasoning_content": null,
+                "tool_calls": null, "function_call": null, "refusal": null}}]});
+    let end = json!({"choices": [{"index": null, "delta": null, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 7, "completion_tokens": null}});
+    lmx.push(Reply::sse([
+        format!("data: {nulls}\n\n"),
+        format!("data: {}\n\n", json!({"choices": null, "usage": null})),
+        format!("data: {end}\n\n"),
+        "data: [DONE]\n\n".into(),
+    ]));
+    let (t, events) = turn(&d, &s, "nulls").await;
+    assert_eq!(terminal(&events)["event"], "turn.done", "{events:?}");
+    assert_eq!(token_text(&events, &t), "text kept");
+    assert_eq!(terminal(&events)["payload"]["stats"]["promptTokens"], 7);
+}
+
+#[tokio::test]
+async fn a_whole_json_answer_to_a_streaming_request_is_the_reply() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let d = TestDaemon::start(&lmx.url()).await;
+    let s = d.create_session(None).await;
+    let body = json!({"id": "x", "object": "chat.completion",
+        "choices": [{"index": 0, "finish_reason": "stop",
+            "message": {"role": "assistant", "content": "<think>hm</think>The whole answer"}}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 4}});
+    lmx.push(Reply::raw(
+        "application/json",
+        [(Duration::ZERO, body.to_string())],
+    ));
+    let (t, events) = turn(&d, &s, "no stream please").await;
+    assert_eq!(terminal(&events)["event"], "turn.done", "{events:?}");
+    assert_eq!(token_text(&events, &t), "The whole answer");
+    assert!(events.iter().any(|e| e["event"] == "turn.thinking"));
+    assert_eq!(terminal(&events)["payload"]["stats"]["completionTokens"], 4);
+    // The model cache was kept: the next turn does not ask for the list again.
+    let before = lmx.model_list_requests();
+    let (_, events) = turn(&d, &s, "again").await;
+    assert_eq!(terminal(&events)["event"], "turn.done");
+    assert_eq!(lmx.model_list_requests(), before);
+    let (_, detail) = d.get(&format!("/v3/sessions/{s}")).await;
+    assert_eq!(detail["messages"][1]["content"], "The whole answer");
+}
+
+#[tokio::test]
+async fn an_error_object_mid_stream_carries_the_servers_message() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let d = TestDaemon::start(&lmx.url()).await;
+    let s = d.create_session(None).await;
+    lmx.push(Reply::sse([
+        chunk(json!({"content": "partial"})),
+        "data: {\"error\":{\"message\":\"CUDA out of memory\",\"type\":\"server_error\"}}\n\n"
+            .into(),
+    ]));
+    let (_, events) = turn(&d, &s, "oom").await;
+    let end = terminal(&events);
+    assert_eq!(end["event"], "turn.error");
+    let message = end["payload"]["message"].as_str().unwrap();
+    assert!(message.contains("CUDA out of memory"), "{message}");
+    // The text streamed before the error is kept as a partial reply.
+    let (_, detail) = d.get(&format!("/v3/sessions/{s}")).await;
+    assert_eq!(detail["messages"][1]["content"], "partial");
+    // A JSON error body with status 200 is the server's error too.
+    lmx.push(Reply::raw(
+        "application/json",
+        [(Duration::ZERO, r#"{"error":"model crashed"}"#)],
+    ));
+    let (_, events) = turn(&d, &s, "crash").await;
+    let message = terminal(&events)["payload"]["message"].as_str().unwrap();
+    assert!(message.contains("model crashed"), "{message}");
+}
+
+#[tokio::test]
+async fn keep_alive_comments_are_not_silence() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let d = TestDaemon::start_with(&lmx.url(), |c| {
+        c.lmx_timeouts.first_byte = Duration::from_millis(600);
+        c.lmx_timeouts.idle = Duration::from_millis(600);
+    })
+    .await;
+    let s = d.create_session(None).await;
+    let beat = Duration::from_millis(200);
+    let mut pieces: Vec<(Duration, String)> = Vec::new();
+    // 2 s of comments before the first token, 2 s more mid-stream: several times both
+    // timeouts, but never 600 ms without a byte.
+    pieces.extend((0..10).map(|_| (beat, ": keep-alive\n\n".to_owned())));
+    pieces.push((beat, chunk(json!({"content": "slow"}))));
+    pieces.extend((0..10).map(|_| (beat, ": keep-alive\n\n".to_owned())));
+    pieces.push((beat, chunk(json!({"content": " model"}))));
+    pieces.push((
+        Duration::ZERO,
+        "data: {\"choices\":[{\"delta\":{},\"finish_reason\":\"stop\"}]}\n\ndata: [DONE]\n\n"
+            .into(),
+    ));
+    lmx.push(Reply::raw("text/event-stream", pieces));
+    let (t, events) = turn(&d, &s, "think long").await;
+    assert_eq!(terminal(&events)["event"], "turn.done", "{events:?}");
+    assert_eq!(token_text(&events, &t), "slow model");
+}
+
+#[tokio::test]
+async fn waiters_on_a_model_list_that_never_answers_share_one_check_and_fail_together() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let d = TestDaemon::start_with(&lmx.url(), |c| {
+        c.lmx_timeouts.admin = Duration::from_millis(800);
+    })
+    .await;
+    lmx.set_model_list_hangs(true);
+    let mut sessions = Vec::new();
+    for _ in 0..6 {
+        sessions.push(d.create_session(None).await);
+    }
+    let mut streams = Vec::new();
+    for s in &sessions {
+        streams.push(d.ws(s, 0).await);
+    }
+    let started = Instant::now();
+    let mut turns = Vec::new();
+    for s in &sessions {
+        turns.push(d.submit(s, "hello").await);
+    }
+    let mut waits = Vec::new();
+    for (ws, t) in streams.iter_mut().zip(&turns) {
+        let events = ws.envelopes_until(is_terminal_of(t)).await;
+        assert_eq!(terminal(&events)["payload"]["code"], "lmx-timeout");
+        waits.push(started.elapsed());
+    }
+    // One check, shared: all six end about one admin timeout after the start, not k of them.
+    let last = *waits.iter().max().unwrap();
+    assert!(last < Duration::from_millis(2000), "{waits:?}");
+    assert_eq!(lmx.model_list_requests(), 1);
+    // The failure is not cached: once the server answers, the next turn works.
+    lmx.set_model_list_hangs(false);
+    let (_, events) = turn(&d, &sessions[0], "now").await;
+    assert_eq!(terminal(&events)["event"], "turn.done");
+}
+
+#[tokio::test]
+async fn a_turn_task_that_panics_ends_its_turn_and_the_queue_moves_on() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    lmx.set_echo_delay(Duration::from_millis(20));
+    let d = TestDaemon::start_with(&lmx.url(), |c| {
+        c.faults.turn_panics_on = Some(|content| content == "panic now");
+    })
+    .await;
+    let s = d.create_session(None).await;
+    let mut ws = d.ws(&s, 0).await;
+    let started = Instant::now();
+    let a = d.submit(&s, "panic now").await;
+    let b = d.submit(&s, "after the panic").await;
+    let events = ws.envelopes_until(is_terminal_of(&b)).await;
+    let end_a = events
+        .iter()
+        .find(|e| is_terminal_of(&a)(e))
+        .expect("the panicked turn has a terminal event");
+    assert_eq!(end_a["event"], "turn.error");
+    assert!(
+        end_a["payload"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("panicked"),
+        "{end_a}"
+    );
+    assert_eq!(terminal(&events)["event"], "turn.done");
+    assert_eq!(token_text(&events, &b), "echo: after the panic");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let (_, snapshot) = d.get(&format!("/v3/sessions/{s}")).await;
+    assert_eq!(snapshot["activeTurnId"], Value::Null);
+    assert_eq!(snapshot["queuedTurns"], 0);
+    let (_, metrics) = d.get("/v3/metrics").await;
+    assert_eq!(metrics["runtime"]["activeTurnCount"], 0, "{metrics}");
+}
