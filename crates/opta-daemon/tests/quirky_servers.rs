@@ -30,7 +30,8 @@ fn terminal(events: &[Value]) -> &Value {
 }
 
 fn chunk(delta: Value) -> String {
-    let chunk = json!({"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta}]});
+    let chunk =
+        json!({"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta}]});
     format!("data: {chunk}\n\n")
 }
 

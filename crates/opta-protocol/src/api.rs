@@ -134,6 +134,10 @@ pub struct SessionDetail {
     pub snapshot: SessionSnapshot,
     /// The history.
     pub messages: Vec<ChatMessage>,
+    /// The seq these messages reflect: a subscription from it continues without a gap, and
+    /// it is the `lastSeenSeq` of a writer that has seen them. Absent from older daemons.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seq: Option<Seq>,
 }
 
 /// `POST /v3/sessions/:id/turns`, and the body of a WebSocket `turn.submit`.

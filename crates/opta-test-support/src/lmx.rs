@@ -174,6 +174,8 @@ struct Shared {
     admin: std::sync::atomic::AtomicBool,
     /// Model lists (`/admin/models`, `/v1/models`) are accepted and never answered.
     models_hang: std::sync::atomic::AtomicBool,
+    /// Pause before answering a model list.
+    models_delay: Mutex<Duration>,
     /// The most recent chat request bodies (at most [`KEPT_REQUESTS`]).
     requests: Mutex<std::collections::VecDeque<Value>>,
     chat_requests: AtomicUsize,
@@ -287,6 +289,11 @@ impl ScriptedLmx {
         self.shared.models_hang.store(hangs, Ordering::SeqCst);
     }
 
+    /// Pause before answering each model list.
+    pub fn set_model_list_delay(&self, delay: Duration) {
+        *lock(&self.shared.models_delay) = delay;
+    }
+
     /// Chat requests received.
     pub fn chat_requests(&self) -> usize {
         self.shared.chat_requests.load(Ordering::SeqCst)
@@ -368,6 +375,10 @@ async fn model_list_request(shared: &Shared) {
     shared.model_list_requests.fetch_add(1, Ordering::SeqCst);
     if shared.models_hang.load(Ordering::SeqCst) {
         std::future::pending::<()>().await;
+    }
+    let delay = *lock(&shared.models_delay);
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
     }
 }
 

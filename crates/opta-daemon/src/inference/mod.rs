@@ -539,7 +539,11 @@ impl LmxClient {
             // The idle timeout is about bytes (comments count); until the first delta an
             // overall deadline also runs.
             let token_left = token_deadline.saturating_duration_since(tokio::time::Instant::now());
-            let limit = if reply.has_delta { wait } else { wait.min(token_left) };
+            let limit = if reply.has_delta {
+                wait
+            } else {
+                wait.min(token_left)
+            };
             let next = match tokio::time::timeout(limit, bytes.next()).await {
                 Ok(next) => next,
                 Err(_) if !reply.has_delta && limit == token_left => {
@@ -600,7 +604,9 @@ impl LmxClient {
         let mut reply = ReplyAssembler::default();
         reply.apply(chunk, sink).await?;
         let mut completion = reply.finish(sink).await;
-        completion.finish_reason.get_or_insert_with(|| "stop".to_owned());
+        completion
+            .finish_reason
+            .get_or_insert_with(|| "stop".to_owned());
         Ok(completion)
     }
 
@@ -708,6 +714,8 @@ fn server_message(body: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use proptest::arbitrary::Arbitrary;
+
     use super::*;
 
     #[test]
@@ -733,7 +741,11 @@ mod tests {
                     arguments: args.map(str::to_owned),
                 }),
             };
-        merge_tool_call(&mut calls, 0, frag(1, Some("b"), Some("write"), Some("{\"p")));
+        merge_tool_call(
+            &mut calls,
+            0,
+            frag(1, Some("b"), Some("write"), Some("{\"p")),
+        );
         merge_tool_call(&mut calls, 0, frag(0, Some("a"), Some("read"), Some("{}")));
         merge_tool_call(&mut calls, 0, frag(1, None, None, Some("\":1}")));
         assert_eq!(
@@ -751,6 +763,105 @@ mod tests {
                 },
             ]
         );
+    }
+
+    /// Collects deltas.
+    #[derive(Default)]
+    struct VecSink(Vec<Delta>);
+
+    impl AsyncDeltaSink for VecSink {
+        async fn send(&mut self, delta: Delta) {
+            self.0.push(delta);
+        }
+    }
+
+    /// Decodes `bytes` cut at `cuts` and assembles the reply as `stream_chat` does.
+    fn deltas_of(bytes: &[u8], cuts: &[usize]) -> (Vec<Delta>, bool) {
+        let mut decoder = SseDecoder::default();
+        let mut datas = Vec::new();
+        let mut start = 0;
+        for &cut in cuts.iter().chain(std::iter::once(&bytes.len())) {
+            decoder.push(&bytes[start..cut], &mut datas);
+            start = cut;
+        }
+        decoder.finish();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let mut sink = VecSink::default();
+            let mut reply = ReplyAssembler::default();
+            let mut done = false;
+            for data in datas {
+                if data == "[DONE]" {
+                    done = true;
+                    break;
+                }
+                let chunk: Chunk = serde_json::from_str(&data).unwrap();
+                reply.apply(chunk, &mut sink).await.unwrap();
+            }
+            reply.finish(&mut sink).await;
+            (sink.0, done)
+        })
+    }
+
+    proptest::proptest! {
+        /// Any valid stream, cut into pieces anywhere (inside UTF-8 characters, `data:`
+        /// lines and line ends), yields the same deltas as the whole stream.
+        #[test]
+        fn any_cut_of_a_valid_stream_yields_the_same_deltas(
+            texts in proptest::collection::vec("(?s).{0,10}", 1..10),
+            reasoning in proptest::collection::vec("[^<]{0,6}", 0..3),
+            line_end in 0..3usize,
+            bom: bool,
+            comments: bool,
+            pretty: bool,
+            cuts in proptest::collection::vec(proptest::sample::Index::arbitrary(), 0..24),
+        ) {
+            let nl = ["\n", "\r\n", "\r"][line_end];
+            let mut stream = String::new();
+            if bom {
+                stream.push('\u{feff}');
+            }
+            let deltas = reasoning
+                .iter()
+                .map(|r| serde_json::json!({"reasoning_content": r}))
+                .chain(texts.iter().map(|t| serde_json::json!({"content": t, "tool_calls": null})));
+            for delta in deltas {
+                if comments {
+                    stream.push_str(&format!(": keep-alive{nl}"));
+                }
+                let chunk = serde_json::json!({"choices": [{"index": 0, "delta": delta}]});
+                if pretty {
+                    // One event over several `data:` lines (joined by `\n`: still JSON).
+                    for line in serde_json::to_string_pretty(&chunk).unwrap().lines() {
+                        stream.push_str(&format!("data: {line}{nl}"));
+                    }
+                    stream.push_str(nl);
+                } else {
+                    stream.push_str(&format!("data: {chunk}{nl}{nl}"));
+                }
+            }
+            stream.push_str(&format!("data: [DONE]{nl}{nl}"));
+            let bytes = stream.as_bytes();
+            let mut cuts: Vec<usize> = cuts.iter().map(|i| i.index(bytes.len() + 1)).collect();
+            cuts.sort_unstable();
+            let (whole, whole_done) = deltas_of(bytes, &[]);
+            let (cut, cut_done) = deltas_of(bytes, &cuts);
+            proptest::prop_assert!(whole_done && cut_done);
+            proptest::prop_assert_eq!(&cut, &whole);
+            // And they are the stream's own: every reasoning and content text, in order.
+            let text = |d: &Delta| match d {
+                Delta::Content(t) => ("c", t.clone()),
+                Delta::Reasoning(t) => ("r", t.clone()),
+            };
+            let content: String = whole.iter().map(text).filter(|(k, _)| *k == "c").map(|(_, t)| t).collect();
+            let thought: String = whole.iter().map(text).filter(|(k, _)| *k == "r").map(|(_, t)| t).collect();
+            if !texts.concat().contains("<think") && !texts.concat().contains("</think") {
+                proptest::prop_assert_eq!(content, texts.concat());
+                proptest::prop_assert_eq!(thought, reasoning.concat());
+            }
+        }
     }
 
     #[test]

@@ -125,7 +125,8 @@ mod tests {
 
     #[test]
     fn fields_comments_and_line_ends() {
-        let stream = b"data: a\n\n: keep-alive\n\nevent: x\r\ndata:b\r\ndata:  c\r\n\r\nid: 7\rdata: d\r\r";
+        let stream =
+            b"data: a\n\n: keep-alive\n\nevent: x\r\ndata:b\r\ndata:  c\r\n\r\nid: 7\rdata: d\r\r";
         assert_eq!(decode_in(&[stream]), vec!["a", "b\n c", "d"]);
     }
 
@@ -133,7 +134,10 @@ mod tests {
     fn a_byte_order_mark_is_skipped_even_when_split() {
         let stream = "\u{feff}data: x\n\n".as_bytes();
         assert_eq!(decode_in(&[stream]), vec!["x"]);
-        assert_eq!(decode_in(&[&stream[..1], &stream[1..2], &stream[2..]]), vec!["x"]);
+        assert_eq!(
+            decode_in(&[&stream[..1], &stream[1..2], &stream[2..]]),
+            vec!["x"]
+        );
         // Not a BOM after all: the bytes are kept.
         assert_eq!(decode_in(&[b"da", b"ta: y\n\n"]), vec!["y"]);
         // A BOM later in the stream is data.
@@ -145,7 +149,10 @@ mod tests {
 
     #[test]
     fn a_crlf_split_between_pieces_is_one_line_end() {
-        assert_eq!(decode_in(&[b"data: a\r", b"\n\r", b"\ndata: b\n\n"]), vec!["a", "b"]);
+        assert_eq!(
+            decode_in(&[b"data: a\r", b"\n\r", b"\ndata: b\n\n"]),
+            vec!["a", "b"]
+        );
     }
 
     #[test]

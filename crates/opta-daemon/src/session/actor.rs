@@ -251,6 +251,7 @@ impl SessionActor {
                 let _ = reply.send(SessionDetail {
                     snapshot: self.snapshot(),
                     messages: self.messages(),
+                    last_seq: Some(self.seq),
                 });
             }
             SessionCommand::Delete { reply } => {
@@ -867,7 +868,9 @@ impl SessionActor {
         }));
         // Whatever is owed goes first: terminal events stay in turn order.
         let mut result = if self.owed.is_some() {
-            Err(Error::StorageFull("an earlier turn's end is not recorded yet".into()))
+            Err(Error::StorageFull(
+                "an earlier turn's end is not recorded yet".into(),
+            ))
         } else {
             self.emit(&events, ops.clone()).await
         };

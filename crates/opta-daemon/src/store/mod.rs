@@ -10,7 +10,7 @@ mod writer;
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::thread::JoinHandle;
 
 use rusqlite::{Connection, OpenFlags};
@@ -33,9 +33,10 @@ pub struct StoreOptions {
     /// fsync every commit (`synchronous=FULL`): commits then survive an OS crash or power
     /// loss, not only a crash of the daemon, at the cost of one fsync per commit batch.
     pub sync_commits: bool,
-    /// Injected fault (tests only): while this is set, every commit fails as a full disk
-    /// does, changing nothing.
-    pub full_disk_fault: Option<&'static AtomicBool>,
+    /// Injected fault (tests only), a budget of commits: negative is a healthy disk; `n >= 0`
+    /// lets `n` more write batches commit, then every batch fails as on a full disk (changing
+    /// nothing) until the value is set negative again.
+    pub full_disk_fault: Option<&'static AtomicI64>,
 }
 
 /// A stored session's metadata row.

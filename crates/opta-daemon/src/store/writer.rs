@@ -1,7 +1,7 @@
 //! The single writer thread: drains whatever batches are waiting, commits them in one
 //! transaction (each batch in its own savepoint so one bad batch fails alone), then acks.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use tokio::sync::oneshot;
@@ -27,7 +27,7 @@ pub(super) fn run(
     mut conn: Connection,
     rx: crossbeam_channel::Receiver<WriterMsg>,
     dirty: &AtomicBool,
-    full_disk_fault: Option<&AtomicBool>,
+    full_disk_fault: Option<&AtomicI64>,
 ) {
     let mut pending: Vec<(Vec<WriteOp>, oneshot::Sender<Result<()>>)> = Vec::new();
     while let Ok(first) = rx.recv() {
@@ -46,10 +46,8 @@ pub(super) fn run(
             }
             next = rx.try_recv().ok();
         }
-        if full_disk_fault.is_some_and(|full| full.load(Ordering::Relaxed)) {
-            for (_, ack) in pending.drain(..) {
-                let _ = ack.send(Err(Error::StorageFull("injected fault: disk full".into())));
-            }
+        if let Some(budget) = full_disk_fault {
+            inject_full_disk(budget, &mut pending);
         }
         if !pending.is_empty() {
             commit_batches(&mut conn, &mut pending);
@@ -63,6 +61,28 @@ pub(super) fn run(
             return;
         }
     }
+}
+
+/// Fails the batches beyond the fault's commit budget as a full disk would.
+fn inject_full_disk(
+    budget: &AtomicI64,
+    pending: &mut Vec<(Vec<WriteOp>, oneshot::Sender<Result<()>>)>,
+) {
+    let mut kept = Vec::with_capacity(pending.len());
+    for (ops, ack) in pending.drain(..) {
+        let healthy = budget.load(Ordering::SeqCst) < 0
+            || budget
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |b| {
+                    (b > 0).then(|| b - 1)
+                })
+                .is_ok();
+        if healthy {
+            kept.push((ops, ack));
+        } else {
+            let _ = ack.send(Err(Error::StorageFull("injected fault: disk full".into())));
+        }
+    }
+    *pending = kept;
 }
 
 fn commit_batches(
