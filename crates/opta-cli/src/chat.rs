@@ -23,6 +23,7 @@ use tokio::sync::mpsc;
 use crate::daemon_ctl::{self, DaemonArgs, StreamCheck};
 use crate::do_cmd::{CLIENT_ID, answer_permission, parse_mode};
 use crate::render::{Outcome, Output, PermissionPolicy, TurnRenderer, report_failure};
+use crate::sanitize;
 use crate::ui;
 
 /// The prompt.
@@ -100,7 +101,8 @@ pub async fn run(args: ChatArgs, home: &Path, daemon: &DaemonArgs) -> Result<Exi
     println!(
         "{}",
         ui::dim(&format!(
-            "session {session} · {model} · /help for commands, Ctrl-C cancels a turn"
+            "session {session} · {} · /help for commands, Ctrl-C cancels a turn",
+            sanitize::line(model)
         ))
     );
 
@@ -298,7 +300,7 @@ impl<P: ExternalPrinter> Chat<P> {
             }
             ("model", None) => {
                 let detail = self.client.get_session(&self.session).await?;
-                println!("model: {}", detail.snapshot.model);
+                println!("model: {}", sanitize::line(&detail.snapshot.model));
             }
             ("model", Some(model)) => {
                 let snapshot = self
@@ -309,7 +311,7 @@ impl<P: ExternalPrinter> Chat<P> {
                         ..CreateSessionRequest::default()
                     })
                     .await?;
-                println!("model: {}", snapshot.model);
+                println!("model: {}", sanitize::line(&snapshot.model));
             }
             ("mode", None) => println!("mode: {}", self.mode.as_str()),
             ("mode", Some(mode)) => match Mode::parse(mode) {
@@ -414,16 +416,21 @@ impl<P: ExternalPrinter> Chat<P> {
                 let asked = serde_json::Value::String(start.content.clone());
                 self.say(&format!(
                     "── turn from {} ({}): {}",
-                    start.client_id,
-                    start.writer_id,
+                    sanitize::line(&start.client_id),
+                    sanitize::line(&start.writer_id),
                     crate::render::compact(&asked, 200)
                 ));
             }
-            Event::TurnToken(t) if self.others.contains(&t.turn_id) => self.emit(&t.text),
+            Event::TurnToken(t) if self.others.contains(&t.turn_id) => {
+                self.emit(&sanitize::text(&t.text));
+            }
             Event::TurnDone(d) if self.others.remove(&d.turn_id) => self.emit("\n"),
             Event::TurnError(e) if self.others.remove(&e.turn_id) => {
                 self.emit("\n");
-                self.say(&format!("(their turn ended: {})", e.message));
+                self.say(&format!(
+                    "(their turn ended: {})",
+                    sanitize::line(&e.message)
+                ));
             }
             _ => {}
         }

@@ -221,7 +221,7 @@ pub async fn answer_permission(
         Verdict::Ask => loop {
             eprint!(
                 "allow {} {}? [y]es / [n]o / [a]lways for this session: ",
-                ask.tool_name,
+                crate::sanitize::line(&ask.tool_name),
                 crate::render::compact(&ask.args, 120)
             );
             let _ = std::io::stderr().flush();
@@ -248,7 +248,13 @@ pub async fn answer_permission(
         Err(e) => return Err(e.into()),
     }
     if decision == Decision::Deny {
-        eprintln!("{}", ui::dim(&format!("  denied {}", ask.tool_name)));
+        eprintln!(
+            "{}",
+            ui::dim(&format!(
+                "  denied {}",
+                crate::sanitize::line(&ask.tool_name)
+            ))
+        );
     }
     Ok(())
 }

@@ -6,6 +6,7 @@ mod daemon_cmd;
 mod daemon_ctl;
 mod do_cmd;
 mod render;
+mod sanitize;
 mod sessions_cmd;
 mod ui;
 
@@ -65,14 +66,19 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", sanitize::text(&format!("{e:#}")));
             return ExitCode::FAILURE;
         }
     };
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("{} {e:#}", ui::error_label());
+            // Error chains carry what the daemon and the inference server said.
+            eprintln!(
+                "{} {}",
+                ui::error_label(),
+                sanitize::text(&format!("{e:#}"))
+            );
             ExitCode::FAILURE
         }
     }

@@ -6,6 +6,8 @@ use std::collections::HashSet;
 use opta_protocol::{Decision, Event, TurnErrorCode, TurnId, TurnStats};
 use serde_json::Value;
 
+use crate::sanitize;
+
 /// How a turn ended.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
@@ -57,11 +59,29 @@ impl TurnRenderer {
         Self { turn_id }
     }
 
-    /// What `event` means for this turn.
+    /// What `event` means for this turn; every string in it is safe to print
+    /// ([`crate::sanitize`]).
     pub fn on_event(&self, event: &Event) -> Option<Output> {
         if event.turn_id() != Some(&self.turn_id) {
             return None;
         }
+        let output = self.output(event)?;
+        Some(match output {
+            Output::Text(t) => Output::Text(sanitize::text(&t).into_owned()),
+            Output::Thinking(t) => Output::Thinking(sanitize::text(&t).into_owned()),
+            Output::Note(t) => Output::Note(sanitize::line(&t).into_owned()),
+            Output::Finished(Outcome::Failed { code, message }) => {
+                Output::Finished(Outcome::Failed {
+                    code,
+                    message: sanitize::text(&message).into_owned(),
+                })
+            }
+            // Its parts are printed through `compact` and `sanitize::line`.
+            other @ (Output::Permission(_) | Output::Finished(Outcome::Done(_))) => other,
+        })
+    }
+
+    fn output(&self, event: &Event) -> Option<Output> {
         match event {
             Event::TurnToken(t) => Some(Output::Text(t.text.clone())),
             Event::TurnThinking(t) => Some(Output::Thinking(t.text.clone())),
@@ -107,13 +127,13 @@ fn tool_end_line(name: &str, result: &Value) -> String {
     }
 }
 
-/// One-line JSON, cut to `max` characters.
+/// One-line JSON, cut to `max` characters, safe to print.
 pub fn compact(value: &Value, max: usize) -> String {
     let text = match value {
-        Value::String(s) => s.clone(),
+        Value::String(s) => s.replace('\n', " "),
         other => other.to_string(),
     };
-    let text = text.replace('\n', " ");
+    let text = sanitize::line(&text).into_owned();
     if text.chars().count() > max {
         let cut: String = text.chars().take(max.saturating_sub(1)).collect();
         format!("{cut}…")
@@ -181,7 +201,11 @@ pub fn report_failure(code: Option<TurnErrorCode>, message: &str) {
     let label = code
         .map(|c| format!(" [{}]", c.as_str()))
         .unwrap_or_default();
-    eprintln!("{}{label} {message}", crate::ui::error_label());
+    eprintln!(
+        "{}{label} {}",
+        crate::ui::error_label(),
+        sanitize::text(message)
+    );
     if code != Some(TurnErrorCode::Cancelled) {
         eprintln!("{} {}", crate::ui::dim("hint:"), hint(code));
     }

@@ -9,6 +9,7 @@ use opta_protocol::{CancelRequest, Envelope, Event, SessionId, SessionSnapshot, 
 
 use crate::daemon_ctl::{self, DaemonArgs};
 use crate::render::compact;
+use crate::sanitize;
 use crate::ui;
 
 #[derive(Subcommand)]
@@ -106,16 +107,19 @@ pub async fn sessions(
             }
             let s = &detail.snapshot;
             println!("session  {}", s.session_id);
-            println!("title    {}", s.title.as_deref().unwrap_or("-"));
-            println!("model    {}", s.model);
-            println!("created  {}", s.created_at);
-            println!("updated  {}", s.updated_at);
+            println!(
+                "title    {}",
+                sanitize::line(s.title.as_deref().unwrap_or("-"))
+            );
+            println!("model    {}", sanitize::line(&s.model));
+            println!("created  {}", sanitize::line(&s.created_at));
+            println!("updated  {}", sanitize::line(&s.updated_at));
             for m in &detail.messages {
                 let role = serde_json::to_value(m.role)?;
                 println!(
                     "\n[{}]\n{}",
                     role.as_str().unwrap_or("?"),
-                    m.content.as_deref().unwrap_or("")
+                    sanitize::text(m.content.as_deref().unwrap_or(""))
                 );
             }
         }
@@ -125,7 +129,7 @@ pub async fn sessions(
                 if json {
                     println!("{}", serde_json::to_string(e)?);
                 } else {
-                    println!("{}", event_line(e));
+                    println!("{}", sanitize::line(&event_line(e)));
                 }
             }
         }

@@ -38,10 +38,19 @@ pub fn spinner(message: &str) -> Option<ProgressBar> {
     Some(bar)
 }
 
-/// Renders rows as aligned columns under a header.
+/// Renders rows as aligned columns under a header; cells are made safe to print (a newline
+/// in one cannot forge a row).
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|row| {
+            row.iter()
+                .map(|c| crate::sanitize::line(c).into_owned())
+                .collect()
+        })
+        .collect();
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
-    for row in rows {
+    for row in &rows {
         for (i, cell) in row.iter().enumerate() {
             if let Some(w) = widths.get_mut(i) {
                 *w = (*w).max(cell.chars().count());
@@ -59,7 +68,7 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut out = style(line(header.iter().map(|h| (*h).to_owned()).collect()))
         .bold()
         .to_string();
-    for row in rows {
+    for row in &rows {
         out.push('\n');
         out.push_str(&line(row.clone()));
     }

@@ -580,3 +580,61 @@ async fn do_and_chat_attach_to_an_existing_session() {
         "chat continued the same history"
     );
 }
+
+/// Bytes a terminal would obey: ESC, BEL, CSI (as UTF-8), CR, and a bidi override.
+fn has_terminal_controls(out: &str) -> bool {
+    out.contains(['\u{1b}', '\u{7}', '\u{9b}', '\r', '\u{202e}'])
+}
+
+#[tokio::test]
+async fn strings_from_the_wire_cannot_drive_the_terminal() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let home = Home::new(&lmx.url());
+    assert!(home.opta(&["daemon", "start"]).await.status.success());
+    let state = home.state().unwrap();
+    let base = format!("http://127.0.0.1:{}", state["port"]);
+    let token = state["token"].as_str().unwrap().to_owned();
+    // Any client can set these: a title that retitles the terminal, clears the screen and
+    // forges a table row; a model name and history with escapes and a bidi override.
+    let evil = "evil \u{1b}]0;pwned\u{7} \u{1b}[2J\nforged-row  x  y\r\u{202e}txt";
+    let body = serde_json::json!({
+        "sessionId": "evil", "title": evil, "model": format!("m{evil}"),
+        "messages": [{"role": "user", "content": format!("hello {evil}")}],
+    });
+    let created = reqwest::Client::new()
+        .post(format!("{base}/v3/sessions"))
+        .bearer_auth(&token)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    lmx.set_loaded(&[&format!("m{evil}")]);
+    let list = home.opta(&["sessions", "list"]).await;
+    let list_out = text(&list.stdout);
+    assert!(!has_terminal_controls(&list_out), "{list_out:?}");
+    assert!(list_out.contains("\\x1b]0;pwned\\x07"), "{list_out:?}");
+    // Header plus one row: the newline did not forge a second one.
+    assert_eq!(list_out.trim_end().lines().count(), 2, "{list_out}");
+    let show = home.opta(&["sessions", "show", "evil"]).await;
+    let stdout = text(&show.stdout);
+    assert!(!has_terminal_controls(&stdout), "{stdout:?}");
+    assert!(stdout.contains("\\x1b[2J"), "{stdout:?}");
+    // A model's answer and an inference error pass through the same gate.
+    lmx.push(Reply::chunks([format!("answer {evil}")]));
+    let answered = home.opta(&["do", "--session", "evil", "go"]).await;
+    let (stdout, stderr) = (text(&answered.stdout), text(&answered.stderr));
+    assert!(answered.status.success(), "{stderr}");
+    assert!(!has_terminal_controls(&stdout), "{stdout:?}");
+    assert!(stdout.contains("answer evil \\x1b]0;pwned"), "{stdout:?}");
+    lmx.push(Reply::status(500, &format!("boom {evil}")));
+    let failed = home.opta(&["do", "--session", "evil", "again"]).await;
+    let stderr = text(&failed.stderr);
+    assert!(!failed.status.success());
+    assert!(!has_terminal_controls(&stderr), "{stderr:?}");
+    assert!(stderr.contains("boom evil \\x1b"), "{stderr:?}");
+    let events = home.opta(&["sessions", "events", "evil"]).await;
+    let stdout = text(&events.stdout);
+    assert!(!has_terminal_controls(&stdout), "{stdout:?}");
+    assert!(stdout.contains("answer evil \\x1b"), "{stdout:?}");
+}
