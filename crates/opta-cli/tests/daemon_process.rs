@@ -327,3 +327,47 @@ async fn repeated_kill_9_loses_no_acknowledged_turn_and_never_reuses_a_seq() {
     signal(&daemon, "TERM");
     assert!(wait_exit(&mut daemon).success());
 }
+
+/// Sends request headers announcing a body and half of it, then nothing.
+async fn stall_mid_body(port: u64) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port as u16))
+        .await
+        .unwrap();
+    let head = format!(
+        "POST /v3/sessions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\
+         Content-Length: 100\r\n\r\n{{\"ti"
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    tcp
+}
+
+#[tokio::test]
+async fn a_stalled_client_delays_sigterm_by_the_grace_period_and_a_second_signal_skips_it() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    for (signals, within) in [(1, Duration::from_secs(9)), (2, Duration::from_secs(2))] {
+        let home = tempfile::tempdir().unwrap();
+        let mut child = spawn_daemon(home.path(), &lmx.url());
+        let state = wait_ready(home.path(), &mut child).await;
+        let _stalled = stall_mid_body(state["port"].as_u64().unwrap()).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let started = Instant::now();
+        signal(&child, "TERM");
+        if signals == 2 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            signal(&child, "INT");
+        }
+        let status = tokio::task::spawn_blocking(move || wait_exit(&mut child))
+            .await
+            .unwrap();
+        let took = started.elapsed();
+        assert!(status.success(), "{signals} signal(s): {status}");
+        assert!(took < within, "{signals} signal(s): exited after {took:?}");
+        if signals == 1 {
+            // It did wait for the client, up to the 5 s grace period.
+            assert!(took >= Duration::from_secs(4), "{took:?}");
+        }
+        // Stopped cleanly: state file gone, lock free for the next daemon.
+        assert!(!state_file(home.path()).exists());
+    }
+}

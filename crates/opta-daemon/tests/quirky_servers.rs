@@ -230,3 +230,34 @@ async fn a_turn_task_that_panics_ends_its_turn_and_the_queue_moves_on() {
     let (_, metrics) = d.get("/v3/metrics").await;
     assert_eq!(metrics["runtime"]["activeTurnCount"], 0, "{metrics}");
 }
+
+#[tokio::test]
+async fn a_session_actor_that_panics_is_reloaded_from_the_store() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let d = TestDaemon::start_with(&lmx.url(), |c| {
+        c.faults.session_panics_on = Some(|content| content == "crash the actor");
+    })
+    .await;
+    let s = d.create_session(None).await;
+    let (_, events) = turn(&d, &s, "before").await;
+    assert_eq!(terminal(&events)["event"], "turn.done");
+    let (status, body) = d
+        .post(
+            &format!("/v3/sessions/{s}/turns"),
+            json!({"clientId": "c", "writerId": "w", "content": "crash the actor", "mode": "chat"}),
+        )
+        .await;
+    assert_eq!(status, reqwest::StatusCode::INTERNAL_SERVER_ERROR, "{body}");
+    // The next request finds the session again, with everything it had committed.
+    let (status, detail) = d.get(&format!("/v3/sessions/{s}")).await;
+    assert_eq!(status, reqwest::StatusCode::OK, "{detail}");
+    assert_eq!(detail["messages"][1]["content"], "echo: before");
+    let (t, events) = turn(&d, &s, "after").await;
+    assert_eq!(terminal(&events)["event"], "turn.done");
+    assert_eq!(token_text(&events, &t), "echo: after");
+    opta_test_support::assert_contiguous(&d.events(&s, 0).await, 1);
+    // The dead actor was forgotten by the counters: one resident session, no turn.
+    let (_, metrics) = d.get("/v3/metrics").await;
+    assert_eq!(metrics["runtime"]["sessionCount"], 1, "{metrics}");
+    assert_eq!(metrics["runtime"]["activeTurnCount"], 0, "{metrics}");
+}

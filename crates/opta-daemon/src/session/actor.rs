@@ -197,16 +197,7 @@ impl SessionActor {
             // queue moves on from here.
             self.maybe_start_next().await;
         }
-        if let Some(active) = self.active.take()
-            && let Some(task) = active.task
-        {
-            task.abort();
-            self.ctx.counters.sub(Counter::ActiveTurns, 1);
-        }
-        self.ctx
-            .counters
-            .sub(Counter::QueuedTurns, self.queue.len());
-        self.ctx.counters.sub(Counter::Sessions, 1);
+        // `Drop` releases what the actor holds.
     }
 
     async fn handle(&mut self, command: SessionCommand) -> ControlFlow<()> {
@@ -406,6 +397,11 @@ impl SessionActor {
     }
 
     async fn submit(&mut self, request: SubmitTurnRequest) -> Result<SubmitTurnResponse> {
+        if let Some(panics) = self.ctx.faults.session_panics_on
+            && panics(&request.content)
+        {
+            panic!("injected fault: session actor panics");
+        }
         // A retry of a request whose answer was lost carries the same `lastSeenSeq`, which
         // the first attempt's own events have since passed: the key is checked first.
         if let Some(key) = &request.idempotency_key
@@ -1129,6 +1125,23 @@ impl SessionActor {
                 | TurnState::Interrupted => {}
             }
         }
+    }
+}
+
+impl Drop for SessionActor {
+    /// Runs however the actor ends, a panic included: its turn task stops and the counters
+    /// forget it.
+    fn drop(&mut self) {
+        if let Some(active) = self.active.take()
+            && let Some(task) = active.task
+        {
+            task.abort();
+            self.ctx.counters.sub(Counter::ActiveTurns, 1);
+        }
+        self.ctx
+            .counters
+            .sub(Counter::QueuedTurns, self.queue.len());
+        self.ctx.counters.sub(Counter::Sessions, 1);
     }
 }
 

@@ -112,9 +112,14 @@ impl SessionHandle {
             .send(make(reply))
             .await
             .map_err(|_| Error::SessionNotFound(self.id.clone()))?;
-        answer
-            .await
-            .map_err(|_| Error::SessionNotFound(self.id.clone()))
+        // The actor took the request and ended without answering: it failed (a restart of
+        // it, from the store, happens on the next lookup).
+        answer.await.map_err(|_| {
+            Error::Internal(format!(
+                "session {} failed while handling the request; retry",
+                self.id
+            ))
+        })
     }
 
     /// Applies `changes` to an existing session, emits `session.snapshot` (without the
@@ -185,6 +190,11 @@ impl SessionHandle {
 
     pub(crate) async fn delete(&self) -> Result<()> {
         self.ask(|reply| SessionCommand::Delete { reply }).await?
+    }
+
+    /// True once the actor is gone.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.commands.is_closed()
     }
 
     pub(crate) fn touch(&self, now_ms: u64) {

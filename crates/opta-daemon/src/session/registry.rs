@@ -175,8 +175,15 @@ impl RegistryActor {
 
     async fn get(&mut self, id: &SessionId) -> Result<SessionHandle> {
         if let Some(handle) = self.sessions.get(id) {
-            handle.touch(self.ctx.now_ms());
-            return Ok(handle.clone());
+            if !handle.is_closed() {
+                handle.touch(self.ctx.now_ms());
+                return Ok(handle.clone());
+            }
+            // Its actor ended without being asked to (a panic): load the session again from
+            // the store, which holds everything it committed (a running turn is then
+            // reported interrupted).
+            tracing::error!(session = %id, "session actor ended unexpectedly; reloading it");
+            self.sessions.remove(id);
         }
         if self.ctx.shutdown.is_cancelled() {
             return Err(Error::ShuttingDown);
