@@ -5,6 +5,7 @@ mod chat;
 mod daemon_cmd;
 mod daemon_ctl;
 mod do_cmd;
+mod models_cmd;
 mod render;
 mod sanitize;
 mod sessions_cmd;
@@ -46,10 +47,10 @@ enum Command {
         #[command(subcommand)]
         action: sessions_cmd::SessionsAction,
     },
-    /// List, load and unload models on the inference server.
+    /// List, load, unload, download and delete models on the inference server.
     Models {
         #[command(subcommand)]
-        action: Option<sessions_cmd::ModelsAction>,
+        action: Option<models_cmd::ModelsAction>,
         /// Print JSON (before or after the subcommand).
         #[arg(long, global = true)]
         json: bool,
@@ -95,7 +96,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Chat(args) => chat::run(args, &home, &cli.daemon).await,
         Command::Sessions { action } => sessions_cmd::sessions(action, &home, &cli.daemon).await,
         Command::Models { action, json } => {
-            sessions_cmd::models(action, json, &home, &cli.daemon).await
+            models_cmd::models(action, json, &home, &cli.daemon).await
         }
     }
 }

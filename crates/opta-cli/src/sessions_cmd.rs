@@ -63,23 +63,7 @@ pub enum SessionsAction {
     },
 }
 
-#[derive(Subcommand)]
-pub enum ModelsAction {
-    /// Loaded models (the default).
-    List,
-    /// Load a model (LMX servers).
-    Load {
-        /// Model id.
-        id: String,
-    },
-    /// Unload a model (LMX servers).
-    Unload {
-        /// Model id.
-        id: String,
-    },
-}
-
-fn print_json(value: &impl serde::Serialize) -> Result<()> {
+pub fn print_json(value: &impl serde::Serialize) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }
@@ -208,66 +192,4 @@ pub fn event_line(e: &Envelope) -> String {
         other => other.turn_id().map(|t| t.to_string()).unwrap_or_default(),
     };
     format!("{:>6}  {}  {:<18} {}", e.seq, e.ts, e.event.name(), summary)
-}
-
-pub async fn models(
-    action: Option<ModelsAction>,
-    json: bool,
-    home: &Path,
-    daemon: &DaemonArgs,
-) -> Result<ExitCode> {
-    let client = daemon_ctl::ensure(home, daemon).await?;
-    match action.unwrap_or(ModelsAction::List) {
-        ModelsAction::List => {
-            let models = client.lmx_models().await?;
-            if json {
-                return print_json(&models).map(|_| ExitCode::SUCCESS);
-            }
-            let rows: Vec<Vec<String>> = models
-                .models
-                .iter()
-                .map(|m| {
-                    let extra = if m.extra.is_empty() {
-                        String::new()
-                    } else {
-                        compact(&serde_json::Value::Object(m.extra.clone()), 60)
-                    };
-                    vec![
-                        m.id.clone(),
-                        if m.loaded {
-                            "loaded".into()
-                        } else {
-                            "-".into()
-                        },
-                        extra,
-                    ]
-                })
-                .collect();
-            println!("{}", ui::table(&["MODEL", "STATE", "DETAILS"], &rows));
-            println!(
-                "{}",
-                ui::dim(&format!("(from {} on the inference server)", models.source))
-            );
-        }
-        ModelsAction::Load { id } => {
-            let spinner = ui::spinner(&format!("loading {id}…"));
-            let answer = client.lmx_load(&id).await;
-            if let Some(s) = spinner {
-                s.finish_and_clear();
-            }
-            let answer = answer?;
-            if json {
-                return print_json(&answer).map(|_| ExitCode::SUCCESS);
-            }
-            println!("loaded {id}");
-        }
-        ModelsAction::Unload { id } => {
-            let answer = client.lmx_unload(&id).await?;
-            if json {
-                return print_json(&answer).map(|_| ExitCode::SUCCESS);
-            }
-            println!("unloaded {id}");
-        }
-    }
-    Ok(ExitCode::SUCCESS)
 }

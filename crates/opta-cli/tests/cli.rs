@@ -240,7 +240,7 @@ async fn do_starts_the_daemon_and_streams_the_answer() {
     assert!(text(&events.stdout).contains("turn.done"));
     let models = home.opta(&["models", "--json"]).await;
     let models: Value = serde_json::from_slice(&models.stdout).unwrap();
-    assert_eq!(models["models"][0]["id"], "default");
+    assert_eq!(models["models"][0]["model_id"], "default");
     let table = home.opta(&["models"]).await;
     assert!(
         text(&table.stdout).starts_with("MODEL"),
@@ -352,14 +352,14 @@ async fn models_load_unload_and_sessions_cancel_and_delete() {
 
     let load = home.opta(&["models", "load", "other-model"]).await;
     assert!(load.status.success(), "{}", text(&load.stderr));
-    assert_eq!(text(&load.stdout), "loaded other-model\n");
+    assert_eq!(text(&load.stdout), "loaded other-model (1.5 GiB, 0.2 s)\n");
     let models = home.opta(&["models", "--json"]).await;
     let models: Value = serde_json::from_slice(&models.stdout).unwrap();
     let ids: Vec<&str> = models["models"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|m| m["id"].as_str().unwrap())
+        .map(|m| m["model_id"].as_str().unwrap())
         .collect();
     assert_eq!(ids, ["default", "other-model"], "the load shows at once");
     let unload = home
@@ -367,7 +367,11 @@ async fn models_load_unload_and_sessions_cancel_and_delete() {
         .await;
     assert!(unload.status.success(), "{}", text(&unload.stderr));
     let answer: Value = serde_json::from_slice(&unload.stdout).unwrap();
-    assert_eq!(answer["modelId"], "other-model");
+    assert_eq!(
+        answer,
+        serde_json::json!({"model_id": "other-model", "status": "unloaded",
+            "freed_bytes": 1_610_612_736u64})
+    );
     let refused = home.opta(&["models", "load", "no-such-model"]).await;
     assert_eq!(refused.status.code(), Some(1));
     assert!(
@@ -637,4 +641,43 @@ async fn strings_from_the_wire_cannot_drive_the_terminal() {
     let stdout = text(&events.stdout);
     assert!(!has_terminal_controls(&stdout), "{stdout:?}");
     assert!(stdout.contains("answer evil \\x1b"), "{stdout:?}");
+}
+
+#[tokio::test]
+async fn models_load_asks_before_a_download_and_shows_its_progress() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    lmx.set_downloadable(&["org/big-model"]);
+    let home = Home::new(&lmx.url());
+    // Nobody to ask (stdin is not a terminal) and no --yes: declined, nothing downloaded.
+    let declined = home.opta(&["models", "load", "org/big-model"]).await;
+    assert_eq!(declined.status.code(), Some(1));
+    let stderr = text(&declined.stderr);
+    assert!(stderr.contains("rerun with --yes"), "{stderr}");
+    assert!(
+        !lmx.admin_requests()
+            .iter()
+            .any(|(_, path, _)| path.contains("confirm")),
+        "nothing was confirmed"
+    );
+    // With --yes: confirmed, followed to the end, loaded.
+    let loaded = home
+        .opta(&["models", "load", "org/big-model", "--yes"])
+        .await;
+    let (stdout, stderr) = (text(&loaded.stdout), text(&loaded.stderr));
+    assert!(loaded.status.success(), "{stderr}");
+    assert_eq!(stdout, "loaded org/big-model (1.5 GiB, 0.2 s)\n");
+    for step in [
+        "downloading org/big-model: 50%",
+        "downloading org/big-model: 100%",
+    ] {
+        assert!(stderr.contains(step), "{stderr}");
+    }
+    let models = home.opta(&["models", "--json"]).await;
+    let models: Value = serde_json::from_slice(&models.stdout).unwrap();
+    assert_eq!(models["models"][1]["model_id"], "org/big-model");
+    let table = text(&home.opta(&["models"]).await.stdout);
+    assert!(
+        table.contains("org/big-model  loaded  1.5 GiB  8192"),
+        "{table}"
+    );
 }

@@ -24,14 +24,16 @@ use std::path::Path;
 
 use opta_protocol::{
     CancelRequest, CancelResponse, Contract, CreateSessionRequest, DaemonState, ErrorBody,
-    EventsResponse, HealthResponse, LmxModelsResponse, LmxStatusResponse, MetricsResponse,
-    ResolvePermissionRequest, ResolvePermissionResponse, SessionDetail, SessionId,
-    SessionListResponse, SessionSnapshot, SubmitTurnRequest, SubmitTurnResponse, V3HealthResponse,
+    EventsResponse, HealthResponse, LmxConfirmRequest, LmxDownload, LmxDownloadRequest,
+    LmxDownloadsResponse, LmxLoadRequest, LmxLoadResponse, LmxModelsResponse, LmxStatusResponse,
+    LmxUnloadRequest, LmxUnloadResponse, MetricsResponse, ResolvePermissionRequest,
+    ResolvePermissionResponse, SessionDetail, SessionId, SessionListResponse, SessionSnapshot,
+    SubmitTurnRequest, SubmitTurnResponse, V3HealthResponse, path_escape,
 };
 use reqwest::Method;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 pub use error::ClientError;
 pub use events::{EventStream, StartAt, Transport};
@@ -291,15 +293,58 @@ impl DaemonClient {
         self.get("/v3/lmx/models/available").await
     }
 
-    /// `POST /v3/lmx/models/load` (LMX only).
-    pub async fn lmx_load(&self, model_id: &str) -> Result<Value> {
-        self.post("/v3/lmx/models/load", &json!({ "modelId": model_id }))
-            .await
+    /// `GET /v3/lmx/discovery` (LMX only): the server's discovery document.
+    pub async fn lmx_discovery(&self) -> Result<Value> {
+        self.get("/v3/lmx/discovery").await
+    }
+
+    /// `POST /v3/lmx/models/load` (LMX only). The answer's `status` is `loaded`,
+    /// `download_required` (confirm with [`Self::lmx_confirm_load`]) or `downloading` (follow
+    /// it with [`Self::lmx_download_progress`]).
+    pub async fn lmx_load(&self, request: &LmxLoadRequest) -> Result<LmxLoadResponse> {
+        self.post("/v3/lmx/models/load", request).await
+    }
+
+    /// `POST /v3/lmx/models/load/confirm` (LMX only): goes ahead with the download a load
+    /// asked about.
+    pub async fn lmx_confirm_load(&self, confirmation_token: &str) -> Result<LmxLoadResponse> {
+        let request = LmxConfirmRequest {
+            confirmation_token: confirmation_token.to_owned(),
+        };
+        self.post("/v3/lmx/models/load/confirm", &request).await
     }
 
     /// `POST /v3/lmx/models/unload` (LMX only).
-    pub async fn lmx_unload(&self, model_id: &str) -> Result<Value> {
-        self.post("/v3/lmx/models/unload", &json!({ "modelId": model_id }))
+    pub async fn lmx_unload(&self, model_id: &str) -> Result<LmxUnloadResponse> {
+        let request = LmxUnloadRequest {
+            model_id: model_id.to_owned(),
+        };
+        self.post("/v3/lmx/models/unload", &request).await
+    }
+
+    /// `DELETE /v3/lmx/models/:modelId` (LMX only): removes the model from the server's disk.
+    pub async fn lmx_delete_model(&self, model_id: &str) -> Result<LmxUnloadResponse> {
+        let path = format!("/v3/lmx/models/{}", path_escape(model_id));
+        self.send(Method::DELETE, &path, None::<&Value>).await
+    }
+
+    /// `POST /v3/lmx/models/download` (LMX only).
+    pub async fn lmx_download(&self, request: &LmxDownloadRequest) -> Result<LmxDownload> {
+        self.post("/v3/lmx/models/download", request).await
+    }
+
+    /// `GET /v3/lmx/models/downloads` (LMX only); finished ones too with `include_inactive`.
+    pub async fn lmx_downloads(&self, include_inactive: bool) -> Result<LmxDownloadsResponse> {
+        self.get(&format!(
+            "/v3/lmx/models/downloads?includeInactive={include_inactive}"
+        ))
+        .await
+    }
+
+    /// `GET /v3/lmx/models/download/:downloadId/progress` (LMX only).
+    pub async fn lmx_download_progress(&self, download_id: &str) -> Result<LmxDownload> {
+        let id = path_escape(download_id).replace('/', "%2F");
+        self.get(&format!("/v3/lmx/models/download/{id}/progress"))
             .await
     }
 }

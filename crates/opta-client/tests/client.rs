@@ -106,12 +106,46 @@ async fn every_route() {
         (Some(404), Some("permission-not-found"))
     );
 
-    assert_eq!(c.lmx_status().await.unwrap().loaded_models, vec!["default"]);
-    assert_eq!(c.lmx_models().await.unwrap().models[0].id, "default");
-    assert!(c.lmx_memory().await.unwrap()["totalGb"].is_number());
-    assert!(c.lmx_available().await.unwrap()["available"].is_array());
-    c.lmx_load("other-model").await.unwrap();
-    c.lmx_unload("other-model").await.unwrap();
+    let status = c.lmx_status().await.unwrap();
+    assert_eq!(
+        (
+            status.version.as_deref(),
+            status.models[0].model_id.as_str()
+        ),
+        (Some("0.9.1"), "default")
+    );
+    assert_eq!(c.lmx_models().await.unwrap().models[0].model_id, "default");
+    assert!(c.lmx_memory().await.unwrap()["total_unified_memory_gb"].is_number());
+    assert!(c.lmx_available().await.unwrap().is_array());
+    assert_eq!(c.lmx_discovery().await.unwrap()["service"], "opta-lmx");
+    let loaded = c
+        .lmx_load(&opta_protocol::LmxLoadRequest {
+            model_id: "other-model".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(loaded.status, "loaded");
+    let unloaded = c.lmx_unload("other-model").await.unwrap();
+    assert_eq!(unloaded.status, "unloaded");
+    let deleted = c.lmx_delete_model("other-model").await.unwrap();
+    assert_eq!(
+        (deleted.status.as_str(), deleted.freed_bytes),
+        ("deleted", Some(4_000_000_000))
+    );
+    let download = c
+        .lmx_download(&opta_protocol::LmxDownloadRequest {
+            repo_id: "org/new-model".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let progress = c
+        .lmx_download_progress(&download.download_id)
+        .await
+        .unwrap();
+    assert_eq!(progress.progress_percent, Some(50.0));
+    assert_eq!(c.lmx_downloads(true).await.unwrap().downloads.len(), 1);
 
     c.delete_session(&id).await.unwrap();
     let err = c.get_session(&id).await.unwrap_err();

@@ -150,7 +150,8 @@ pub struct SubmitTurnRequest {
     pub writer_id: String,
     /// The user's message.
     pub content: String,
-    /// Agent mode.
+    /// Agent mode; `chat` when absent or `null` (as in the original protocol).
+    #[serde(default, deserialize_with = "crate::serde_util::null_as_default")]
     pub mode: Mode,
     /// Free-form metadata.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -321,44 +322,4 @@ pub struct DaemonState {
     pub started_at: String,
     /// Log file.
     pub logs_path: String,
-}
-
-/// `GET /v3/lmx/status`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct LmxStatusResponse {
-    /// `"ok"` when the server answered.
-    pub status: String,
-    /// The inference server's base URL.
-    pub url: String,
-    /// Whether it offers LMX's admin API.
-    pub admin_api: bool,
-    /// Loaded model ids.
-    pub loaded_models: Vec<String>,
-    /// LMX's own status answer, when it has one.
-    #[serde(default)]
-    pub server: Option<Value>,
-}
-
-/// One model in `GET /v3/lmx/models`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct LmxModel {
-    /// Model id.
-    pub id: String,
-    /// True for loaded models.
-    pub loaded: bool,
-    /// Whatever else the server reported, as given.
-    #[serde(flatten)]
-    pub extra: serde_json::Map<String, Value>,
-}
-
-/// `GET /v3/lmx/models`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct LmxModelsResponse {
-    /// `"admin"` (LMX's `/admin/models`) or `"v1"` (`/v1/models`).
-    pub source: String,
-    /// The models.
-    pub models: Vec<LmxModel>,
 }

@@ -52,11 +52,12 @@ impl ChatMessage {
     }
 }
 
-/// Agent mode of a turn.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+/// Agent mode of a turn; `chat` when a request leaves it out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Conversation.
+    #[default]
     Chat,
     /// Carry out a task.
     Do,

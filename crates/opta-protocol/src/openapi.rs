@@ -8,6 +8,7 @@ use serde_json::{Map, Value, json};
 
 use crate::api::*;
 use crate::events::Envelope;
+use crate::lmx::*;
 use crate::model::SessionSnapshot;
 use crate::ws::{AckFrame, ClientFrame};
 
@@ -327,7 +328,7 @@ impl Doc {
         self.route(
             "get",
             "/v3/lmx/status",
-            "The inference server's status",
+            "The inference server's status and loaded models",
             None,
             &[],
             Answer::Json(200, status),
@@ -342,39 +343,90 @@ impl Doc {
             Answer::Json(200, models),
         );
         let any = || Schema::from(true);
-        self.route(
-            "get",
-            "/v3/lmx/memory",
-            "LMX memory figures (501 without the admin API)",
-            None,
-            &[],
-            Answer::Json(200, any()),
-        );
-        self.route(
-            "get",
-            "/v3/lmx/models/available",
-            "Models LMX can load (501 without the admin API)",
-            None,
-            &[],
-            Answer::Json(200, any()),
-        );
-        let model_id = schemars::json_schema!({"type": "object", "required": ["modelId"],
-            "properties": {"modelId": {"type": "string", "minLength": 1}}});
+        let lmx_only: [(&str, &str); 3] = [
+            (
+                "/v3/lmx/memory",
+                "LMX memory figures (501 without the admin API)",
+            ),
+            (
+                "/v3/lmx/models/available",
+                "Models LMX can load (501 without the admin API)",
+            ),
+            (
+                "/v3/lmx/discovery",
+                "LMX's discovery document (501 without the admin API)",
+            ),
+        ];
+        for (path, summary) in lmx_only {
+            self.route("get", path, summary, None, &[], Answer::Json(200, any()));
+        }
+        let load = self.schema::<LmxLoadRequest>();
+        let loaded = self.schema::<LmxLoadResponse>();
         self.route(
             "post",
             "/v3/lmx/models/load",
-            "Load a model (the body is forwarded to LMX)",
-            Some(model_id.clone()),
+            "Load a model (LMX; `download_required` asks for a confirmation)",
+            Some(load),
             &[],
-            Answer::Json(200, any()),
+            Answer::Json(200, loaded.clone()),
         );
+        let confirm = self.schema::<LmxConfirmRequest>();
+        self.route(
+            "post",
+            "/v3/lmx/models/load/confirm",
+            "Go ahead with the download a load asked about",
+            Some(confirm),
+            &[],
+            Answer::Json(200, loaded),
+        );
+        let unload = self.schema::<LmxUnloadRequest>();
+        let unloaded = self.schema::<LmxUnloadResponse>();
         self.route(
             "post",
             "/v3/lmx/models/unload",
             "Unload a model",
-            Some(model_id),
+            Some(unload),
             &[],
-            Answer::Json(200, any()),
+            Answer::Json(200, unloaded.clone()),
+        );
+        self.route(
+            "delete",
+            "/v3/lmx/models/{modelId}",
+            "Delete a model from the server's disk (`status: deleted`)",
+            None,
+            &[],
+            Answer::Json(200, unloaded),
+        );
+        let download = self.schema::<LmxDownloadRequest>();
+        let one = self.schema::<LmxDownload>();
+        self.route(
+            "post",
+            "/v3/lmx/models/download",
+            "Start downloading a model",
+            Some(download),
+            &[],
+            Answer::Json(200, one.clone()),
+        );
+        let list = self.schema::<LmxDownloadsResponse>();
+        self.route(
+            "get",
+            "/v3/lmx/models/downloads",
+            "Downloads (finished ones too with includeInactive=true)",
+            None,
+            &[(
+                "includeInactive",
+                "list finished and failed downloads too",
+                json!({"type": "boolean"}),
+            )],
+            Answer::Json(200, list),
+        );
+        self.route(
+            "get",
+            "/v3/lmx/models/download/{downloadId}/progress",
+            "One download's progress",
+            None,
+            &[],
+            Answer::Json(200, one),
         );
     }
 

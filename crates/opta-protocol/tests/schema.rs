@@ -39,6 +39,10 @@ fn current() -> String {
     );
     add("LmxStatusResponse", schema_for!(LmxStatusResponse));
     add("LmxModelsResponse", schema_for!(LmxModelsResponse));
+    add("LmxLoadRequest", schema_for!(LmxLoadRequest));
+    add("LmxLoadResponse", schema_for!(LmxLoadResponse));
+    add("LmxUnloadResponse", schema_for!(LmxUnloadResponse));
+    add("LmxDownload", schema_for!(LmxDownload));
     let mut text = serde_json::to_string_pretty(&Value::Object(all)).unwrap();
     text.push('\n');
     text

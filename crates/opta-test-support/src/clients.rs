@@ -112,6 +112,28 @@ impl WsClient {
     pub async fn close(mut self) {
         let _ = self.stream.close(None).await;
     }
+
+    /// Sends a close frame with `code` and returns the code of the close frame the server
+    /// answers with; `None` when the connection ended without one (seen as 1006).
+    pub async fn close_handshake(mut self, code: u16) -> Option<u16> {
+        use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+        let frame = CloseFrame {
+            code: code.into(),
+            reason: "bye".into(),
+        };
+        self.stream.send(Message::Close(Some(frame))).await.ok()?;
+        tokio::time::timeout(WAIT, async {
+            loop {
+                match self.stream.next().await {
+                    Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
+                    Some(Ok(_)) => {}
+                    None | Some(Err(_)) => return None,
+                }
+            }
+        })
+        .await
+        .expect("the close handshake ends in time")
+    }
 }
 
 /// One SSE message as the test sees it.

@@ -164,12 +164,15 @@ impl Reply {
     }
 }
 
+mod admin;
+
 #[derive(Default)]
 struct Shared {
     replies: Mutex<VecDeque<Reply>>,
     default_chunk_delay: Mutex<Duration>,
     models: Mutex<Vec<String>>,
-    available: Mutex<Vec<String>>,
+    /// LMX's admin API beyond the loaded models.
+    admin_state: Mutex<admin::AdminState>,
     /// Serve LMX's `/admin/*` API (404 there when false, like llama.cpp or Ollama).
     admin: std::sync::atomic::AtomicBool,
     /// Model lists (`/admin/models`, `/v1/models`) are accepted and never answered.
@@ -214,16 +217,14 @@ impl ScriptedLmx {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push("default".into());
-        lock(&shared.available).extend(["default".to_owned(), "other-model".to_owned()]);
+        lock(&shared.admin_state)
+            .on_disk
+            .extend(["default".to_owned(), "other-model".to_owned()]);
         shared.admin.store(true, Ordering::SeqCst);
         let app = Router::new()
             .route("/v1/chat/completions", post(chat))
             .route("/v1/models", get(models))
-            .route("/admin/models", get(admin_models))
-            .route("/admin/models/available", get(admin_available))
-            .route("/admin/models/load", post(admin_load))
-            .route("/admin/models/unload", post(admin_unload))
-            .route("/admin/memory", get(admin_memory))
+            .merge(admin::routes())
             .with_state(shared.clone());
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
         let addr = listener.local_addr()?;
@@ -277,6 +278,17 @@ impl ScriptedLmx {
     /// Replaces the loaded models.
     pub fn set_loaded(&self, models: &[&str]) {
         *lock(&self.shared.models) = models.iter().map(|m| (*m).to_owned()).collect();
+    }
+
+    /// Models the admin API can load only after downloading them.
+    pub fn set_downloadable(&self, models: &[&str]) {
+        lock(&self.shared.admin_state).downloadable =
+            models.iter().map(|m| (*m).to_owned()).collect();
+    }
+
+    /// Every admin request received, oldest first: `(method, path with query, JSON body)`.
+    pub fn admin_requests(&self) -> Vec<(String, String, Value)> {
+        lock(&self.shared.admin_state).log.clone()
     }
 
     /// Whether LMX's `/admin/*` API is served (default true).
@@ -357,19 +369,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// What a server without LMX's admin API answers on `/admin/*`.
-fn admin_missing() -> Response {
-    (
-        StatusCode::NOT_FOUND,
-        axum::Json(json!({"detail": "Not Found"})),
-    )
-        .into_response()
-}
-
-fn admin_off(shared: &Shared) -> Option<Response> {
-    (!shared.admin.load(Ordering::SeqCst)).then(admin_missing)
-}
-
 /// Counts a model-list request; never returns while lists hang.
 async fn model_list_request(shared: &Shared) {
     shared.model_list_requests.fetch_add(1, Ordering::SeqCst);
@@ -380,78 +379,6 @@ async fn model_list_request(shared: &Shared) {
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
-}
-
-async fn admin_models(State(shared): State<Arc<Shared>>) -> Response {
-    model_list_request(&shared).await;
-    if let Some(r) = admin_off(&shared) {
-        return r;
-    }
-    let loaded: Vec<Value> = lock(&shared.models)
-        .iter()
-        .map(|id| json!({"id": id, "memoryGb": 1.5}))
-        .collect();
-    axum::Json(json!({"loaded": loaded})).into_response()
-}
-
-async fn admin_available(State(shared): State<Arc<Shared>>) -> Response {
-    if let Some(r) = admin_off(&shared) {
-        return r;
-    }
-    let available: Vec<Value> = lock(&shared.available)
-        .iter()
-        .map(|id| json!({"id": id}))
-        .collect();
-    axum::Json(json!({"available": available})).into_response()
-}
-
-async fn admin_memory(State(shared): State<Arc<Shared>>) -> Response {
-    if let Some(r) = admin_off(&shared) {
-        return r;
-    }
-    axum::Json(json!({"totalGb": 24.0, "usedGb": 1.5 * lock(&shared.models).len() as f64}))
-        .into_response()
-}
-
-/// The `modelId` of a load/unload request; `None` on a server without the admin API.
-fn admin_model_id(shared: &Shared, body: &Value) -> Option<String> {
-    shared
-        .admin
-        .load(Ordering::SeqCst)
-        .then(|| body["modelId"].as_str().unwrap_or_default().to_owned())
-}
-
-async fn admin_load(
-    State(shared): State<Arc<Shared>>,
-    axum::Json(body): axum::Json<Value>,
-) -> Response {
-    let Some(id) = admin_model_id(&shared, &body) else {
-        return admin_missing();
-    };
-    if !lock(&shared.available).contains(&id) {
-        let message = format!("model {id} is not available");
-        return (
-            StatusCode::NOT_FOUND,
-            axum::Json(json!({"error": {"message": message}})),
-        )
-            .into_response();
-    }
-    let mut loaded = lock(&shared.models);
-    if !loaded.contains(&id) {
-        loaded.push(id.clone());
-    }
-    axum::Json(json!({"status": "loaded", "modelId": id})).into_response()
-}
-
-async fn admin_unload(
-    State(shared): State<Arc<Shared>>,
-    axum::Json(body): axum::Json<Value>,
-) -> Response {
-    let Some(id) = admin_model_id(&shared, &body) else {
-        return admin_missing();
-    };
-    lock(&shared.models).retain(|m| *m != id);
-    axum::Json(json!({"status": "unloaded", "modelId": id})).into_response()
 }
 
 async fn models(State(shared): State<Arc<Shared>>) -> impl IntoResponse {

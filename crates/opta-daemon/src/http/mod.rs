@@ -16,7 +16,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::middleware;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 
 use crate::context::DaemonContext;
 use crate::session::Registry;
@@ -78,8 +78,17 @@ pub fn router(state: AppState) -> Router {
         .route("/v3/lmx/models", get(lmx::models))
         .route("/v3/lmx/memory", get(lmx::memory))
         .route("/v3/lmx/models/available", get(lmx::available))
+        .route("/v3/lmx/discovery", get(lmx::discovery))
         .route("/v3/lmx/models/load", post(lmx::load))
+        .route("/v3/lmx/models/load/confirm", post(lmx::confirm_load))
         .route("/v3/lmx/models/unload", post(lmx::unload))
+        .route("/v3/lmx/models/download", post(lmx::download))
+        .route("/v3/lmx/models/downloads", get(lmx::downloads))
+        .route(
+            "/v3/lmx/models/download/{download_id}/progress",
+            get(lmx::download_progress),
+        )
+        .route("/v3/lmx/models/{*model_id}", delete(lmx::delete_model))
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))

@@ -114,7 +114,14 @@ async fn serve_socket(
                 }
             }
             incoming = source.next() => match incoming {
-                None | Some(Ok(Message::Close(_))) => return,
+                None => return,
+                Some(Ok(Message::Close(_))) => {
+                    // The WebSocket layer has queued the echo of the client's close frame
+                    // (same code); closing flushes it, so the client sees a clean close
+                    // (1000) rather than a dropped connection (1006).
+                    let _ = sink.close().await;
+                    return;
+                }
                 Some(Err(e)) => {
                     close_after_read_error(&mut sink, e).await;
                     return;

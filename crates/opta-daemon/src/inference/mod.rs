@@ -1,6 +1,7 @@
 //! Client for an OpenAI-compatible inference server ("LMX"): streamed chat completions, the
 //! model list (LMX's `/admin/models` or `/v1/models`) and LMX's admin API.
 
+pub mod admin;
 mod models;
 mod preflight;
 mod sse;
@@ -12,10 +13,10 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use opta_protocol::{ChatMessage, TurnErrorCode};
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-pub use models::{ModelEntry, ModelList, ModelSource, resolve_model};
+pub use models::{ModelList, ModelSource, normalise_model, resolve_model};
 pub use preflight::PreflightCache;
 pub use sse::SseDecoder;
 pub use think::ThinkSplitter;
@@ -168,10 +169,16 @@ pub enum Delta {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 pub struct Usage {
     /// Prompt tokens.
-    #[serde(default, deserialize_with = "null_as_default")]
+    #[serde(
+        default,
+        deserialize_with = "opta_protocol::serde_util::null_as_default"
+    )]
     pub prompt_tokens: u64,
     /// Completion tokens.
-    #[serde(default, deserialize_with = "null_as_default")]
+    #[serde(
+        default,
+        deserialize_with = "opta_protocol::serde_util::null_as_default"
+    )]
     pub completion_tokens: u64,
 }
 
@@ -217,7 +224,10 @@ struct StreamOptions {
 /// `delta`), or an error object.
 #[derive(Deserialize)]
 struct Chunk {
-    #[serde(default, deserialize_with = "null_as_default")]
+    #[serde(
+        default,
+        deserialize_with = "opta_protocol::serde_util::null_as_default"
+    )]
     choices: Vec<ChunkChoice>,
     #[serde(default)]
     usage: Option<Usage>,
@@ -227,7 +237,11 @@ struct Chunk {
 
 #[derive(Deserialize)]
 struct ChunkChoice {
-    #[serde(default, deserialize_with = "null_as_default", alias = "message")]
+    #[serde(
+        default,
+        deserialize_with = "opta_protocol::serde_util::null_as_default",
+        alias = "message"
+    )]
     delta: ChunkDelta,
     #[serde(default)]
     finish_reason: Option<String>,
@@ -239,7 +253,10 @@ struct ChunkDelta {
     content: Option<String>,
     #[serde(default)]
     reasoning_content: Option<String>,
-    #[serde(default, deserialize_with = "null_as_default")]
+    #[serde(
+        default,
+        deserialize_with = "opta_protocol::serde_util::null_as_default"
+    )]
     tool_calls: Vec<ToolCallFragment>,
 }
 
@@ -259,15 +276,6 @@ struct FunctionFragment {
     name: Option<String>,
     #[serde(default)]
     arguments: Option<String>,
-}
-
-/// `null` reads as the type's default, as absence does.
-fn null_as_default<'de, D, T>(deserializer: D) -> Result<T, D::Error>
-where
-    D: Deserializer<'de>,
-    T: Deserialize<'de> + Default,
-{
-    Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
 }
 
 /// Builds a reply from chunks: splits `<think>` spans, assembles tool calls, and remembers
@@ -393,10 +401,8 @@ impl LmxClient {
 
     /// `GET` an LMX admin route; [`InferenceError::Unsupported`] on servers without it.
     pub async fn admin_get(&self, path: &str, what: &str) -> Result<Value, InferenceError> {
-        self.require_admin(what).await?;
-        self.get_json(path)
+        self.admin_send(reqwest::Method::GET, path, None, what)
             .await
-            .map_err(|e| self.unsupported_if_missing(e, what))
     }
 
     /// `POST` to an LMX admin route; [`InferenceError::Unsupported`] on servers without it.
@@ -406,12 +412,45 @@ impl LmxClient {
         body: &Value,
         what: &str,
     ) -> Result<Value, InferenceError> {
+        self.admin_send(reqwest::Method::POST, path, Some(body), what)
+            .await
+    }
+
+    /// `DELETE` an LMX admin resource; [`InferenceError::Unsupported`] on servers without it.
+    pub async fn admin_delete(&self, path: &str, what: &str) -> Result<Value, InferenceError> {
+        self.admin_send(reqwest::Method::DELETE, path, None, what)
+            .await
+    }
+
+    /// LMX's discovery document (`/v1/discovery`, or `/.well-known/opta-lmx` on versions
+    /// without it); [`InferenceError::Unsupported`] on servers without the admin API.
+    pub async fn discovery(&self) -> Result<Value, InferenceError> {
+        let what = "discovery";
         self.require_admin(what).await?;
-        let request = self
+        match self.get_json("/v1/discovery").await {
+            Err(InferenceError::Http { status, .. }) if is_missing_route(status) => self
+                .get_json("/.well-known/opta-lmx")
+                .await
+                .map_err(|e| self.unsupported_if_missing(e, what)),
+            other => other,
+        }
+    }
+
+    async fn admin_send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+        what: &str,
+    ) -> Result<Value, InferenceError> {
+        self.require_admin(what).await?;
+        let mut request = self
             .http
-            .post(format!("{}{path}", self.base_url))
-            .json(body)
-            .send();
+            .request(method, format!("{}{path}", self.base_url));
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let request = request.send();
         match self.finish_json(request).await {
             // On LMX a 404 here is the server's answer (unknown model); it is a missing route
             // when another kind of server now answers at this URL. Asking again tells which.
@@ -806,6 +845,8 @@ mod tests {
     }
 
     proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2048))]
+
         /// Any valid stream, cut into pieces anywhere (inside UTF-8 characters, `data:`
         /// lines and line ends), yields the same deltas as the whole stream.
         #[test]

@@ -40,7 +40,8 @@ impl SseDecoder {
             self.push_lines(pending, out);
             return;
         }
-        if self.after_cr {
+        // An empty piece (a stream may yield one) says nothing about the `\n` to come.
+        if self.after_cr && !bytes.is_empty() {
             self.after_cr = false;
             if let Some(rest) = bytes.strip_prefix(b"\n") {
                 bytes = rest;
@@ -152,6 +153,11 @@ mod tests {
         assert_eq!(
             decode_in(&[b"data: a\r", b"\n\r", b"\ndata: b\n\n"]),
             vec!["a", "b"]
+        );
+        // An empty piece in between changes nothing (found by the property test).
+        assert_eq!(
+            decode_in(&[b"data: a\r", b"", b"\ndata: b\r\n\r\n"]),
+            vec!["a\nb"]
         );
     }
 
