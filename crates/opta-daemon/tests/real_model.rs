@@ -67,5 +67,6 @@ async fn a_real_model_streams_a_reply_over_ws_and_sse() {
     let (status, models) = d.get("/v3/lmx/models").await;
     assert_eq!(status, reqwest::StatusCode::OK);
     assert_eq!(models["source"], "v1");
-    assert_eq!(models["models"][0]["id"], model.as_str());
+    assert_eq!(models["models"][0]["model_id"], model.as_str());
+    assert_eq!(models["models"][0]["status"], "loaded");
 }
