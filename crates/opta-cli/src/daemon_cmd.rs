@@ -52,19 +52,19 @@ pub async fn run(action: DaemonAction, home: &Path, args: &DaemonArgs) -> Result
             Ok(ExitCode::SUCCESS)
         }
         DaemonAction::Start => {
-            report_start(&daemon_ctl::start(home, args).await?);
+            report_start(&daemon_ctl::start(home, args).await?)?;
             Ok(ExitCode::SUCCESS)
         }
         DaemonAction::Stop => {
             match daemon_ctl::stop(home).await? {
-                Some(pid) => println!("opta daemon stopped (pid {pid})"),
-                None => println!("opta daemon is not running"),
+                Some(pid) => outln!("opta daemon stopped (pid {pid})"),
+                None => outln!("opta daemon is not running"),
             }
             Ok(ExitCode::SUCCESS)
         }
         DaemonAction::Restart => {
             daemon_ctl::stop(home).await?;
-            report_start(&daemon_ctl::start(home, args).await?);
+            report_start(&daemon_ctl::start(home, args).await?)?;
             Ok(ExitCode::SUCCESS)
         }
         DaemonAction::Status { json } => status(home, json).await,
@@ -75,25 +75,26 @@ pub async fn run(action: DaemonAction, home: &Path, args: &DaemonArgs) -> Result
     }
 }
 
-fn report_start(started: &Started) {
+fn report_start(started: &Started) -> Result<()> {
     let (verb, r) = match started {
         Started::Already(r) => ("already running", r),
         Started::New(r) => ("started", r),
     };
-    println!(
+    outln!(
         "opta daemon {verb}: {} (pid {}, {})",
         r.client.base_url(),
         r.state.pid,
         r.state.daemon_id
     );
+    Ok(())
 }
 
 async fn status(home: &Path, json: bool) -> Result<ExitCode> {
     let Some(r) = daemon_ctl::running(home).await else {
         if json {
-            println!("{}", json!({"running": false}));
+            outln!("{}", json!({"running": false}));
         } else {
-            println!("opta daemon is not running");
+            outln!("opta daemon is not running");
         }
         return Ok(ExitCode::from(3));
     };
@@ -119,24 +120,25 @@ async fn status(home: &Path, json: bool) -> Result<ExitCode> {
             "logsPath": r.state.logs_path,
             "runtime": metrics.runtime,
         });
-        println!("{body}");
+        outln!("{body}");
     } else {
         let rt = &metrics.runtime;
-        println!("opta daemon running");
-        println!("  pid        {}", r.state.pid);
-        println!("  id         {}", r.state.daemon_id);
-        println!("  url        {}", r.client.base_url());
-        println!("  uptime     {}", human_duration(uptime));
-        println!(
+        outln!("opta daemon running");
+        outln!("  pid        {}", r.state.pid);
+        outln!("  id         {}", r.state.daemon_id);
+        outln!("  url        {}", r.client.base_url());
+        outln!("  uptime     {}", human_duration(uptime));
+        outln!(
             "  sessions   {} in memory, {stored_count} stored",
             rt.session_count
         );
-        println!(
+        outln!(
             "  turns      {} active, {} queued",
-            rt.active_turn_count, rt.queued_turn_count
+            rt.active_turn_count,
+            rt.queued_turn_count
         );
-        println!("  clients    {} subscribed", rt.subscriber_count);
-        println!("  log        {}", r.state.logs_path);
+        outln!("  clients    {} subscribed", rt.subscriber_count);
+        outln!("  log        {}", r.state.logs_path);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -183,7 +185,7 @@ async fn logs(home: &Path, follow: bool, lines: usize) -> Result<()> {
             let mut chunk = String::new();
             file.read_to_string(&mut chunk)?;
             position = file.stream_position()?;
-            print!("{chunk}");
+            out!("{chunk}");
             std::io::stdout().flush()?;
         }
     }

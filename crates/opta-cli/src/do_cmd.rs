@@ -136,13 +136,18 @@ pub async fn run(args: DoArgs, home: &Path, daemon: &DaemonArgs) -> Result<ExitC
                 }
                 cancel_sent = true;
                 eprintln!("\n{}", ui::dim("cancelling… (Ctrl-C again to quit now)"));
-                cancel(&client, &session, &turn_id).await;
+                // Not awaited here: a second Ctrl-C must be heard while the daemon answers
+                // (or does not: a stopped daemon never does).
+                let (client, session, turn_id) = (client.clone(), session.clone(), turn_id.clone());
+                tokio::spawn(async move { cancel(&client, &session, &turn_id).await });
                 continue;
             }
         };
         if args.json {
-            writeln!(stdout, "{}", serde_json::to_string(&envelope)?)?;
-            stdout.flush()?;
+            let line = serde_json::to_string(&envelope)?;
+            if let Err(e) = writeln!(stdout, "{line}").and_then(|()| stdout.flush()) {
+                return stdout_failed(e, &client, &session, &turn_id).await;
+            }
         }
         let Some(output) = renderer.on_event(&envelope.event) else {
             continue;
@@ -153,8 +158,9 @@ pub async fn run(args: DoArgs, home: &Path, daemon: &DaemonArgs) -> Result<ExitC
         match output {
             Output::Text(text) => {
                 if !args.json {
-                    write!(stdout, "{text}")?;
-                    stdout.flush()?;
+                    if let Err(e) = write!(stdout, "{text}").and_then(|()| stdout.flush()) {
+                        return stdout_failed(e, &client, &session, &turn_id).await;
+                    }
                     wrote_text = true;
                 }
             }
@@ -174,8 +180,11 @@ pub async fn run(args: DoArgs, home: &Path, daemon: &DaemonArgs) -> Result<ExitC
             Output::Finished(outcome) => break outcome,
         }
     };
-    if wrote_text {
-        writeln!(stdout)?;
+    if wrote_text && let Err(e) = writeln!(stdout) {
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            return Err(e.into());
+        }
+        return Ok(crate::exit_code_for_broken_pipe());
     }
     Ok(match outcome {
         Outcome::Done(_) => ExitCode::SUCCESS,
@@ -198,14 +207,38 @@ fn gone_for_good(session: &SessionId, waited: Duration) -> String {
     )
 }
 
+/// How long a cancel request may take before the command stops waiting for it.
+const CANCEL_WAIT: Duration = Duration::from_secs(3);
+
 async fn cancel(client: &DaemonClient, session: &SessionId, turn: &TurnId) {
     let request = CancelRequest {
         turn_id: Some(turn.clone()),
         writer_id: None,
     };
-    if let Err(e) = client.cancel(session, &request).await {
-        eprintln!("{} could not cancel: {e}", ui::error_label());
+    match tokio::time::timeout(CANCEL_WAIT, client.cancel(session, &request)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => eprintln!("{} could not cancel: {e}", ui::error_label()),
+        Err(_) => eprintln!(
+            "{} the daemon did not answer the cancel within {} s",
+            ui::error_label(),
+            CANCEL_WAIT.as_secs()
+        ),
     }
+}
+
+/// Writing the answer failed. When the reader went away (`opta do … | head`), nobody will
+/// see the rest: the turn is cancelled and the command ends quietly.
+async fn stdout_failed(
+    e: std::io::Error,
+    client: &DaemonClient,
+    session: &SessionId,
+    turn: &TurnId,
+) -> Result<ExitCode> {
+    if e.kind() != std::io::ErrorKind::BrokenPipe {
+        return Err(e.into());
+    }
+    cancel(client, session, turn).await;
+    Ok(crate::exit_code_for_broken_pipe())
 }
 
 /// Decides a permission request (asking on the terminal when the policy says so) and sends

@@ -1,6 +1,25 @@
 //! `opta`: the daemon's command line — run and manage the daemon, one-shot tasks, interactive
 //! chat, sessions and models.
 
+/// `println!` that returns the write error instead of panicking, so a closed stdout
+/// (`opta sessions events ID | head -1`) ends the command quietly (see `is_broken_pipe`).
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout(), $($arg)*)?
+    }};
+}
+
+/// `print!` counterpart of [`outln!`], flushed.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let mut stdout = std::io::stdout();
+        write!(stdout, $($arg)*)?;
+        stdout.flush()?
+    }};
+}
+
 mod chat;
 mod daemon_cmd;
 mod daemon_ctl;
@@ -73,6 +92,7 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
+        Err(e) if is_broken_pipe(&e) => exit_code_for_broken_pipe(),
         Err(e) => {
             // Error chains carry what the daemon and the inference server said.
             eprintln!(
@@ -99,4 +119,18 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             models_cmd::models(action, json, &home, &cli.daemon).await
         }
     }
+}
+
+/// The reader of our output went away (`| head`): not an error to report.
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// What a shell reports for a filter ended by SIGPIPE (128 + 13), without a message.
+pub fn exit_code_for_broken_pipe() -> ExitCode {
+    ExitCode::from(141)
 }

@@ -80,11 +80,11 @@ pub async fn models(
                     ]
                 })
                 .collect();
-            println!(
+            outln!(
                 "{}",
                 ui::table(&["MODEL", "STATE", "MEMORY", "CONTEXT", "LOADED AT"], &rows)
             );
-            println!(
+            outln!(
                 "{}",
                 ui::dim(&format!("(from {} on the inference server)", models.source))
             );
@@ -106,7 +106,7 @@ pub async fn models(
             } else {
                 format!(" ({})", figures.join(", "))
             };
-            println!("loaded {}{figures}", sanitize::line(&answer.model_id));
+            outln!("loaded {}{figures}", sanitize::line(&answer.model_id));
         }
         ModelsAction::Unload { id } => {
             report_removal("unloaded", &client.lmx_unload(&id).await?, json)?;
@@ -124,7 +124,7 @@ pub async fn models(
             if json {
                 return print_json(&done).map(|_| ExitCode::SUCCESS);
             }
-            println!(
+            outln!(
                 "downloaded {}",
                 sanitize::line(done.repo_id.as_deref().unwrap_or(&done.download_id))
             );
@@ -148,7 +148,7 @@ pub async fn models(
                     ]
                 })
                 .collect();
-            println!(
+            outln!(
                 "{}",
                 ui::table(&["DOWNLOAD", "REPOSITORY", "STATE", "PROGRESS"], &rows)
             );
@@ -166,7 +166,7 @@ fn report_removal(verb: &str, answer: &LmxUnloadResponse, json: bool) -> Result<
         .freed_bytes
         .map(|b| format!(" (freed {})", human_bytes(b)))
         .unwrap_or_default();
-    println!("{verb} {}{freed}", sanitize::line(&answer.model_id));
+    outln!("{verb} {}{freed}", sanitize::line(&answer.model_id));
     Ok(())
 }
 

@@ -64,7 +64,7 @@ pub enum SessionsAction {
 }
 
 pub fn print_json(value: &impl serde::Serialize) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
+    outln!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }
 
@@ -82,7 +82,7 @@ pub async fn sessions(
             if json {
                 return print_json(&page).map(|_| ExitCode::SUCCESS);
             }
-            println!("{}", sessions_table(&page.sessions));
+            outln!("{}", sessions_table(&page.sessions));
         }
         SessionsAction::Show { id, json } => {
             let detail = client.get_session(&SessionId::parse(&id)?).await?;
@@ -90,17 +90,17 @@ pub async fn sessions(
                 return print_json(&detail).map(|_| ExitCode::SUCCESS);
             }
             let s = &detail.snapshot;
-            println!("session  {}", s.session_id);
-            println!(
+            outln!("session  {}", s.session_id);
+            outln!(
                 "title    {}",
                 sanitize::line(s.title.as_deref().unwrap_or("-"))
             );
-            println!("model    {}", sanitize::line(&s.model));
-            println!("created  {}", sanitize::line(&s.created_at));
-            println!("updated  {}", sanitize::line(&s.updated_at));
+            outln!("model    {}", sanitize::line(&s.model));
+            outln!("created  {}", sanitize::line(&s.created_at));
+            outln!("updated  {}", sanitize::line(&s.updated_at));
             for m in &detail.messages {
                 let role = serde_json::to_value(m.role)?;
-                println!(
+                outln!(
                     "\n[{}]\n{}",
                     role.as_str().unwrap_or("?"),
                     sanitize::text(m.content.as_deref().unwrap_or(""))
@@ -111,9 +111,9 @@ pub async fn sessions(
             let events = client.events(&SessionId::parse(&id)?, after).await?.events;
             for e in &events {
                 if json {
-                    println!("{}", serde_json::to_string(e)?);
+                    outln!("{}", serde_json::to_string(e)?);
                 } else {
-                    println!("{}", sanitize::line(&event_line(e)));
+                    outln!("{}", sanitize::line(&event_line(e)));
                 }
             }
         }
@@ -141,7 +141,7 @@ pub async fn sessions(
             if json {
                 return print_json(&answer).map(|_| ExitCode::SUCCESS);
             }
-            println!(
+            outln!(
                 "cancelled {} turn(s): {} queued, active {}",
                 answer.cancelled,
                 answer.cancelled_queued,
@@ -151,7 +151,7 @@ pub async fn sessions(
         SessionsAction::Delete { id } => {
             let id = SessionId::parse(&id)?;
             client.delete_session(&id).await?;
-            println!("deleted session {id}");
+            outln!("deleted session {id}");
         }
     }
     Ok(ExitCode::SUCCESS)

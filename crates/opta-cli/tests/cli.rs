@@ -681,3 +681,115 @@ async fn models_load_asks_before_a_download_and_shows_its_progress() {
         "{table}"
     );
 }
+
+#[tokio::test]
+async fn a_token_with_url_special_characters_works_for_do() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let home = Home::new(&lmx.url());
+    let token = "t&k=n#x+y%25z/?";
+    let mut start = home.command(&["daemon", "start"]);
+    start.env("OPTA_TOKEN", token);
+    let started = tokio::task::spawn_blocking(move || start.output().unwrap())
+        .await
+        .unwrap();
+    assert!(started.status.success(), "{}", text(&started.stderr));
+    assert_eq!(home.state().unwrap()["token"], token);
+    let out = home.opta(&["do", "special", "token"]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "echo: special token\n");
+}
+
+/// Runs `opta ARGS` with stdout a pipe whose read end is closed after `keep` bytes.
+async fn opta_into_closed_pipe(home: &Home, args: &[&str], keep: usize) -> Output {
+    use std::io::Read;
+    let mut cmd = home.command(args);
+    cmd.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    tokio::task::spawn_blocking(move || {
+        let mut child = cmd.spawn().unwrap();
+        let mut stdout = child.stdout.take().unwrap();
+        let mut first = vec![0u8; keep];
+        stdout.read_exact(&mut first).unwrap();
+        drop(stdout); // what `| head -c N` does
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_stdout_ends_quietly_and_cancels_the_turn() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let home = Home::new(&lmx.url());
+    // `opta do … | head -c 20`: a long answer whose reader leaves after 20 bytes.
+    lmx.push(Reply::slow(2000, Duration::from_millis(5)));
+    let out = opta_into_closed_pipe(&home, &["do", "talk", "a", "lot"], 20).await;
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(141), "{stderr}");
+    assert!(
+        !stderr.contains("Broken pipe") && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+    // Its turn was cancelled, not left running.
+    lmx.wait_streams_dropped(1).await;
+    let sessions = home.opta(&["sessions", "list", "--json"]).await;
+    let sessions: Value = serde_json::from_slice(&sessions.stdout).unwrap();
+    assert!(
+        sessions["sessions"][0]["activeTurnId"].is_null(),
+        "{sessions}"
+    );
+    let id = sessions["sessions"][0]["sessionId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // A listing read only in part: no panic, no backtrace. A finished turn of 3,000 tokens
+    // makes the listing far larger than a pipe's buffer, so its writes do hit the closed end.
+    lmx.push(Reply::chunks((0..3000).map(|i| format!("w{i} "))));
+    let long = home.opta(&["do", "--session", &id, "long answer"]).await;
+    assert!(long.status.success(), "{}", text(&long.stderr));
+    for args in [
+        &["sessions", "events", id.as_str()][..],
+        &["sessions", "events", id.as_str(), "--json"][..],
+    ] {
+        let out = opta_into_closed_pipe(&home, args, 8).await;
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(141), "{args:?}: {stderr}");
+        assert!(stderr.is_empty(), "{args:?}: {stderr}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_ctrl_c_quits_at_once_when_the_daemon_does_not_answer() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let home = Home::new(&lmx.url());
+    lmx.push(Reply::slow(2000, Duration::from_millis(20)));
+    let mut task = home.command(&["do", "a long one"]);
+    task.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let task = task.spawn().unwrap();
+    lmx.wait_chat_requests(1).await;
+    let daemon_pid = home.state().unwrap()["pid"].as_u64().unwrap().to_string();
+    let signal = |name: &str, pid: &str| {
+        let status = Command::new("kill").args([name, pid]).status().unwrap();
+        assert!(status.success());
+    };
+    // The daemon stops answering anything.
+    signal("-STOP", &daemon_pid);
+    let do_pid = task.id().to_string();
+    signal("-INT", &do_pid);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    signal("-INT", &do_pid);
+    let out = tokio::task::spawn_blocking(move || task.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    signal("-CONT", &daemon_pid);
+    assert_eq!(out.status.code(), Some(130), "{}", text(&out.stderr));
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    assert!(
+        text(&out.stderr).contains("cancelling"),
+        "{}",
+        text(&out.stderr)
+    );
+}

@@ -83,3 +83,22 @@ impl ClientError {
 pub(crate) fn transport(e: impl std::fmt::Display) -> ClientError {
     ClientError::Transport(e.to_string())
 }
+
+/// A failed WebSocket handshake: an HTTP refusal (a wrong token's 401, an unknown session)
+/// is the daemon's answer, anything else a transport failure.
+pub(crate) fn ws_handshake(e: tokio_tungstenite::tungstenite::Error) -> ClientError {
+    match e {
+        tokio_tungstenite::tungstenite::Error::Http(response) => {
+            let status = response.status().as_u16();
+            let body = response
+                .body()
+                .as_deref()
+                .and_then(|b| serde_json::from_slice::<ErrorBody>(b).ok())
+                .unwrap_or_else(|| {
+                    ErrorBody::message(format!("the WebSocket handshake was refused ({status})"))
+                });
+            ClientError::Api { status, body }
+        }
+        other => transport(other),
+    }
+}

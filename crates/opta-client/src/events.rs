@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use crate::{ClientError, DaemonClient, Result};
 
@@ -396,15 +397,28 @@ impl Connector {
         match self.transport {
             Transport::WebSocket => {
                 let url = format!(
-                    "{}/v3/ws?sessionId={}&afterSeq={after}&token={}",
+                    "{}/v3/ws?sessionId={}&afterSeq={after}",
                     self.client.base_url.replacen("http", "ws", 1),
                     self.session,
-                    self.client.token
+                );
+                // The token goes in a header, not the URL: any character is fine there, and
+                // it stays out of URLs that get logged.
+                let mut request = url.into_client_request().map_err(crate::error::transport)?;
+                let bearer = format!("Bearer {}", self.client.token);
+                let value = tokio_tungstenite::tungstenite::http::HeaderValue::from_str(&bearer)
+                    .map_err(|_| {
+                        ClientError::Transport(
+                            "the token holds characters an HTTP header cannot carry".into(),
+                        )
+                    })?;
+                request.headers_mut().insert(
+                    tokio_tungstenite::tungstenite::http::header::AUTHORIZATION,
+                    value,
                 );
                 // No Nagle: frames are small and each should leave at once.
-                let (ws, _) = tokio_tungstenite::connect_async_with_config(&url, None, true)
+                let (ws, _) = tokio_tungstenite::connect_async_with_config(request, None, true)
                     .await
-                    .map_err(crate::error::transport)?;
+                    .map_err(crate::error::ws_handshake)?;
                 Ok(Connection::Ws(Box::new(ws)))
             }
             Transport::Sse => {
