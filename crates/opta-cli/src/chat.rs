@@ -4,7 +4,7 @@
 //! being typed; while a turn of ours runs, it goes straight to stdout and Ctrl-C cancels it.
 
 use std::collections::HashSet;
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -66,6 +66,23 @@ struct Chat<P: ExternalPrinter> {
 }
 
 pub async fn run(args: ChatArgs, home: &Path, daemon: &DaemonArgs) -> Result<ExitCode> {
+    // The terminal first, the session last: a chat that cannot run leaves nothing behind.
+    if !std::io::stdin().is_terminal() {
+        bail!("opta chat needs a terminal on stdin; for scripts and pipes use `opta do TASK`");
+    }
+    let terminal_error = || {
+        format!(
+            "opta chat needs a terminal it can edit lines on (TERM={}); for scripts use `opta do TASK`",
+            std::env::var("TERM").unwrap_or_default()
+        )
+    };
+    let mut editor = rustyline::DefaultEditor::new().with_context(terminal_error)?;
+    // History survives across chats; a missing or unreadable file just starts empty.
+    let history_path = home.join("chat_history");
+    let _ = editor.load_history(&history_path);
+    let printer = editor
+        .create_external_printer()
+        .with_context(terminal_error)?;
     let client = daemon_ctl::ensure(home, daemon).await?;
     let snapshot = match &args.session {
         Some(id) => {
@@ -106,13 +123,6 @@ pub async fn run(args: ChatArgs, home: &Path, daemon: &DaemonArgs) -> Result<Exi
         ))
     );
 
-    let mut editor = rustyline::DefaultEditor::new().context("starting the line editor")?;
-    // History survives across chats; a missing or unreadable file just starts empty.
-    let history_path = home.join("chat_history");
-    let _ = editor.load_history(&history_path);
-    let printer = editor
-        .create_external_printer()
-        .context("starting the line editor")?;
     let (line_tx, mut lines) = mpsc::channel::<Result<String, ReadlineError>>(1);
     let (prompt_tx, prompt_rx) = std::sync::mpsc::channel::<()>();
     std::thread::spawn(move || {
@@ -260,7 +270,19 @@ impl<P: ExternalPrinter> Chat<P> {
             return Ok(LineResult::Prompt);
         }
         if let Some(command) = line.strip_prefix('/') {
-            return self.on_command(command).await;
+            // A failing command (say `/sessions` while the daemon is away) is reported like a
+            // failing message: the chat goes on.
+            return match self.on_command(command).await {
+                Ok(result) => Ok(result),
+                Err(e) => {
+                    eprintln!(
+                        "{} {}",
+                        ui::error_label(),
+                        sanitize::text(&format!("{e:#}"))
+                    );
+                    Ok(LineResult::Prompt)
+                }
+            };
         }
         let submitted = self
             .client

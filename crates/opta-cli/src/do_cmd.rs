@@ -53,6 +53,13 @@ pub fn parse_mode(s: &str) -> Result<Mode, String> {
 }
 
 pub async fn run(args: DoArgs, home: &Path, daemon: &DaemonArgs) -> Result<ExitCode> {
+    // Checked before anything is created: a task the daemon would refuse leaves no session.
+    let task = args.task.join(" ");
+    if task.trim().is_empty() {
+        anyhow::bail!(
+            "the task is empty: say what to do, e.g. `opta do \"add a test for the parser\"`"
+        );
+    }
     let mut client = daemon_ctl::ensure(home, daemon).await?;
     let workspace = std::env::current_dir().context("reading the current directory")?;
     let session_id = args.session.as_deref().map(SessionId::parse).transpose()?;
@@ -77,7 +84,7 @@ pub async fn run(args: DoArgs, home: &Path, daemon: &DaemonArgs) -> Result<ExitC
                 ..SubmitTurnRequest::new(
                     CLIENT_ID,
                     format!("{CLIENT_ID}-{}", std::process::id()),
-                    args.task.join(" "),
+                    task,
                     args.mode,
                 )
             },

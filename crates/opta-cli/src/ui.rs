@@ -6,9 +6,10 @@ use std::time::Duration;
 use console::style;
 use indicatif::{ProgressBar, ProgressStyle};
 
-/// Colour only when the stream is a terminal and `NO_COLOR` is unset.
+/// Colour only when the stream is a terminal, `NO_COLOR` is unset and `TERM` is not `dumb`.
 pub fn init_colours() {
-    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty())
+        || std::env::var_os("TERM").is_some_and(|t| t == "dumb");
     console::set_colors_enabled(!no_color && std::io::stdout().is_terminal());
     console::set_colors_enabled_stderr(!no_color && std::io::stderr().is_terminal());
 }

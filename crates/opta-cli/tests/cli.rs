@@ -793,3 +793,56 @@ async fn a_second_ctrl_c_quits_at_once_when_the_daemon_does_not_answer() {
         text(&out.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_that_cannot_run_leave_no_session_behind() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let home = Home::new(&lmx.url());
+    // `opta chat` with stdin piped: refused before a session exists.
+    let mut chat = home.command(&["chat"]);
+    chat.stdin(std::process::Stdio::piped());
+    let out = tokio::task::spawn_blocking(move || chat.output().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("needs a terminal"),
+        "{}",
+        text(&out.stderr)
+    );
+    // `opta do ""` and `opta do "  "`: refused before a session exists.
+    for task in ["", "   "] {
+        let out = home.opta(&["do", task]).await;
+        assert_eq!(out.status.code(), Some(1));
+        assert!(
+            text(&out.stderr).contains("the task is empty"),
+            "{}",
+            text(&out.stderr)
+        );
+    }
+    let list = home.opta(&["sessions", "list", "--json"]).await;
+    let list: Value = serde_json::from_slice(&list.stdout).unwrap();
+    assert_eq!(list["sessions"], serde_json::json!([]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_slash_command_does_not_end_the_chat() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let home = Home::new(&lmx.url());
+    let mut chat = expectrl::Session::spawn(home.command(&["chat"])).unwrap();
+    chat.set_expect_timeout(Some(Duration::from_secs(20)));
+    tokio::task::block_in_place(|| {
+        step(&mut chat, "opta› ");
+        // The daemon goes away; /sessions fails, and the chat goes on.
+        let stop = home.command(&["daemon", "stop"]).output().unwrap();
+        assert!(stop.status.success(), "{}", text(&stop.stderr));
+        chat.send_line("/sessions").unwrap();
+        step(&mut chat, "error:");
+        step(&mut chat, "opta› ");
+        chat.send_line("/mode").unwrap();
+        step(&mut chat, "mode: chat");
+        step(&mut chat, "opta› ");
+        chat.send_line("/exit").unwrap();
+        step(&mut chat, expectrl::Eof);
+    });
+}
