@@ -174,21 +174,50 @@ async fn logs(home: &Path, follow: bool, lines: usize) -> Result<()> {
         return Ok(());
     }
     let mut position = file.stream_position()?;
+    let mut identity = file_identity(&file.metadata()?);
     loop {
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let len = std::fs::metadata(&path)?.len();
-        if len < position {
-            position = 0; // the log was truncated or replaced
-        }
-        if len > position {
-            file.seek(SeekFrom::Start(position))?;
-            let mut chunk = String::new();
-            file.read_to_string(&mut chunk)?;
-            position = file.stream_position()?;
-            out!("{chunk}");
-            std::io::stdout().flush()?;
+        // What the open file still gets (after a rename too, until the writer lets it go).
+        copy_new_bytes(&mut file, &mut position)?;
+        // Rotated: the path names another file now (or none yet: wait for it).
+        match std::fs::metadata(&path) {
+            Ok(meta) if file_identity(&meta) != identity => {
+                file = std::fs::File::open(&path)
+                    .with_context(|| format!("opening {}", path.display()))?;
+                identity = file_identity(&file.metadata()?);
+                position = 0;
+                copy_new_bytes(&mut file, &mut position)?;
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("watching {}", path.display())),
         }
     }
+}
+
+/// Which file this is, whatever its name: device and inode.
+fn file_identity(meta: &std::fs::Metadata) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    (meta.dev(), meta.ino())
+}
+
+/// Copies what `file` holds past `position` to stdout; a file truncated below it (copy and
+/// truncate rotation) is read again from its start.
+fn copy_new_bytes(file: &mut std::fs::File, position: &mut u64) -> Result<()> {
+    let len = file.metadata()?.len();
+    if len < *position {
+        *position = 0;
+    }
+    if len > *position {
+        file.seek(SeekFrom::Start(*position))?;
+        let mut chunk = Vec::new();
+        file.read_to_end(&mut chunk)?;
+        *position = file.stream_position()?;
+        let mut stdout = std::io::stdout();
+        stdout.write_all(&chunk)?;
+        stdout.flush()?;
+    }
+    Ok(())
 }
 
 async fn run_foreground(home: &Path, args: &DaemonArgs) -> Result<()> {

@@ -10,16 +10,6 @@ macro_rules! outln {
     }};
 }
 
-/// `print!` counterpart of [`outln!`], flushed.
-macro_rules! out {
-    ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        let mut stdout = std::io::stdout();
-        write!(stdout, $($arg)*)?;
-        stdout.flush()?
-    }};
-}
-
 mod chat;
 mod daemon_cmd;
 mod daemon_ctl;

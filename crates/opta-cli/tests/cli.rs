@@ -846,3 +846,51 @@ async fn a_failing_slash_command_does_not_end_the_chat() {
         step(&mut chat, expectrl::Eof);
     });
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_logs_follow_survives_log_rotation() {
+    use std::io::Read;
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let home = Home::new(&lmx.url());
+    assert!(home.opta(&["daemon", "start"]).await.status.success());
+    let log = home.path().join("daemon/daemon.log");
+    let mut follow = home.command(&["daemon", "logs", "-f", "-n", "1"]);
+    follow
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut follow = follow.spawn().unwrap();
+    let mut stdout = follow.stdout.take().unwrap();
+    let (seen_tx, seen) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 || seen_tx.send(text(&buf[..n])).is_err() {
+                return;
+            }
+        }
+    });
+    let wait_for = |needle: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut all = String::new();
+        while !all.contains(needle) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match seen.recv_timeout(left) {
+                Ok(piece) => all.push_str(&piece),
+                Err(_) => panic!("`logs -f` never printed {needle:?}; it printed {all:?}"),
+            }
+        }
+    };
+    // Rotation by rename: the old file goes, a new one takes its name.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    std::fs::rename(&log, home.path().join("daemon/daemon.log.1")).unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    std::fs::write(&log, "first line after rotation\n").unwrap();
+    tokio::task::block_in_place(|| wait_for("first line after rotation"));
+    // And it keeps following the new file.
+    let mut file = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+    std::io::Write::write_all(&mut file, b"second line\n").unwrap();
+    tokio::task::block_in_place(|| wait_for("second line"));
+    assert!(follow.try_wait().unwrap().is_none(), "`logs -f` exited");
+    follow.kill().unwrap();
+    let _ = follow.wait();
+}
