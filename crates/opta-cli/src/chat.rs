@@ -63,6 +63,8 @@ struct Chat<P: ExternalPrinter> {
     /// Partial line of other clients' output waiting for the printer.
     pending: String,
     spinner: Option<indicatif::ProgressBar>,
+    /// The last output did not end its line.
+    line_open: bool,
 }
 
 pub async fn run(args: ChatArgs, home: &Path, daemon: &DaemonArgs) -> Result<ExitCode> {
@@ -155,6 +157,7 @@ pub async fn run(args: ChatArgs, home: &Path, daemon: &DaemonArgs) -> Result<Exi
         others: HashSet::new(),
         pending: String::new(),
         spinner: None,
+        line_open: false,
     };
     chat.prompt(&prompt_tx);
     let mut watchdog = tokio::time::interval(std::time::Duration::from_secs(1));
@@ -243,12 +246,17 @@ impl<P: ExternalPrinter> Chat<P> {
         let _ = prompt_tx.send(());
     }
 
-    /// A whole line of information, wherever output goes now.
+    /// A whole line of information, wherever output goes now; on a line of its own even when
+    /// an answer is streaming mid-line.
     fn say(&mut self, line: &str) {
-        self.emit(&format!("{}\n", ui::dim(line)));
+        let fresh_line = if self.line_open { "\n" } else { "" };
+        self.emit(&format!("{fresh_line}{}\n", ui::dim(line)));
     }
 
     fn emit(&mut self, text: &str) {
+        if let Some(last) = text.chars().last() {
+            self.line_open = last != '\n';
+        }
         if self.prompting {
             // The external printer wants whole lines; keep the rest until it is complete.
             self.pending.push_str(text);
@@ -376,17 +384,14 @@ impl<P: ExternalPrinter> Chat<P> {
             return;
         };
         self.cancel_sent = true;
-        let request = CancelRequest {
-            turn_id: Some(turn_id.clone()),
-            writer_id: None,
-        };
         if let Some(s) = self.spinner.take() {
             s.finish_and_clear();
         }
         println!("\n{}", ui::dim("cancelling… (Ctrl-C again to quit)"));
-        if let Err(e) = self.client.cancel(&self.session, &request).await {
-            eprintln!("{} could not cancel: {e}", ui::error_label());
-        }
+        // Not awaited: a second Ctrl-C must be heard while the daemon answers (or does not).
+        let (client, session, turn_id) =
+            (self.client.clone(), self.session.clone(), turn_id.clone());
+        tokio::spawn(async move { crate::do_cmd::cancel(&client, &session, &turn_id).await });
     }
 
     /// Handles one event; true when our turn ended and the prompt should come back.

@@ -91,6 +91,23 @@ fn report_start(started: &Started) -> Result<()> {
 
 async fn status(home: &Path, json: bool) -> Result<ExitCode> {
     let Some(r) = daemon_ctl::running(home).await else {
+        // Not answering, but alive: it holds the lock (stopped, hung, or still starting).
+        if daemon_ctl::lock_held(home) {
+            let pid = opta_client::DaemonClient::read_state(home)
+                .map(|s| s.pid.to_string())
+                .unwrap_or_else(|_| "unknown".into());
+            if json {
+                outln!(
+                    "{}",
+                    json!({"running": true, "responding": false, "pid": pid})
+                );
+            } else {
+                outln!(
+                    "opta daemon (pid {pid}) holds its lock but does not answer: hung or stopped"
+                );
+            }
+            return Ok(ExitCode::from(4));
+        }
         if json {
             outln!("{}", json!({"running": false}));
         } else {

@@ -160,7 +160,7 @@ pub async fn running(home: &Path) -> Option<Running> {
 }
 
 /// Whether some process holds the daemon lock of `home` (a daemon that may not answer).
-fn lock_held(home: &Path) -> bool {
+pub fn lock_held(home: &Path) -> bool {
     let path = opta_daemon::daemon::daemon_dir(home).join("daemon.lock");
     let Ok(file) = OpenOptions::new().write(true).open(&path) else {
         return false;
@@ -289,6 +289,17 @@ pub async fn stop(home: &Path) -> Result<Option<u32>> {
     let state = match DaemonClient::read_state(home) {
         Ok(s) => s,
         Err(opta_client::ClientError::NotRunning { .. }) => return Ok(None),
+        // Garbage where the state file should be: stale, unless a daemon holds the lock (then
+        // its pid is unknown and it cannot be signalled safely).
+        Err(e @ opta_client::ClientError::BadStateFile { .. }) => {
+            if lock_held(home) {
+                bail!(
+                    "{e}; a daemon holds this home's lock, but without its state its pid is unknown: stop it by hand"
+                );
+            }
+            let _ = std::fs::remove_file(opta_daemon::state_path(home));
+            return Ok(None);
+        }
         Err(e) => return Err(e.into()),
     };
     // Only signal a process proven to be our daemon: it answers as the state file says, or it

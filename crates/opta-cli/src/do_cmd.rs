@@ -217,7 +217,8 @@ fn gone_for_good(session: &SessionId, waited: Duration) -> String {
 /// How long a cancel request may take before the command stops waiting for it.
 const CANCEL_WAIT: Duration = Duration::from_secs(3);
 
-async fn cancel(client: &DaemonClient, session: &SessionId, turn: &TurnId) {
+/// Asks the daemon to cancel `turn`, for at most [`CANCEL_WAIT`]; failures are reported.
+pub async fn cancel(client: &DaemonClient, session: &SessionId, turn: &TurnId) {
     let request = CancelRequest {
         turn_id: Some(turn.clone()),
         writer_id: None,

@@ -100,6 +100,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Some(h) => h,
         None => daemon_ctl::default_home()?,
     };
+    // Absolute, so what the daemon records (its log path) means the same from anywhere.
+    let home = std::path::absolute(&home)
+        .with_context(|| format!("resolving the home directory {}", home.display()))?;
     match cli.command {
         Command::Daemon { action } => daemon_cmd::run(action, &home, &cli.daemon).await,
         Command::Do(args) => do_cmd::run(args, &home, &cli.daemon).await,

@@ -16,8 +16,8 @@ use crate::ui;
 pub enum SessionsAction {
     /// Sessions, most recently updated first.
     List {
-        /// How many.
-        #[arg(long, default_value_t = 50)]
+        /// How many (1..=500).
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=500))]
         limit: u32,
         /// Print JSON.
         #[arg(long)]
@@ -76,9 +76,7 @@ pub async fn sessions(
     let client = daemon_ctl::ensure(home, daemon).await?;
     match action {
         SessionsAction::List { limit, json } => {
-            let page = client
-                .list_sessions(Some(limit.clamp(1, 500)), None)
-                .await?;
+            let page = client.list_sessions(Some(limit), None).await?;
             if json {
                 return print_json(&page).map(|_| ExitCode::SUCCESS);
             }

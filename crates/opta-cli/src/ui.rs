@@ -50,11 +50,13 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
                 .collect()
         })
         .collect();
-    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    // Columns by display width: a CJK character takes two cells, a combining mark none.
+    let width = console::measure_text_width;
+    let mut widths: Vec<usize> = header.iter().map(|h| width(h)).collect();
     for row in &rows {
         for (i, cell) in row.iter().enumerate() {
             if let Some(w) = widths.get_mut(i) {
-                *w = (*w).max(cell.chars().count());
+                *w = (*w).max(width(cell));
             }
         }
     }
@@ -62,7 +64,10 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
         let padded: Vec<String> = cells
             .iter()
             .enumerate()
-            .map(|(i, c)| format!("{c:<width$}", width = widths.get(i).copied().unwrap_or(0)))
+            .map(|(i, c)| {
+                let pad = widths.get(i).copied().unwrap_or(0).saturating_sub(width(c));
+                format!("{c}{}", " ".repeat(pad))
+            })
             .collect();
         padded.join("  ").trim_end().to_owned()
     };
@@ -89,5 +94,23 @@ mod tests {
             ],
         );
         assert_eq!(t, "ID         MODEL\na          m1\nlonger-id  m2");
+    }
+
+    #[test]
+    fn wide_characters_keep_columns_aligned() {
+        console::set_colors_enabled(false);
+        let t = super::table(
+            &["TITLE", "MODEL"],
+            &[
+                vec!["日本語のタイトル".into(), "m1".into()],
+                vec!["plain".into(), "m2".into()],
+            ],
+        );
+        // The MODEL column starts at the same display column on every line.
+        let starts: Vec<usize> = t
+            .lines()
+            .map(|l| console::measure_text_width(&l[..l.rfind(['M', 'm']).unwrap()]))
+            .collect();
+        assert_eq!(starts, vec![18, 18, 18], "{t}");
     }
 }

@@ -556,13 +556,13 @@ async fn do_and_chat_attach_to_an_existing_session() {
     assert_eq!(list["sessions"].as_array().unwrap().len(), 1);
 
     // chat --session joins it too, and names a missing one.
-    let missing = home.opta(&["chat", "--session", "nope"]).await;
-    assert_eq!(missing.status.code(), Some(1));
-    assert!(
-        text(&missing.stderr).contains("no session nope"),
-        "{}",
-        text(&missing.stderr)
-    );
+    let mut missing =
+        expectrl::Session::spawn(home.command(&["chat", "--session", "nope"])).unwrap();
+    missing.set_expect_timeout(Some(Duration::from_secs(20)));
+    tokio::task::block_in_place(|| {
+        step(&mut missing, "no session nope");
+        step(&mut missing, expectrl::Eof);
+    });
     let mut chat =
         expectrl::Session::spawn(home.command(&["chat", "--session", "work-1"])).unwrap();
     chat.set_expect_timeout(Some(Duration::from_secs(20)));
@@ -893,4 +893,60 @@ async fn daemon_logs_follow_survives_log_rotation() {
     assert!(follow.try_wait().unwrap().is_none(), "`logs -f` exited");
     follow.kill().unwrap();
     let _ = follow.wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_management_edges() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let home = Home::new(&lmx.url());
+    // A relative home is recorded as an absolute one.
+    let mut start = home.command(&["daemon", "start"]);
+    start
+        .current_dir(home.path().parent().unwrap())
+        .env("OPTA_HOME", home.path().file_name().unwrap());
+    let started = tokio::task::spawn_blocking(move || start.output().unwrap())
+        .await
+        .unwrap();
+    assert!(started.status.success(), "{}", text(&started.stderr));
+    let logs_path = home.state().unwrap()["logsPath"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(Path::new(&logs_path).is_absolute(), "{logs_path}");
+    // `--limit 0` is refused, not silently 1.
+    let zero = home.opta(&["sessions", "list", "--limit", "0"]).await;
+    assert_eq!(zero.status.code(), Some(2), "{}", text(&zero.stderr));
+    assert!(
+        text(&zero.stderr).contains("--limit"),
+        "{}",
+        text(&zero.stderr)
+    );
+    // A daemon that holds its lock but does not answer is not "not running".
+    let pid = home.state().unwrap()["pid"].as_u64().unwrap().to_string();
+    let signal = |name: &str| {
+        assert!(
+            Command::new("kill")
+                .args([name, pid.as_str()])
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    signal("-STOP");
+    let status = home.opta(&["daemon", "status"]).await;
+    signal("-CONT");
+    assert_eq!(status.status.code(), Some(4), "{}", text(&status.stdout));
+    assert!(
+        text(&status.stdout).contains("does not answer"),
+        "{}",
+        text(&status.stdout)
+    );
+    assert!(home.opta(&["daemon", "stop"]).await.status.success());
+    // Garbage where the state file was, and no daemon: stale, so `stop` tidies up.
+    let state = home.path().join("daemon/state.json");
+    std::fs::write(&state, "{not json").unwrap();
+    let stop = home.opta(&["daemon", "stop"]).await;
+    assert!(stop.status.success(), "{}", text(&stop.stderr));
+    assert_eq!(text(&stop.stdout), "opta daemon is not running\n");
+    assert!(!state.exists());
 }

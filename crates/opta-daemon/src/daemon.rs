@@ -311,8 +311,18 @@ async fn bind(host: &str, port: u16) -> Result<TcpListener> {
             Err(e) => last_error = Some(e),
         }
     }
+    let ports = if port == DEFAULT_PORT {
+        format!(
+            "{DEFAULT_PORT} (or {}..={})",
+            FALLBACK_PORTS.start(),
+            FALLBACK_PORTS.end()
+        )
+    } else {
+        port.to_string()
+    };
     Err(Error::Bind {
         host: host.to_owned(),
+        ports,
         reason: last_error.map_or_else(|| "no port to try".to_owned(), |e| e.to_string()),
     })
 }
@@ -382,6 +392,8 @@ mod tests {
         assert_ne!(taken, 0);
         let err = bind("127.0.0.1", taken).await.unwrap_err();
         assert!(matches!(err, Error::Bind { .. }), "{err}");
+        // The message names the port, not only the host.
+        assert!(err.to_string().contains(&format!("port {taken}")), "{err}");
         let v6 = bind("::1", 0).await;
         if let Ok(l) = v6 {
             assert!(l.local_addr().unwrap().ip().is_loopback());

@@ -76,10 +76,12 @@ pub enum Error {
     #[error("Invalid configuration: {0}")]
     Config(String),
     /// No port could be bound.
-    #[error("Could not listen on {host}: {reason}")]
+    #[error("Could not listen on {host} port {ports}: {reason}")]
     Bind {
         /// The host asked for.
         host: String,
+        /// The port, or the ports tried.
+        ports: String,
         /// What failed.
         reason: String,
     },
