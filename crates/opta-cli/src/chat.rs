@@ -85,7 +85,10 @@ pub async fn run(args: ChatArgs, home: &Path, daemon: &DaemonArgs) -> Result<Exi
     let printer = editor
         .create_external_printer()
         .with_context(terminal_error)?;
-    let client = daemon_ctl::ensure(home, daemon).await?;
+    // The chat waits for a daemon that went away as long as the person does (Ctrl-C leaves).
+    let client = daemon_ctl::ensure(home, daemon)
+        .await?
+        .with_reconnect_deadline(None);
     let snapshot = match &args.session {
         Some(id) => {
             let id = SessionId::parse(id)?;
@@ -222,7 +225,7 @@ impl<P: ExternalPrinter> Chat<P> {
         match daemon_ctl::check_stream(home, events, &self.client).await {
             StreamCheck::Fine => {}
             StreamCheck::Moved(r) => {
-                self.client = r.client;
+                self.client = r.client.with_reconnect_deadline(None);
                 let after = StartAt::After(events.last_seq());
                 *events = self
                     .client

@@ -254,7 +254,7 @@ pub enum StreamCheck {
     /// Connected, or down only briefly, or the daemon answers where it did: nothing to do.
     Fine,
     /// The daemon answers at another address (it restarted there): subscribe again there.
-    Moved(Running),
+    Moved(Box<Running>),
     /// No daemon answers; the stream has been down this long.
     DaemonGone(Duration),
 }
@@ -269,7 +269,7 @@ pub async fn check_stream(home: &Path, events: &EventStream, client: &DaemonClie
         return StreamCheck::Fine;
     };
     match running(home).await {
-        Some(r) if r.client.base_url() != client.base_url() => StreamCheck::Moved(r),
+        Some(r) if r.client.base_url() != client.base_url() => StreamCheck::Moved(Box::new(r)),
         Some(_) => StreamCheck::Fine,
         None => StreamCheck::DaemonGone(down),
     }

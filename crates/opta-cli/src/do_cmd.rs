@@ -60,7 +60,11 @@ pub async fn run(args: DoArgs, home: &Path, daemon: &DaemonArgs) -> Result<ExitC
             "the task is empty: say what to do, e.g. `opta do \"add a test for the parser\"`"
         );
     }
-    let mut client = daemon_ctl::ensure(home, daemon).await?;
+    // The stream never gives up by itself: the watchdog below follows the daemon and gives
+    // up after --daemon-wait.
+    let mut client = daemon_ctl::ensure(home, daemon)
+        .await?
+        .with_reconnect_deadline(None);
     let workspace = std::env::current_dir().context("reading the current directory")?;
     let session_id = args.session.as_deref().map(SessionId::parse).transpose()?;
     let snapshot = client
@@ -115,7 +119,7 @@ pub async fn run(args: DoArgs, home: &Path, daemon: &DaemonArgs) -> Result<ExitC
                     StreamCheck::Fine => {}
                     // Restarted elsewhere (another port): follow it from the last event seen.
                     StreamCheck::Moved(r) => {
-                        client = r.client;
+                        client = r.client.with_reconnect_deadline(None);
                         let after = StartAt::After(events.last_seq());
                         events = client.subscribe(&session, after, Transport::WebSocket).await?;
                     }

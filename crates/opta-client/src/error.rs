@@ -42,6 +42,13 @@ pub enum ClientError {
     /// The daemon could not be reached (or the connection broke). Retrying may help.
     #[error("could not reach the daemon: {0}")]
     Transport(String),
+    /// An event stream lost the daemon and it did not come back in time (at its address, or
+    /// where its home's state file points). Start the daemon, then subscribe again.
+    #[error("the daemon went away and did not come back within {} s", .waited.as_secs())]
+    DaemonGone {
+        /// How long the stream kept trying.
+        waited: std::time::Duration,
+    },
     /// The daemon's answer did not parse.
     #[error("unexpected answer from the daemon: {0}")]
     Decode(String),
@@ -67,6 +74,7 @@ impl ClientError {
             | ClientError::BadStateFile { .. }
             | ClientError::ContractMismatch { .. }
             | ClientError::Transport(_)
+            | ClientError::DaemonGone { .. }
             | ClientError::Decode(_) => None,
         }
     }

@@ -241,7 +241,7 @@ fn as_envelope(value: &Value) -> Result<Option<Envelope>> {
 }
 
 async fn pump(
-    connector: Connector,
+    mut connector: Connector,
     mut connection: Connection,
     mut last: Seq,
     tx: mpsc::Sender<Result<Envelope>>,
@@ -265,12 +265,29 @@ async fn pump(
         if last != before {
             backoff = FIRST_BACKOFF;
         }
+        let down_since = tokio::time::Instant::now();
         loop {
             if tx.is_closed() {
                 return;
             }
+            if let Some(deadline) = connector.client.reconnect_deadline
+                && down_since.elapsed() >= deadline
+            {
+                let _ = tx
+                    .send(Err(ClientError::DaemonGone { waited: deadline }))
+                    .await;
+                return;
+            }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(MAX_BACKOFF);
+            // A daemon that restarted on another port is found through its state file.
+            if let Some(moved) = connector.client.rediscover() {
+                tracing::debug!(
+                    url = moved.base_url(),
+                    "following the daemon to a new address"
+                );
+                connector.client = moved;
+            }
             match connector.connect(last).await {
                 Ok(c) => {
                     status.reconnects.fetch_add(1, Ordering::Relaxed);

@@ -21,7 +21,9 @@ pub struct LegacyChatResponse {
 impl DaemonClient {
     /// Creates (or re-opens) a session, submits `message` as a `do` turn, follows
     /// `GET /v3/sse/events` until that turn's terminal event and returns the reply.
-    /// A `turn.error` becomes [`ClientError::Turn`].
+    /// A `turn.error` becomes [`ClientError::Turn`]; a daemon that goes away mid-turn and
+    /// stays away past the client's reconnect deadline, [`ClientError::DaemonGone`] (a client
+    /// from [`DaemonClient::discover`] follows a daemon that restarted on another port).
     ///
     /// ```no_run
     /// # async fn demo(client: opta_client::DaemonClient) -> Result<(), opta_client::ClientError> {

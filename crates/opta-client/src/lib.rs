@@ -21,6 +21,7 @@ mod events;
 mod legacy;
 
 use std::path::Path;
+use std::time::Duration;
 
 use opta_protocol::{
     CancelRequest, CancelResponse, Contract, CreateSessionRequest, DaemonState, ErrorBody,
@@ -42,12 +43,24 @@ pub use legacy::LegacyChatResponse;
 /// Result of client calls.
 pub type Result<T, E = ClientError> = std::result::Result<T, E>;
 
+/// How long a connection attempt may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one request (not an event stream) may take, answer included.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long an event stream keeps reconnecting to a daemon that went away, by default.
+pub const DEFAULT_RECONNECT_DEADLINE: Duration = Duration::from_secs(60);
+
 /// A connection to one daemon: base URL and token. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct DaemonClient {
     base_url: String,
     token: String,
     http: reqwest::Client,
+    /// The home whose state file named this daemon ([`DaemonClient::discover`]): event
+    /// streams look there for a daemon that restarted on another port.
+    home: Option<std::path::PathBuf>,
+    /// How long event streams keep trying to reconnect; `None`: forever.
+    reconnect_deadline: Option<Duration>,
 }
 
 impl DaemonClient {
@@ -58,11 +71,27 @@ impl DaemonClient {
     /// assert_eq!(client.base_url(), "http://127.0.0.1:9999");
     /// ```
     pub fn new(base_url: impl Into<String>, token: impl Into<String>) -> Self {
+        // Timeouts on connecting and on silence; whole requests get theirs in `send` (an
+        // event stream is one long response and must not have one).
+        let http = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .build()
+            .unwrap_or_else(|_| reqwest::Client::new());
         Self {
             base_url: base_url.into().trim_end_matches('/').to_owned(),
             token: token.into(),
-            http: reqwest::Client::new(),
+            http,
+            home: None,
+            reconnect_deadline: Some(DEFAULT_RECONNECT_DEADLINE),
         }
+    }
+
+    /// How long event streams keep reconnecting to a daemon that went away before they end
+    /// with [`ClientError::DaemonGone`]; `None` keeps trying forever. Default 60 s.
+    pub fn with_reconnect_deadline(mut self, deadline: Option<Duration>) -> Self {
+        self.reconnect_deadline = deadline;
+        self
     }
 
     /// A client for the daemon a state file describes.
@@ -103,9 +132,25 @@ impl DaemonClient {
         })
     }
 
-    /// Finds the daemon of `home` through its state file.
+    /// Finds the daemon of `home` through its state file. Event streams of this client follow
+    /// the daemon to a new port when it restarts (they read the state file again).
     pub fn discover(home: &Path) -> Result<Self> {
-        Self::read_state(home).map(|s| Self::from_state(&s))
+        let mut client = Self::read_state(home).map(|s| Self::from_state(&s))?;
+        client.home = Some(home.to_owned());
+        Ok(client)
+    }
+
+    /// The daemon the state file of this client's home names now, when it is another one
+    /// than this client's (it restarted on another port); settings are kept.
+    pub(crate) fn rediscover(&self) -> Option<Self> {
+        let home = self.home.as_deref()?;
+        let state = Self::read_state(home).ok()?;
+        let found = Self::from_state(&state);
+        (found.base_url != self.base_url || found.token != self.token).then(|| Self {
+            home: self.home.clone(),
+            reconnect_deadline: self.reconnect_deadline,
+            ..found
+        })
     }
 
     /// The daemon's base URL.
@@ -127,6 +172,7 @@ impl DaemonClient {
         let mut request = self
             .http
             .request(method, format!("{}{path}", self.base_url))
+            .timeout(REQUEST_TIMEOUT)
             .bearer_auth(&self.token);
         if let Some(body) = body {
             request = request.json(body);

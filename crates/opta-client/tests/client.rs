@@ -333,3 +333,55 @@ async fn legacy_chat_returns_the_reply_and_surfaces_turn_errors() {
     );
     assert_eq!(err.code().as_deref(), Some("no-model-loaded"));
 }
+
+#[tokio::test]
+async fn a_stream_follows_a_daemon_to_its_new_port_and_gives_up_on_one_that_stays_away() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    lmx.push(Reply::slow(500, std::time::Duration::from_millis(20)));
+    let d = TestDaemon::start(&lmx.url()).await;
+    let home = d.home();
+    let c = DaemonClient::discover(&home).unwrap();
+    let id = SessionId::parse(&d.create_session(None).await).unwrap();
+    let mut events = c
+        .subscribe(&id, StartAt::After(0), Transport::WebSocket)
+        .await
+        .unwrap();
+    let turn = c.submit_turn(&id, &submit("long")).await.unwrap().turn_id;
+    lmx.wait_chat_requests(1).await;
+    // The daemon restarts on another port mid-turn: the stream finds it through the state
+    // file and delivers the turn's end (interrupted) without a gap.
+    let old_base = d.base.clone();
+    let d = d.restart().await;
+    assert_ne!(d.base, old_base);
+    let all = collect_until(&mut events, is_end_of(turn.as_str())).await;
+    let end = all.last().unwrap();
+    assert_eq!(end.event.name(), "turn.error");
+    let seqs: Vec<u64> = all.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+
+    // A daemon that goes away for good: the stream ends with a typed error in bounded time.
+    let c = DaemonClient::discover(&home)
+        .unwrap()
+        .with_reconnect_deadline(Some(std::time::Duration::from_millis(800)));
+    let mut events = c
+        .subscribe(&id, StartAt::Live, Transport::Sse)
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    d.stop().await;
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            match events.recv().await {
+                Some(Ok(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the stream gives up in time");
+    assert!(
+        matches!(ended, Some(Err(ClientError::DaemonGone { .. }))),
+        "{ended:?}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+}
