@@ -65,6 +65,39 @@ struct Chat<P: ExternalPrinter> {
     spinner: Option<indicatif::ProgressBar>,
     /// The last output did not end its line.
     line_open: bool,
+    /// Terminal echo is off while our turn streams.
+    echo_off: Option<EchoOff>,
+}
+
+/// Turns the terminal's echo off until dropped (then the saved settings come back).
+struct EchoOff {
+    saved: Option<nix::sys::termios::Termios>,
+}
+
+impl EchoOff {
+    fn new() -> Self {
+        use nix::sys::termios::{LocalFlags, SetArg, tcgetattr, tcsetattr};
+        let stdin = std::io::stdin();
+        let saved = tcgetattr(&stdin).ok();
+        if let Some(settings) = &saved {
+            let mut quiet = settings.clone();
+            quiet.local_flags.remove(LocalFlags::ECHO);
+            let _ = tcsetattr(&stdin, SetArg::TCSADRAIN, &quiet);
+        }
+        Self { saved }
+    }
+}
+
+impl Drop for EchoOff {
+    fn drop(&mut self) {
+        if let Some(settings) = &self.saved {
+            let _ = nix::sys::termios::tcsetattr(
+                std::io::stdin(),
+                nix::sys::termios::SetArg::TCSADRAIN,
+                settings,
+            );
+        }
+    }
 }
 
 pub async fn run(args: ChatArgs, home: &Path, daemon: &DaemonArgs) -> Result<ExitCode> {
@@ -161,6 +194,7 @@ pub async fn run(args: ChatArgs, home: &Path, daemon: &DaemonArgs) -> Result<Exi
         pending: String::new(),
         spinner: None,
         line_open: false,
+        echo_off: None,
     };
     chat.prompt(&prompt_tx);
     let mut watchdog = tokio::time::interval(std::time::Duration::from_secs(1));
@@ -245,6 +279,8 @@ impl<P: ExternalPrinter> Chat<P> {
     }
 
     fn prompt(&mut self, prompt_tx: &std::sync::mpsc::Sender<()>) {
+        // The line editor takes the terminal over again, echo restored.
+        self.echo_off = None;
         self.prompting = true;
         let _ = prompt_tx.send(());
     }
@@ -307,6 +343,9 @@ impl<P: ExternalPrinter> Chat<P> {
                 self.running = Some((answer.turn_id.clone(), TurnRenderer::new(answer.turn_id)));
                 self.cancel_sent = false;
                 self.spinner = ui::spinner("waiting for the model…");
+                // What is typed while the answer streams is kept for after it (the line
+                // editor's buffer holds it) but must not echo into the answer.
+                self.echo_off = Some(EchoOff::new());
                 Ok(LineResult::TurnRunning)
             }
             Err(e) => {

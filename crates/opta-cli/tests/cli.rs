@@ -950,3 +950,66 @@ async fn daemon_management_edges() {
     assert_eq!(text(&stop.stdout), "opta daemon is not running\n");
     assert!(!state.exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_keeps_pasted_and_typed_ahead_lines_in_order() {
+    use expectrl::process::Termios;
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let home = Home::new(&lmx.url());
+    let mut chat = expectrl::Session::spawn(home.command(&["chat"])).unwrap();
+    // A terminal as people have it: echo on (so echo during a turn would show).
+    chat.set_echo(true).unwrap();
+    chat.set_expect_timeout(Some(Duration::from_secs(20)));
+    tokio::task::block_in_place(|| {
+        step(&mut chat, "opta› ");
+        // A paste of three lines at once.
+        chat.send("alpha one\rbravo two\rcharlie three\r").unwrap();
+        step(&mut chat, "echo: alpha one");
+        step(&mut chat, "echo: bravo two");
+        step(&mut chat, "echo: charlie three");
+        step(&mut chat, "opta› ");
+    });
+    // Typed while a turn streams: kept, and run after it.
+    lmx.push(Reply::slow(30, Duration::from_millis(30)));
+    tokio::task::block_in_place(|| {
+        chat.send_line("slow one").unwrap();
+        step(&mut chat, "w1 ");
+        chat.send("delta four\recho five\r").unwrap();
+        // Not echoed into the streaming answer.
+        let streamed = chat.expect("w29").unwrap();
+        let streamed = String::from_utf8_lossy(streamed.before()).into_owned();
+        assert!(!streamed.contains("delta four"), "{streamed:?}");
+        step(&mut chat, "echo: delta four");
+        step(&mut chat, "echo: echo five");
+        step(&mut chat, "opta› ");
+        chat.send_line("/exit").unwrap();
+        step(&mut chat, expectrl::Eof);
+    });
+    // Every line became a turn, in the order typed.
+    let list = home.opta(&["sessions", "list", "--json"]).await;
+    let list: Value = serde_json::from_slice(&list.stdout).unwrap();
+    let id = list["sessions"][0]["sessionId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let show = home.opta(&["sessions", "show", &id, "--json"]).await;
+    let show: Value = serde_json::from_slice(&show.stdout).unwrap();
+    let asked: Vec<&str> = show["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["role"] == "user")
+        .map(|m| m["content"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        asked,
+        [
+            "alpha one",
+            "bravo two",
+            "charlie three",
+            "slow one",
+            "delta four",
+            "echo five"
+        ]
+    );
+}
