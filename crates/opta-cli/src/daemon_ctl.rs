@@ -18,6 +18,7 @@ const WAIT: Duration = Duration::from_secs(30);
 
 /// Flags of `opta daemon run`, shared by every command that may start the daemon.
 #[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Daemon options (when this command starts the daemon)")]
 pub struct DaemonArgs {
     /// Address to bind; anything but loopback exposes the daemon to the network.
     #[arg(long, env = "OPTA_HOST", default_value = "127.0.0.1", global = true)]

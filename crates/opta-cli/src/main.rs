@@ -32,7 +32,12 @@ use crate::daemon_ctl::DaemonArgs;
 #[command(name = "opta", version, about = "Local AI-agent hub: daemon and CLI")]
 struct Cli {
     /// Home directory (default ~/.config/opta); daemon files go to HOME/daemon/.
-    #[arg(long, env = "OPTA_HOME", global = true)]
+    #[arg(
+        long,
+        env = "OPTA_HOME",
+        global = true,
+        help_heading = "Global options"
+    )]
     home: Option<PathBuf>,
     #[command(flatten)]
     daemon: DaemonArgs,
@@ -64,6 +69,13 @@ enum Command {
         #[arg(long, global = true)]
         json: bool,
     },
+    /// Print a shell completion script (`opta completions bash > /etc/bash_completion.d/opta`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff; `opta man | man -l -`).
+    Man,
 }
 
 fn main() -> ExitCode {
@@ -104,6 +116,19 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     let home = std::path::absolute(&home)
         .with_context(|| format!("resolving the home directory {}", home.display()))?;
     match cli.command {
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut command, "opta", &mut script);
+            std::io::Write::write_all(&mut std::io::stdout(), &script)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::Man => {
+            let mut page = Vec::new();
+            clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).render(&mut page)?;
+            std::io::Write::write_all(&mut std::io::stdout(), &page)?;
+            return Ok(ExitCode::SUCCESS);
+        }
         Command::Daemon { action } => daemon_cmd::run(action, &home, &cli.daemon).await,
         Command::Do(args) => do_cmd::run(args, &home, &cli.daemon).await,
         Command::Chat(args) => chat::run(args, &home, &cli.daemon).await,

@@ -76,13 +76,16 @@ pub async fn models(
                         m.status.clone(),
                         m.memory_bytes.map(human_bytes).unwrap_or_default(),
                         m.context_length.map(|c| c.to_string()).unwrap_or_default(),
-                        m.loaded_at.clone().unwrap_or_default(),
+                        m.loaded_at
+                            .as_deref()
+                            .map(|t| ui::ago(t, chrono::Utc::now()))
+                            .unwrap_or_default(),
                     ]
                 })
                 .collect();
             outln!(
                 "{}",
-                ui::table(&["MODEL", "STATE", "MEMORY", "CONTEXT", "LOADED AT"], &rows)
+                ui::table(&["MODEL", "STATE", "MEMORY", "CONTEXT", "LOADED"], &rows)
             );
             outln!(
                 "{}",

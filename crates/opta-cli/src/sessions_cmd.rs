@@ -157,13 +157,14 @@ pub async fn sessions(
 
 /// Sessions as a table for people.
 pub fn sessions_table(sessions: &[SessionSnapshot]) -> String {
+    let now = chrono::Utc::now();
     let rows: Vec<Vec<String>> = sessions
         .iter()
         .map(|s| {
             vec![
                 s.session_id.to_string(),
                 s.model.clone(),
-                s.updated_at.clone(),
+                ui::ago(&s.updated_at, now),
                 match &s.active_turn_id {
                     Some(_) => format!("running, {} queued", s.queued_turns),
                     None if s.queued_turns > 0 => format!("{} queued", s.queued_turns),

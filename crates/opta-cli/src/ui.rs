@@ -39,6 +39,24 @@ pub fn spinner(message: &str) -> Option<ProgressBar> {
     Some(bar)
 }
 
+/// An ISO-8601 time as people say it relative to `now`: "just now", "3 min ago", "2 h ago",
+/// "5 days ago", or the date for anything older than a month; the text itself if it does
+/// not parse.
+pub fn ago(iso: &str, now: chrono::DateTime<chrono::Utc>) -> String {
+    let Ok(then) = chrono::DateTime::parse_from_rfc3339(iso) else {
+        return iso.to_owned();
+    };
+    let seconds = (now - then.with_timezone(&chrono::Utc)).num_seconds();
+    match seconds {
+        ..=-60 => then.format("%Y-%m-%d %H:%M").to_string(),
+        -59..=44 => "just now".into(),
+        45..=5_399 => format!("{} min ago", ((seconds + 30) / 60).max(1)),
+        5_400..=129_599 => format!("{} h ago", (seconds + 1_800) / 3_600),
+        129_600..=2_591_999 => format!("{} days ago", (seconds + 43_200) / 86_400),
+        _ => then.format("%Y-%m-%d").to_string(),
+    }
+}
+
 /// Renders rows as aligned columns under a header; cells are made safe to print (a newline
 /// in one cannot forge a row).
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
@@ -94,6 +112,25 @@ mod tests {
             ],
         );
         assert_eq!(t, "ID         MODEL\na          m1\nlonger-id  m2");
+    }
+
+    #[test]
+    fn times_for_people() {
+        let now = chrono::DateTime::parse_from_rfc3339("2026-11-30T12:00:00Z")
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        let cases = [
+            ("2026-11-30T11:59:50Z", "just now"),
+            ("2026-11-30T11:57:00.123Z", "3 min ago"),
+            ("2026-11-30T10:00:00Z", "2 h ago"),
+            ("2026-11-25T12:00:00Z", "5 days ago"),
+            ("2026-01-02T03:04:05Z", "2026-01-02"),
+            ("2026-11-30T13:30:00Z", "2026-11-30 13:30"),
+            ("not a time", "not a time"),
+        ];
+        for (iso, said) in cases {
+            assert_eq!(super::ago(iso, now), said, "{iso}");
+        }
     }
 
     #[test]

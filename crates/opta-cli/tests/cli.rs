@@ -1013,3 +1013,47 @@ async fn chat_keeps_pasted_and_typed_ahead_lines_in_order() {
         ]
     );
 }
+
+#[tokio::test]
+async fn help_completions_man_page_and_human_times() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let home = Home::new(&lmx.url());
+    // A command's own options come first; the daemon's under their own heading.
+    let help = text(&home.opta(&["do", "--help"]).await.stdout);
+    let own = help.find("--session").unwrap();
+    let heading = help.find("Daemon options").unwrap();
+    let daemon_flag = help.find("--lmx-url").unwrap();
+    assert!(own < heading && heading < daemon_flag, "{help}");
+    for (shell, marker) in [
+        ("bash", "complete"),
+        ("zsh", "#compdef opta"),
+        ("fish", "complete -c opta"),
+    ] {
+        let out = home.opta(&["completions", shell]).await;
+        assert!(out.status.success(), "{shell}: {}", text(&out.stderr));
+        let script = text(&out.stdout);
+        assert!(
+            script.contains(marker) && script.contains("sessions"),
+            "{shell}: {script}"
+        );
+    }
+    let man = home.opta(&["man"]).await;
+    assert!(
+        text(&man.stdout).starts_with(".ie"),
+        "{}",
+        &text(&man.stdout)[..200.min(man.stdout.len())]
+    );
+    assert!(text(&man.stdout).contains(".TH opta"));
+    // Tables say when in words; JSON keeps ISO-8601.
+    assert!(home.opta(&["do", "hello"]).await.status.success());
+    let table = text(&home.opta(&["sessions", "list"]).await.stdout);
+    assert!(table.contains("just now"), "{table}");
+    let json = home.opta(&["sessions", "list", "--json"]).await;
+    let json: Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert!(
+        json["sessions"][0]["updatedAt"]
+            .as_str()
+            .unwrap()
+            .ends_with('Z')
+    );
+}
