@@ -121,13 +121,13 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let mut script = Vec::new();
             clap_complete::generate(shell, &mut command, "opta", &mut script);
             std::io::Write::write_all(&mut std::io::stdout(), &script)?;
-            return Ok(ExitCode::SUCCESS);
+            Ok(ExitCode::SUCCESS)
         }
         Command::Man => {
             let mut page = Vec::new();
             clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).render(&mut page)?;
             std::io::Write::write_all(&mut std::io::stdout(), &page)?;
-            return Ok(ExitCode::SUCCESS);
+            Ok(ExitCode::SUCCESS)
         }
         Command::Daemon { action } => daemon_cmd::run(action, &home, &cli.daemon).await,
         Command::Do(args) => do_cmd::run(args, &home, &cli.daemon).await,
