@@ -14,6 +14,7 @@ mod chat;
 mod daemon_cmd;
 mod daemon_ctl;
 mod do_cmd;
+mod doctor_cmd;
 mod models_cmd;
 mod render;
 mod sanitize;
@@ -67,6 +68,12 @@ enum Command {
         action: Option<models_cmd::ModelsAction>,
         /// Print JSON (before or after the subcommand).
         #[arg(long, global = true)]
+        json: bool,
+    },
+    /// Check the daemon, the inference server (kind, models, tool support) and disk space.
+    Doctor {
+        /// Print JSON.
+        #[arg(long)]
         json: bool,
     },
     /// Print a shell completion script (`opta completions bash > /etc/bash_completion.d/opta`).
@@ -123,6 +130,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             std::io::Write::write_all(&mut std::io::stdout(), &script)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Doctor { json } => doctor_cmd::doctor(json, &home, &cli.daemon).await,
         Command::Man => {
             let mut page = Vec::new();
             clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).render(&mut page)?;

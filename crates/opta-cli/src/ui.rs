@@ -19,6 +19,11 @@ pub fn error_label() -> String {
     style("error:").red().bold().for_stderr().to_string()
 }
 
+/// Dimmed text for stdout.
+pub fn dim_out(text: &str) -> String {
+    style(text).dim().to_string()
+}
+
 /// Dimmed text for stderr notes.
 pub fn dim(text: &str) -> String {
     style(text).dim().for_stderr().to_string()

@@ -1057,3 +1057,49 @@ async fn help_completions_man_page_and_human_times() {
             .ends_with('Z')
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_says_what_works_and_what_to_do_about_what_does_not() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let home = Home::new(&lmx.url());
+    assert!(home.opta(&["daemon", "start"]).await.status.success());
+    let out = home.opta(&["doctor"]).await;
+    let report = text(&out.stdout);
+    assert!(out.status.success(), "{report}{}", text(&out.stderr));
+    for line in [
+        "ok    daemon       running at",
+        "ok    inference    ",
+        "ok    server kind  Opta LMX (admin API)",
+        "ok    models       loaded: default",
+        "ok    tools        default accepts tool definitions",
+        "ok    disk         ",
+    ] {
+        assert!(report.contains(line), "{line:?} in\n{report}");
+    }
+    // JSON for scripts; a server that refuses tools is a warning, not a failure.
+    lmx.set_rejects_tools(true);
+    let out = home.opta(&["doctor", "--json"]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["ok"], true);
+    let tools = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "tools")
+        .unwrap();
+    assert_eq!(tools["status"], "warn", "{tools}");
+    assert!(
+        tools["detail"]
+            .as_str()
+            .unwrap()
+            .contains("does not support tools")
+    );
+    // The inference server goes away: a failure with a hint, exit 1.
+    lmx.stop().await;
+    let out = home.opta(&["doctor"]).await;
+    let report = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{report}");
+    assert!(report.contains("fail  inference"), "{report}");
+    assert!(report.contains("→ start your inference server"), "{report}");
+}

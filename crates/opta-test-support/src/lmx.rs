@@ -179,6 +179,9 @@ struct Shared {
     models_hang: std::sync::atomic::AtomicBool,
     /// Pause before answering a model list.
     models_delay: Mutex<Duration>,
+    /// Chat requests carrying `tools` get a 400, as Ollama answers for models without tool
+    /// support.
+    rejects_tools: std::sync::atomic::AtomicBool,
     /// The most recent chat request bodies (at most [`KEPT_REQUESTS`]).
     requests: Mutex<std::collections::VecDeque<Value>>,
     chat_requests: AtomicUsize,
@@ -301,6 +304,11 @@ impl ScriptedLmx {
         self.shared.models_hang.store(hangs, Ordering::SeqCst);
     }
 
+    /// Whether chat requests with `tools` are refused with a 400 (default false).
+    pub fn set_rejects_tools(&self, rejects: bool) {
+        self.shared.rejects_tools.store(rejects, Ordering::SeqCst);
+    }
+
     /// Pause before answering each model list.
     pub fn set_model_list_delay(&self, delay: Duration) {
         *lock(&self.shared.models_delay) = delay;
@@ -420,6 +428,14 @@ async fn chat(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
     shared.chat_seen.notify_waiters();
     let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let model = request["model"].as_str().unwrap_or("default").to_owned();
+    if shared.rejects_tools.load(Ordering::SeqCst) && request.get("tools").is_some() {
+        let message = format!("registry.ollama.ai/library/{model} does not support tools");
+        return (
+            StatusCode::BAD_REQUEST,
+            axum::Json(json!({"error": {"message": message}})),
+        )
+            .into_response();
+    }
     let reply = lock(&shared.replies).pop_front().unwrap_or_else(|| {
         let last_user = request["messages"]
             .as_array()
