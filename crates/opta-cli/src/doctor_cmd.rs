@@ -65,12 +65,30 @@ impl Check {
     }
 }
 
-pub async fn doctor(json: bool, home: &Path, daemon: &DaemonArgs) -> Result<ExitCode> {
+/// `config_problem`: why the settings file could not be used, if it could not.
+pub async fn doctor(
+    json: bool,
+    home: &Path,
+    daemon: &DaemonArgs,
+    config_problem: Option<String>,
+) -> Result<ExitCode> {
     let http = reqwest::Client::builder()
         .timeout(PROBE_TIMEOUT)
         .build()
         .unwrap_or_else(|_| reqwest::Client::new());
-    let mut checks = vec![check_daemon(home).await];
+    let config_file = crate::config::path(home);
+    let config = match config_problem {
+        Some(why) => Check::fail(
+            "config",
+            sanitize::line(&why).into_owned(),
+            "fix it with `opta config set|unset KEY`, or edit the file",
+        ),
+        None if config_file.exists() => {
+            Check::ok("config", format!("{} is valid", config_file.display()))
+        }
+        None => Check::ok("config", "no settings file (defaults, flags, environment)"),
+    };
+    let mut checks = vec![config, check_daemon(home).await];
     let lmx_url = daemon.lmx_url.trim_end_matches('/');
     let models = list_models(&http, lmx_url).await;
     checks.push(match &models {
@@ -261,7 +279,9 @@ fn check_disk(home: &Path) -> Check {
     let existing = home.ancestors().find(|p| p.exists()).unwrap_or(home);
     match nix::sys::statvfs::statvfs(existing) {
         Ok(stats) => {
-            let free = stats.blocks_available().saturating_mul(stats.fragment_size());
+            let free = stats
+                .blocks_available()
+                .saturating_mul(stats.fragment_size());
             let detail = format!("{} free at {}", human_gib(free), existing.display());
             if free < DISK_FAIL_BYTES {
                 Check::fail(

@@ -11,6 +11,7 @@ macro_rules! outln {
 }
 
 mod chat;
+mod config;
 mod daemon_cmd;
 mod daemon_ctl;
 mod do_cmd;
@@ -70,6 +71,11 @@ enum Command {
         #[arg(long, global = true)]
         json: bool,
     },
+    /// Read and change the settings file ($OPTA_HOME/config.toml).
+    Config {
+        #[command(subcommand)]
+        action: config::ConfigAction,
+    },
     /// Check the daemon, the inference server (kind, models, tool support) and disk space.
     Doctor {
         /// Print JSON.
@@ -86,7 +92,11 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     ui::init_colours();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -99,7 +109,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    match runtime.block_on(run(cli, &matches)) {
         Ok(code) => code,
         Err(e) if is_broken_pipe(&e) => exit_code_for_broken_pipe(),
         Err(e) => {
@@ -114,7 +124,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> Result<ExitCode> {
+async fn run(mut cli: Cli, matches: &clap::ArgMatches) -> Result<ExitCode> {
     let home = match cli.home {
         Some(h) => h,
         None => daemon_ctl::default_home()?,
@@ -122,6 +132,26 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     // Absolute, so what the daemon records (its log path) means the same from anywhere.
     let home = std::path::absolute(&home)
         .with_context(|| format!("resolving the home directory {}", home.display()))?;
+    // The settings file fills in what neither a flag nor the environment set. A broken file
+    // stops every command but the ones that repair it.
+    let repairs_config = matches!(
+        cli.command,
+        Command::Config {
+            action: config::ConfigAction::Get { .. }
+                | config::ConfigAction::Set { .. }
+                | config::ConfigAction::Unset { .. }
+        } | Command::Completions { .. }
+            | Command::Man
+    );
+    // `doctor` reports a broken file as one of its checks rather than stopping.
+    let mut config_problem = None;
+    if matches!(cli.command, Command::Doctor { .. }) {
+        config_problem = config::apply(&home, &mut cli.daemon, matches)
+            .err()
+            .map(|e| format!("{e:#}"));
+    } else if !repairs_config {
+        config::apply(&home, &mut cli.daemon, matches)?;
+    }
     match cli.command {
         Command::Completions { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();
@@ -130,7 +160,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             std::io::Write::write_all(&mut std::io::stdout(), &script)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Doctor { json } => doctor_cmd::doctor(json, &home, &cli.daemon).await,
+        Command::Config { action } => config::run(action, &home, &cli.daemon, matches),
+        Command::Doctor { json } => {
+            doctor_cmd::doctor(json, &home, &cli.daemon, config_problem).await
+        }
         Command::Man => {
             let mut page = Vec::new();
             clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).render(&mut page)?;

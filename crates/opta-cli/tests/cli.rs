@@ -1067,6 +1067,7 @@ async fn doctor_says_what_works_and_what_to_do_about_what_does_not() {
     let report = text(&out.stdout);
     assert!(out.status.success(), "{report}{}", text(&out.stderr));
     for line in [
+        "ok    config       no settings file",
         "ok    daemon       running at",
         "ok    inference    ",
         "ok    server kind  Opta LMX (admin API)",
@@ -1102,4 +1103,116 @@ async fn doctor_says_what_works_and_what_to_do_about_what_does_not() {
     assert_eq!(out.status.code(), Some(1), "{report}");
     assert!(report.contains("fail  inference"), "{report}");
     assert!(report.contains("→ start your inference server"), "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_config_file_sits_between_the_environment_and_the_defaults() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let home = Home::new(&lmx.url());
+    let file = home.path().join("config.toml");
+    std::fs::create_dir_all(home.path()).unwrap();
+    std::fs::write(
+        &file,
+        "# my settings\nlmx-url = \"http://127.0.0.1:7\" # a server that is not there\n",
+    )
+    .unwrap();
+    let origin = |cmd: &mut Command| {
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout)
+            .lines()
+            .find(|l| l.starts_with("lmx-url = "))
+            .unwrap()
+            .to_owned()
+    };
+    // The harness sets OPTA_LMX_URL; without it the file wins over the default.
+    let mut cmd = home.command(&["config", "list", "--origin"]);
+    cmd.env_remove("OPTA_LMX_URL");
+    assert_eq!(origin(&mut cmd), "lmx-url = http://127.0.0.1:7  (file)");
+    let mut cmd = home.command(&["config", "list", "--origin"]);
+    assert_eq!(origin(&mut cmd), format!("lmx-url = {}  (env)", lmx.url()));
+    let mut cmd = home.command(&[
+        "config",
+        "list",
+        "--origin",
+        "--lmx-url",
+        "http://127.0.0.1:8",
+    ]);
+    assert_eq!(origin(&mut cmd), "lmx-url = http://127.0.0.1:8  (flag)");
+    // A daemon started with only the file uses the file's server.
+    let mut cmd = home.command(&["do", "--daemon-wait", "1", "hi"]);
+    cmd.env_remove("OPTA_LMX_URL");
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        text(&out.stderr).contains("lmx-connection-refused"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(home.opta(&["daemon", "stop"]).await.status.success());
+
+    // `set` keeps the user's comments; bad values name their key.
+    assert!(
+        home.opta(&["config", "set", "model", "qwen"])
+            .await
+            .status
+            .success()
+    );
+    assert!(
+        home.opta(&["config", "set", "max-db-mb", "512"])
+            .await
+            .status
+            .success()
+    );
+    let kept = std::fs::read_to_string(&file).unwrap();
+    assert_eq!(
+        kept,
+        "# my settings\nlmx-url = \"http://127.0.0.1:7\" # a server that is not there\nmodel = \"qwen\"\nmax-db-mb = 512\n"
+    );
+    let bad = home.opta(&["config", "set", "port", "70000"]).await;
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(
+        text(&bad.stderr).contains("config key port"),
+        "{}",
+        text(&bad.stderr)
+    );
+    assert_eq!(
+        text(&home.opta(&["config", "get", "model"]).await.stdout),
+        "qwen\n"
+    );
+
+    // A broken file stops the daemon from starting on silent defaults, and names the key.
+    std::fs::write(&file, "max-db-mb = \"lots\"\nbogus = 1\n").unwrap();
+    let refused = home.opta(&["daemon", "start"]).await;
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        text(&refused.stderr).contains("max-db-mb"),
+        "{}",
+        text(&refused.stderr)
+    );
+    assert!(home.state().is_none(), "no daemon started");
+    // `doctor` says so (and still checks the rest).
+    let doctor = home.opta(&["doctor"]).await;
+    assert_eq!(doctor.status.code(), Some(1));
+    let report = text(&doctor.stdout);
+    assert!(
+        report.contains("fail  config") && report.contains("max-db-mb"),
+        "{report}"
+    );
+    assert!(report.contains("inference"), "{report}");
+    // It can be repaired with the same command.
+    assert!(
+        home.opta(&["config", "unset", "bogus"])
+            .await
+            .status
+            .success()
+    );
+    assert!(
+        home.opta(&["config", "unset", "max-db-mb"])
+            .await
+            .status
+            .success()
+    );
+    assert!(home.opta(&["daemon", "start"]).await.status.success());
 }
