@@ -293,6 +293,11 @@ impl<P: ExternalPrinter> Chat<P> {
     }
 
     fn emit(&mut self, text: &str) {
+        // The spinner only fills the wait for the first output: clear it before anything
+        // is printed, so its line does not stay in the scrollback.
+        if let Some(spinner) = self.spinner.take() {
+            spinner.finish_and_clear();
+        }
         if let Some(last) = text.chars().last() {
             self.line_open = last != '\n';
         }
@@ -438,18 +443,19 @@ impl<P: ExternalPrinter> Chat<P> {
 
     /// Handles one event; true when our turn ended and the prompt should come back.
     async fn on_event(&mut self, envelope: Envelope) -> Result<bool> {
-        let ours = self
-            .running
-            .as_ref()
-            .and_then(|(_, renderer)| renderer.on_event(&envelope.event));
-        if let Some(output) = ours {
-            if let Some(s) = self.spinner.take() {
-                s.finish_and_clear();
-            }
-            return self.on_own_output(output).await;
+        let Some((turn_id, renderer)) = &self.running else {
+            self.on_other_event(&envelope.event);
+            return Ok(false);
+        };
+        // Our own turn is never announced as another client's.
+        if envelope.event.turn_id() != Some(turn_id) {
+            self.on_other_event(&envelope.event);
+            return Ok(false);
         }
-        self.on_other_event(&envelope.event);
-        Ok(false)
+        match renderer.on_event(&envelope.event) {
+            Some(output) => self.on_own_output(output).await,
+            None => Ok(false),
+        }
     }
 
     async fn on_own_output(&mut self, output: Output) -> Result<bool> {
@@ -467,7 +473,7 @@ impl<P: ExternalPrinter> Chat<P> {
             Output::Finished(outcome) => {
                 self.emit("\n");
                 match outcome {
-                    Outcome::Done(_) => {}
+                    Outcome::Done(stats) => self.say(&crate::render::stats_line(&stats)),
                     Outcome::Failed { code, message } => report_failure(code, &message),
                 }
                 self.running = None;

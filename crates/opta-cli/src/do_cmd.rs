@@ -198,7 +198,13 @@ pub async fn run(args: DoArgs, home: &Path, daemon: &DaemonArgs) -> Result<ExitC
         return Ok(crate::exit_code_for_broken_pipe());
     }
     Ok(match outcome {
-        Outcome::Done(_) => ExitCode::SUCCESS,
+        Outcome::Done(stats) => {
+            // The figures are for the person watching, not for scripts reading stdout.
+            if !args.json && std::io::stderr().is_terminal() {
+                eprintln!("{}", ui::dim(&crate::render::stats_line(&stats)));
+            }
+            ExitCode::SUCCESS
+        }
         Outcome::Failed { code, message } => {
             report_failure(code, &message);
             if code == Some(TurnErrorCode::Cancelled) {

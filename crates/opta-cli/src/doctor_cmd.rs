@@ -89,7 +89,15 @@ pub async fn doctor(
         None => Check::ok("config", "no settings file (defaults, flags, environment)"),
     };
     let mut checks = vec![config, check_daemon(home).await];
-    let lmx_url = daemon.lmx_url.trim_end_matches('/');
+    // The inference server the running daemon uses, when it can tell; else the configured one.
+    let in_use = match daemon_ctl::running(home).await {
+        Some(r) => r.client.lmx_status().await.ok().map(|s| s.url),
+        None => None,
+    };
+    let lmx_url = in_use
+        .as_deref()
+        .unwrap_or(&daemon.lmx_url)
+        .trim_end_matches('/');
     let models = list_models(&http, lmx_url).await;
     checks.push(match &models {
         Ok(_) => Check::ok("inference", format!("{lmx_url} answers")),

@@ -196,6 +196,31 @@ impl PermissionPolicy {
     }
 }
 
+/// The figures of a finished turn, for the dim line after an answer: tokens, speed, time to
+/// the first token, tool calls, elapsed.
+pub fn stats_line(stats: &TurnStats) -> String {
+    let mut parts = vec![format!("{} tokens", stats.completion_tokens)];
+    if stats.speed > 0.0 {
+        parts.push(format!("{:.1} tok/s", stats.speed));
+    }
+    if let Some(ms) = stats.first_token_latency_ms {
+        parts.push(format!("first token {}", human_ms(ms)));
+    }
+    if stats.tool_calls > 0 {
+        parts.push(format!("{} tool calls", stats.tool_calls));
+    }
+    parts.push(human_ms(stats.elapsed * 1000.0));
+    parts.join(" · ")
+}
+
+fn human_ms(ms: f64) -> String {
+    if ms < 1000.0 {
+        format!("{ms:.0} ms")
+    } else {
+        format!("{:.1} s", ms / 1000.0)
+    }
+}
+
 /// Prints a failed turn on stderr: the code, the message and (unless it was a cancel) a hint.
 pub fn report_failure(code: Option<TurnErrorCode>, message: &str) {
     let label = code
@@ -265,6 +290,23 @@ mod tests {
                 serde_json::from_value::<Envelope>(v).unwrap().event
             })
             .collect()
+    }
+
+    #[test]
+    fn the_figures_line() {
+        let stats = TurnStats {
+            tokens: 42,
+            prompt_tokens: 10,
+            completion_tokens: 42,
+            tool_calls: 2,
+            elapsed: 3.25,
+            speed: 14.04,
+            first_token_latency_ms: Some(180.4),
+        };
+        assert_eq!(
+            stats_line(&stats),
+            "42 tokens · 14.0 tok/s · first token 180 ms · 2 tool calls · 3.2 s"
+        );
     }
 
     #[test]

@@ -1216,3 +1216,23 @@ async fn the_config_file_sits_between_the_environment_and_the_defaults() {
     );
     assert!(home.opta(&["daemon", "start"]).await.status.success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_shows_its_own_turn_without_a_header_and_its_figures_after() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let home = Home::new(&lmx.url());
+    let mut chat = expectrl::Session::spawn(home.command(&["chat"])).unwrap();
+    chat.set_expect_timeout(Some(Duration::from_secs(20)));
+    tokio::task::block_in_place(|| {
+        step(&mut chat, "opta› ");
+        chat.send_line("hello there").unwrap();
+        let answer = chat.expect("echo: hello there").unwrap();
+        let before = String::from_utf8_lossy(answer.before()).into_owned();
+        assert!(!before.contains("turn from"), "{before:?}");
+        let figures = chat.expect("opta› ").unwrap();
+        let figures = String::from_utf8_lossy(figures.before()).into_owned();
+        assert!(figures.contains("tokens ·"), "{figures:?}");
+        chat.send_line("/exit").unwrap();
+        step(&mut chat, expectrl::Eof);
+    });
+}
