@@ -43,6 +43,9 @@ pub struct ChatArgs {
     /// Show the model's reasoning (dimmed).
     #[arg(long)]
     thinking: bool,
+    /// Print answers as they come, without rendering their markdown.
+    #[arg(long)]
+    plain: bool,
 }
 
 struct Chat<P: ExternalPrinter> {
@@ -67,6 +70,9 @@ struct Chat<P: ExternalPrinter> {
     line_open: bool,
     /// Terminal echo is off while our turn streams.
     echo_off: Option<EchoOff>,
+    /// Renders our turn's answer.
+    markdown: crate::markdown::MarkdownStream,
+    plain: bool,
 }
 
 /// Turns the terminal's echo off until dropped (then the saved settings come back).
@@ -195,6 +201,8 @@ pub async fn run(args: ChatArgs, home: &Path, daemon: &DaemonArgs) -> Result<Exi
         spinner: None,
         line_open: false,
         echo_off: None,
+        markdown: crate::markdown::MarkdownStream::for_stdout(args.plain),
+        plain: args.plain,
     };
     chat.prompt(&prompt_tx);
     let mut watchdog = tokio::time::interval(std::time::Duration::from_secs(1));
@@ -351,6 +359,7 @@ impl<P: ExternalPrinter> Chat<P> {
                 // What is typed while the answer streams is kept for after it (the line
                 // editor's buffer holds it) but must not echo into the answer.
                 self.echo_off = Some(EchoOff::new());
+                self.markdown = crate::markdown::MarkdownStream::for_stdout(self.plain);
                 Ok(LineResult::TurnRunning)
             }
             Err(e) => {
@@ -460,7 +469,10 @@ impl<P: ExternalPrinter> Chat<P> {
 
     async fn on_own_output(&mut self, output: Output) -> Result<bool> {
         match output {
-            Output::Text(text) => self.emit(&text),
+            Output::Text(text) => {
+                let shown = self.markdown.push(&text);
+                self.emit(&shown);
+            }
             Output::Thinking(text) => {
                 if self.thinking {
                     self.emit(&ui::dim(&text));
@@ -471,7 +483,8 @@ impl<P: ExternalPrinter> Chat<P> {
                 answer_permission(&self.client, &self.session, &ask, &mut self.policy).await?;
             }
             Output::Finished(outcome) => {
-                self.emit("\n");
+                let last_line = self.markdown.finish();
+                self.emit(&format!("{last_line}\n"));
                 match outcome {
                     Outcome::Done(stats) => self.say(&crate::render::stats_line(&stats)),
                     Outcome::Failed { code, message } => report_failure(code, &message),

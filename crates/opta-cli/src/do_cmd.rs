@@ -43,6 +43,9 @@ pub struct DoArgs {
     /// Show the model's reasoning (dimmed, on stderr).
     #[arg(long)]
     thinking: bool,
+    /// Print the answer as it comes, without rendering its markdown.
+    #[arg(long)]
+    plain: bool,
     /// Seconds to wait for a daemon that went away mid-turn to come back before giving up.
     #[arg(long, default_value_t = 30)]
     daemon_wait: u64,
@@ -105,6 +108,7 @@ pub async fn run(args: DoArgs, home: &Path, daemon: &DaemonArgs) -> Result<ExitC
         ui::spinner("waiting for the model…")
     };
     let mut stdout = std::io::stdout();
+    let mut markdown = crate::markdown::MarkdownStream::for_stdout(args.plain || args.json);
     let mut interrupts = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
         .context("installing the Ctrl-C handler")?;
     let mut cancel_sent = false;
@@ -169,7 +173,8 @@ pub async fn run(args: DoArgs, home: &Path, daemon: &DaemonArgs) -> Result<ExitC
         match output {
             Output::Text(text) => {
                 if !args.json {
-                    if let Err(e) = write!(stdout, "{text}").and_then(|()| stdout.flush()) {
+                    let shown = markdown.push(&text);
+                    if let Err(e) = write!(stdout, "{shown}").and_then(|()| stdout.flush()) {
                         return stdout_failed(e, &client, &session, &turn_id).await;
                     }
                     wrote_text = true;
@@ -191,7 +196,8 @@ pub async fn run(args: DoArgs, home: &Path, daemon: &DaemonArgs) -> Result<ExitC
             Output::Finished(outcome) => break outcome,
         }
     };
-    if wrote_text && let Err(e) = writeln!(stdout) {
+    let last_line = markdown.finish();
+    if wrote_text && let Err(e) = writeln!(stdout, "{last_line}") {
         if e.kind() != std::io::ErrorKind::BrokenPipe {
             return Err(e.into());
         }

@@ -16,6 +16,7 @@ mod daemon_cmd;
 mod daemon_ctl;
 mod do_cmd;
 mod doctor_cmd;
+mod markdown;
 mod models_cmd;
 mod render;
 mod sanitize;
