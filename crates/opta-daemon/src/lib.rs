@@ -1,6 +1,7 @@
 //! The opta daemon library: session actors, the SQLite store, the inference client and the
 //! v3 HTTP/WebSocket/SSE edge. `opta daemon run` is a thin wrapper around [`RunningDaemon`].
 
+pub mod agent;
 pub mod context;
 pub mod daemon;
 pub mod error;
