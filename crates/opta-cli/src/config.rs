@@ -52,6 +52,8 @@ const KEYS: &[(&str, &str, Kind)] = &[
     ),
     ("lmx-admin-timeout-ms", "lmx_admin_timeout_ms", Kind::Number),
     ("max-db-mb", "max_db_mb", Kind::Number),
+    ("evict-idle-secs", "evict_idle_secs", Kind::Number),
+    ("evict-scan-secs", "evict_scan_secs", Kind::Number),
     ("sync-commits", "sync_commits", Kind::Switch),
 ];
 
@@ -198,6 +200,8 @@ fn set_field(args: &mut DaemonArgs, key: &str, text: &str) -> Result<()> {
         "lmx-first-token-timeout-ms" => args.lmx_first_token_timeout_ms = number()?,
         "lmx-admin-timeout-ms" => args.lmx_admin_timeout_ms = number()?,
         "max-db-mb" => args.max_db_mb = number()?,
+        "evict-idle-secs" => args.evict_idle_secs = number()?.max(1),
+        "evict-scan-secs" => args.evict_scan_secs = number()?.max(1),
         "sync-commits" => args.sync_commits = text == "true",
         other => bail!("unknown config key {other:?}"),
     }
@@ -218,6 +222,8 @@ fn get_field(args: &DaemonArgs, key: &str) -> String {
         "lmx-first-token-timeout-ms" => args.lmx_first_token_timeout_ms.to_string(),
         "lmx-admin-timeout-ms" => args.lmx_admin_timeout_ms.to_string(),
         "max-db-mb" => args.max_db_mb.to_string(),
+        "evict-idle-secs" => args.evict_idle_secs.to_string(),
+        "evict-scan-secs" => args.evict_scan_secs.to_string(),
         "sync-commits" => args.sync_commits.to_string(),
         _ => String::new(),
     }

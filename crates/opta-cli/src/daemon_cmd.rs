@@ -267,7 +267,11 @@ async fn run_foreground(home: &Path, args: &DaemonArgs) -> Result<()> {
             admin: Duration::from_millis(args.lmx_admin_timeout_ms),
         },
         preflight_ttl: Duration::from_millis(args.preflight_ttl_ms),
-        limits: Tunables::default(),
+        limits: Tunables {
+            idle_eviction: Duration::from_secs(args.evict_idle_secs),
+            eviction_interval: Duration::from_secs(args.evict_scan_secs),
+            ..Tunables::default()
+        },
         store: StoreOptions {
             max_bytes: (args.max_db_mb > 0).then(|| args.max_db_mb * 1024 * 1024),
             sync_commits: args.sync_commits,

@@ -98,6 +98,13 @@ pub struct DaemonArgs {
         global = true
     )]
     pub lmx_admin_timeout_ms: u64,
+    /// A session with no turn, no subscriber and no request for this many seconds leaves
+    /// memory (it is loaded again from the store on its next use).
+    #[arg(long, env = "OPTA_EVICT_IDLE_SECS", default_value_t = 1800, value_parser = clap::value_parser!(u64).range(1..), global = true)]
+    pub evict_idle_secs: u64,
+    /// How often idle sessions are looked for, in seconds.
+    #[arg(long, env = "OPTA_EVICT_SCAN_SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..), global = true)]
+    pub evict_scan_secs: u64,
 }
 
 impl DaemonArgs {
@@ -127,6 +134,10 @@ impl DaemonArgs {
             self.lmx_admin_timeout_ms.to_string(),
             "--max-db-mb".into(),
             self.max_db_mb.to_string(),
+            "--evict-idle-secs".into(),
+            self.evict_idle_secs.to_string(),
+            "--evict-scan-secs".into(),
+            self.evict_scan_secs.to_string(),
         ];
         if self.sync_commits {
             args.push("--sync-commits".into());

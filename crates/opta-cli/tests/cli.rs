@@ -1236,3 +1236,52 @@ async fn chat_shows_its_own_turn_without_a_header_and_its_figures_after() {
         step(&mut chat, expectrl::Eof);
     });
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eviction_is_tunable_by_flags() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let home = Home::new(&lmx.url());
+    let start = home
+        .opta(&[
+            "daemon",
+            "start",
+            "--evict-idle-secs",
+            "1",
+            "--evict-scan-secs",
+            "1",
+        ])
+        .await;
+    assert!(start.status.success(), "{}", text(&start.stderr));
+    assert!(home.opta(&["do", "hello"]).await.status.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = home.opta(&["daemon", "status", "--json"]).await;
+        let status: Value = serde_json::from_slice(&status.stdout).unwrap();
+        if status["runtime"]["evictedSessionCount"] == 1 {
+            assert_eq!(status["runtime"]["sessionCount"], 0, "{status}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never evicted: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Evicted, not lost: it loads again on use.
+    let list = home.opta(&["sessions", "list", "--json"]).await;
+    let list: Value = serde_json::from_slice(&list.stdout).unwrap();
+    let id = list["sessions"][0]["sessionId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let show = home.opta(&["sessions", "show", &id]).await;
+    assert!(
+        text(&show.stdout).contains("echo: hello"),
+        "{}",
+        text(&show.stdout)
+    );
+    let zero = home
+        .opta(&["daemon", "start", "--evict-idle-secs", "0"])
+        .await;
+    assert_eq!(zero.status.code(), Some(2));
+}
