@@ -147,6 +147,8 @@ pub struct DaemonContext {
     pub started: std::time::Instant,
     /// Injected faults (tests only).
     pub faults: FaultHooks,
+    /// Prometheus metrics (`GET /metrics`).
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl DaemonContext {

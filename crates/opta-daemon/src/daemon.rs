@@ -140,6 +140,7 @@ impl RunningDaemon {
             shutdown: shutdown.clone(),
             started: std::time::Instant::now(),
             faults: config.faults,
+            metrics: crate::metrics::Metrics::default(),
         });
         let registry = Registry::spawn(ctx.clone());
         tokio::spawn(sweep_deltas_periodically(ctx.clone()));

@@ -8,6 +8,7 @@ pub mod error;
 pub mod http;
 pub mod ids;
 pub mod inference;
+pub mod metrics;
 pub mod session;
 pub mod store;
 

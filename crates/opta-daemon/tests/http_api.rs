@@ -1,7 +1,7 @@
 //! Every HTTP route's success and error answers, auth, CORS, limits and validation.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure report
 
-use opta_test_support::{ScriptedLmx, TestDaemon, is_terminal_of};
+use opta_test_support::{Reply, ScriptedLmx, TestDaemon, is_terminal_of};
 use pretty_assertions::assert_eq;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -536,6 +536,19 @@ async fn every_route_of_the_openapi_document_is_served() {
             .replace("{downloadId}", "no-such-download");
         for method in item.as_object().unwrap().keys() {
             let method = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+            if path == "/metrics" {
+                // Text, not JSON.
+                let resp = d
+                    .http
+                    .get(format!("{}{path}", d.base))
+                    .bearer_auth(&d.token)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(resp.status(), StatusCode::OK);
+                checked += 1;
+                continue;
+            }
             let body = (method == Method::POST).then(|| json!({}));
             let (status, body) = d.request(method.clone(), &concrete, body).await;
             assert!(
@@ -549,7 +562,7 @@ async fn every_route_of_the_openapi_document_is_served() {
             checked += 1;
         }
     }
-    assert_eq!(checked, 30, "operations in the document");
+    assert_eq!(checked, 31, "operations in the document");
 }
 
 #[tokio::test]
@@ -598,4 +611,101 @@ async fn a_client_that_never_finishes_its_headers_is_cut_off_but_streams_live_on
     assert_eq!(events.last().unwrap()["event"], "turn.done");
     let (status, _) = d.get("/v3/health").await;
     assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn prometheus_metrics_have_every_family_and_move_with_a_turn() {
+    let (lmx, d) = daemon().await;
+    let scrape = || async {
+        let resp = d
+            .http
+            .get(format!("{}/metrics", d.base))
+            .bearer_auth(&d.token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert!(
+            resp.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("application/openmetrics-text")
+        );
+        resp.text().await.unwrap()
+    };
+    let before = scrape().await;
+    let s = d.create_session(None).await;
+    let t = d.submit(&s, "count me").await;
+    d.ws(&s, 0).await.envelopes_until(is_terminal_of(&t)).await;
+    lmx.push(Reply::status(500, "boom"));
+    let t = d.submit(&s, "fail me").await;
+    d.ws(&s, 0).await.envelopes_until(is_terminal_of(&t)).await;
+    let after = scrape().await;
+    // Every family that has had a sample (labelled families appear with their first one; tool
+    // calls and permission decisions arrive with the agent's tools).
+    for family in [
+        "opta_turns",
+        "opta_turn_duration_seconds",
+        "opta_first_token_seconds",
+        "opta_events",
+        "opta_store_commit_seconds",
+        "opta_inference_request_seconds",
+        "opta_inference_errors",
+        "opta_sessions_resident",
+        "opta_sessions_evicted",
+        "opta_subscribers",
+        "opta_turns_active",
+        "opta_turns_queued",
+    ] {
+        assert!(
+            after.contains(&format!("# TYPE {family} ")),
+            "{family} missing:\n{after}"
+        );
+    }
+    let value = |text: &str, line_start: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(line_start))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    assert_eq!(
+        value(&after, "opta_turns_total{outcome=\"done\",code=\"\"}"),
+        1.0,
+        "{after}"
+    );
+    assert_eq!(
+        value(&after, "opta_turns_total{outcome=\"failed\",code=\"\"}"),
+        1.0,
+        "{after}"
+    );
+    assert_eq!(
+        value(&after, "opta_inference_errors_total{code=\"other\"}"),
+        1.0,
+        "{after}"
+    );
+    assert_eq!(
+        value(&after, "opta_turn_duration_seconds_count"),
+        2.0,
+        "{after}"
+    );
+    assert_eq!(
+        value(&after, "opta_first_token_seconds_count"),
+        1.0,
+        "{after}"
+    );
+    assert!(value(&after, "opta_events_total") > value(&before, "opta_events_total"));
+    assert!(
+        value(&after, "opta_store_commit_seconds_count") >= 4.0,
+        "{after}"
+    );
+    assert_eq!(value(&after, "opta_sessions_resident"), 1.0, "{after}");
+    // The token is needed, as on every route but /health.
+    let anonymous = d
+        .http
+        .get(format!("{}/metrics", d.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status(), StatusCode::UNAUTHORIZED);
 }

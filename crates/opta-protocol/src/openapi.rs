@@ -143,6 +143,18 @@ impl Doc {
             &[],
             Answer::Json(200, metrics),
         );
+        self.route(
+            "get",
+            "/metrics",
+            "Prometheus metrics (OpenMetrics text; not part of the v3 contract)",
+            None,
+            &[],
+            Answer::Other(
+                200,
+                json!({"description": "OpenMetrics text",
+                    "content": {"application/openmetrics-text": {"schema": {"type": "string"}}}}),
+            ),
+        );
     }
 
     fn sessions(&mut self) {

@@ -43,6 +43,7 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(routes::health))
         .route("/v3/health", get(routes::v3_health))
         .route("/v3/metrics", get(routes::metrics))
+        .route("/metrics", get(routes::prometheus))
         .route(
             "/v3/sessions",
             post(routes::create_session).get(routes::list_sessions),

@@ -44,6 +44,23 @@ pub async fn v3_health(State(state): State<AppState>) -> Json<V3HealthResponse> 
     })
 }
 
+/// `GET /metrics`: Prometheus (OpenMetrics) text.
+pub async fn prometheus(State(state): State<AppState>) -> Result<Response> {
+    let text = state
+        .ctx
+        .metrics
+        .encode(&state.ctx.counters)
+        .map_err(|e| Error::Internal(format!("metrics encoding: {e}")))?;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
+}
+
 pub async fn metrics(State(state): State<AppState>) -> Result<Json<MetricsResponse>> {
     let mut runtime = state.ctx.counters.snapshot();
     runtime.stored_session_count = Some(state.ctx.store.session_count().await?);

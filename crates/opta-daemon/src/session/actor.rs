@@ -307,7 +307,13 @@ impl SessionActor {
             });
             frames.push(Frame { seq, json });
         }
+        let committing = Instant::now();
         self.ctx.store.write(ops).await?;
+        let metrics = &self.ctx.metrics;
+        metrics
+            .commit_seconds
+            .observe(committing.elapsed().as_secs_f64());
+        metrics.events.inc_by(events.len() as u64);
         self.seq = seq;
         if self.subscribers() == 0 {
             // The last subscriber left: free the channel (the events are stored and replay).
@@ -754,7 +760,14 @@ impl SessionActor {
         let Some(active) = self.active.as_mut() else {
             return;
         };
-        active.first_delta_at.get_or_insert_with(Instant::now);
+        if active.first_delta_at.is_none() {
+            let now = Instant::now();
+            active.first_delta_at = Some(now);
+            self.ctx
+                .metrics
+                .first_token_seconds
+                .observe(now.duration_since(active.started).as_secs_f64());
+        }
         let turn_id = active.turn.turn_id.clone();
         let mut content = String::new();
         let count = deltas.len() as u64;
@@ -826,6 +839,10 @@ impl SessionActor {
                 Err(e) => tracing::error!(error = %e, "could not encode reply"),
             }
         }
+        let error_code = match &ending {
+            TurnEnding::Failed { code, .. } => *code,
+            TurnEnding::Done(_) => None,
+        };
         let (state, terminal) = match ending {
             TurnEnding::Done(completion) => (
                 TurnState::Done,
@@ -888,6 +905,11 @@ impl SessionActor {
         }
         match result {
             Ok(()) => {
+                self.ctx.metrics.turn_ended(
+                    outcome_name(state),
+                    error_code.map(TurnErrorCode::as_str),
+                    active.started.elapsed(),
+                );
                 if let Some(message) = reply {
                     self.history.push(Arc::new(message));
                 }
@@ -1142,6 +1164,16 @@ impl Drop for SessionActor {
             .counters
             .sub(Counter::QueuedTurns, self.queue.len());
         self.ctx.counters.sub(Counter::Sessions, 1);
+    }
+}
+
+/// The `outcome` label of a turn that ended in `state`.
+fn outcome_name(state: TurnState) -> &'static str {
+    match state {
+        TurnState::Done => "done",
+        TurnState::Cancelled => "cancelled",
+        TurnState::Interrupted => "interrupted",
+        TurnState::Failed | TurnState::Queued | TurnState::Running => "failed",
     }
 }
 

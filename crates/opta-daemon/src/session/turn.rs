@@ -62,11 +62,22 @@ pub(crate) async fn run_turn(
     {
         panic!("injected fault: turn task panics");
     }
+    let started = std::time::Instant::now();
     let result = complete(&ctx, &model, &messages, turn_no, &updates).await;
-    if let Err(e) = &result
-        && e.invalidates_model_cache()
-    {
-        ctx.preflight.invalidate();
+    ctx.metrics
+        .inference_seconds
+        .observe(started.elapsed().as_secs_f64());
+    if let Err(e) = &result {
+        let code = e.code().map_or("other", |c| c.as_str());
+        ctx.metrics
+            .inference_errors
+            .get_or_create(&crate::metrics::ErrorLabels {
+                code: code.to_owned(),
+            })
+            .inc();
+        if e.invalidates_model_cache() {
+            ctx.preflight.invalidate();
+        }
     }
     let _ = updates.send(TurnUpdate::Finished { turn_no, result }).await;
 }
