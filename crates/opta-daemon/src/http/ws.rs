@@ -104,6 +104,9 @@ async fn serve_socket(
     let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     loop {
         tokio::select! {
+            // Shutdown first: the session's channel closes during shutdown too, and that
+            // must read as "going away" (reconnect), not as "session closed" (stop).
+            biased;
             _ = state.ctx.shutdown.cancelled() => {
                 close(&mut sink, 1001, "daemon shutting down").await;
                 return;
@@ -151,6 +154,10 @@ async fn serve_socket(
                 Err(RecvError::Lagged(_)) => {
                     let reason = format!("too slow; reconnect with afterSeq={last_sent}");
                     close(&mut sink, CLOSE_TOO_SLOW, &reason).await;
+                    return;
+                }
+                Err(RecvError::Closed) if state.ctx.shutdown.is_cancelled() => {
+                    close(&mut sink, 1001, "daemon shutting down").await;
                     return;
                 }
                 Err(RecvError::Closed) => {
