@@ -180,7 +180,7 @@ impl DaemonClient {
                 let Connection::Ws(mut ws) = connector.connect(LIVE).await? else {
                     return Err(ClientError::Transport("expected a WebSocket".into()));
                 };
-                let at = pin_current_seq(&mut ws, session, &tx).await?;
+                let at = within_open_timeout(pin_current_seq(&mut ws, session, &tx)).await?;
                 (Connection::Ws(ws), at)
             }
             (StartAt::Live, Transport::Sse) => {
@@ -409,8 +409,28 @@ async fn read_sse(
     }
 }
 
+/// How long opening a subscription may take (handshake, headers, the `hello` ack): a daemon
+/// that accepts the connection and never answers must not hold the caller.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `work`, or a transport error once [`OPEN_TIMEOUT`] passed.
+async fn within_open_timeout<T>(work: impl Future<Output = Result<T>>) -> Result<T> {
+    tokio::time::timeout(OPEN_TIMEOUT, work)
+        .await
+        .unwrap_or_else(|_| {
+            Err(ClientError::Transport(format!(
+                "the daemon did not answer the subscription within {} s",
+                OPEN_TIMEOUT.as_secs()
+            )))
+        })
+}
+
 impl Connector {
     async fn connect(&self, after: Seq) -> Result<Connection> {
+        within_open_timeout(self.open(after)).await
+    }
+
+    async fn open(&self, after: Seq) -> Result<Connection> {
         match self.transport {
             Transport::WebSocket => {
                 let url = format!(

@@ -385,3 +385,47 @@ async fn a_stream_follows_a_daemon_to_its_new_port_and_gives_up_on_one_that_stay
     );
     assert!(started.elapsed() < std::time::Duration::from_secs(5));
 }
+
+#[tokio::test]
+async fn a_daemon_that_accepts_and_never_answers_does_not_hold_a_subscribe() {
+    // Accepts connections, reads nothing, answers nothing.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = listener.accept().await {
+            held.push(tcp);
+        }
+    });
+    let c = DaemonClient::new(format!("http://{addr}"), "t");
+    let id = SessionId::parse("s1").unwrap();
+    // All three ways in, at once: each gives up by itself within its open timeout.
+    let attempts = [
+        (Transport::WebSocket, StartAt::After(0)),
+        (Transport::WebSocket, StartAt::Live),
+        (Transport::Sse, StartAt::After(0)),
+    ]
+    .map(|(transport, start)| {
+        let (c, id) = (c.clone(), id.clone());
+        async move {
+            let started = std::time::Instant::now();
+            let outcome = tokio::time::timeout(
+                std::time::Duration::from_secs(30),
+                c.subscribe(&id, start, transport),
+            )
+            .await
+            .expect("subscribe gives up by itself");
+            (transport, outcome.err(), started.elapsed())
+        }
+    });
+    for (transport, error, took) in futures_util::future::join_all(attempts).await {
+        assert!(
+            matches!(error, Some(ClientError::Transport(_))),
+            "{transport:?}: {error:?}"
+        );
+        assert!(
+            took < std::time::Duration::from_secs(15),
+            "{transport:?}: {took:?}"
+        );
+    }
+}
