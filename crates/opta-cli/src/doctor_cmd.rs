@@ -80,7 +80,7 @@ pub async fn doctor(
     let config = match config_problem {
         Some(why) => Check::fail(
             "config",
-            sanitize::line(&why).into_owned(),
+            why,
             "fix it with `opta config set|unset KEY`, or edit the file",
         ),
         None if config_file.exists() => {
@@ -230,11 +230,7 @@ fn check_models(models: &[String], wanted: &str) -> Check {
             "load one (`opta models load ID`, or in your server's UI)",
         );
     }
-    let list = models
-        .iter()
-        .map(|m| sanitize::line(m).into_owned())
-        .collect::<Vec<_>>()
-        .join(", ");
+    let list = models.join(", ");
     if !wanted.is_empty() && !models.iter().any(|m| m.eq_ignore_ascii_case(wanted)) {
         return Check::warn(
             "models",
@@ -267,7 +263,7 @@ async fn check_tools(http: &reqwest::Client, base: &str, model: &str) -> Check {
         Ok(r) => {
             let status = r.status();
             let body = r.text().await.unwrap_or_default();
-            let body = sanitize::line(&body.chars().take(160).collect::<String>()).into_owned();
+            let body: String = body.chars().take(160).collect();
             Check::warn(
                 "tools",
                 format!("{model}: HTTP {status} to a request with tools: {body}"),
@@ -327,9 +323,16 @@ fn report(checks: &[Check], json: bool) -> Result<()> {
             Status::Warn => console::style("warn").yellow(),
             Status::Fail => console::style("fail").red().bold(),
         };
-        outln!("{label}  {:<12} {}", check.name, check.detail);
+        // Details carry what servers said (model ids, versions, error bodies): printed
+        // through the one gate, here, for every check.
+        outln!(
+            "{label}  {:<12} {}",
+            check.name,
+            sanitize::line(&check.detail)
+        );
         if let Some(hint) = &check.hint {
-            outln!("      {:<12} {}", "", ui::dim_out(&format!("→ {hint}")));
+            let hint = format!("→ {}", sanitize::line(hint));
+            outln!("      {:<12} {}", "", ui::dim_out(&hint));
         }
     }
     Ok(())

@@ -1096,6 +1096,13 @@ async fn doctor_says_what_works_and_what_to_do_about_what_does_not() {
             .unwrap()
             .contains("does not support tools")
     );
+    // Model ids come from the server: they reach the terminal escaped.
+    lmx.set_rejects_tools(false);
+    lmx.set_loaded(&["evil\u{1b}]0;pwned\u{7}\u{1b}[2J"]);
+    let out = home.opta(&["doctor"]).await;
+    let report = text(&out.stdout);
+    assert!(!has_terminal_controls(&report), "{report:?}");
+    assert!(report.contains("evil\\x1b]0;pwned"), "{report}");
     // The inference server goes away: a failure with a hint, exit 1.
     lmx.stop().await;
     let out = home.opta(&["doctor"]).await;
