@@ -9,23 +9,12 @@ use pretty_assertions::assert_eq;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-/// Submits `content` and returns the session's events up to the turn's terminal event.
-async fn turn(d: &TestDaemon, session: &str, content: &str) -> (String, Vec<Value>) {
-    let turn = d.submit(session, content).await;
-    let events = d
-        .ws(session, 0)
-        .await
-        .envelopes_until(is_terminal_of(&turn))
-        .await;
-    (turn, events)
-}
-
 fn terminal(events: &[Value]) -> &Value {
     events.last().unwrap()
 }
 
 async fn assert_normal_turn_works(d: &TestDaemon, session: &str) {
-    let (t, events) = turn(d, session, "still fine").await;
+    let (t, events) = d.turn(session, "still fine").await;
     assert_eq!(
         terminal(&events)["event"],
         "turn.done",
@@ -56,7 +45,7 @@ async fn a_zero_ttl_asks_before_every_turn() {
     let d = TestDaemon::start_with(&lmx.url(), |c| c.preflight_ttl = Duration::ZERO).await;
     let s = d.create_session(None).await;
     for i in 0..3 {
-        turn(&d, &s, &format!("t{i}")).await;
+        d.turn(&s, &format!("t{i}")).await;
     }
     assert_eq!(lmx.model_list_requests(), 3);
 }
@@ -69,7 +58,7 @@ async fn concurrent_cold_cache_turns_share_one_request() {
     for i in 0..8 {
         sessions.push(d.create_session(Some(&format!("cold-{i}"))).await);
     }
-    let runs = sessions.iter().map(|s| turn(&d, s, "at once"));
+    let runs = sessions.iter().map(|s| d.turn(s, "at once"));
     for (_, events) in futures_util::future::join_all(runs).await {
         assert_eq!(terminal(&events)["event"], "turn.done");
     }
@@ -87,7 +76,7 @@ async fn a_refused_connection_drops_the_cache_and_the_next_turn_asks_again() {
     lmx.stop().await;
 
     // The cache is warm, so the chat request itself meets the closed port.
-    let (_, events) = turn(&d, &s, "anyone there?").await;
+    let (_, events) = d.turn(&s, "anyone there?").await;
     let error = terminal(&events);
     assert_eq!(error["event"], "turn.error");
     assert_eq!(error["payload"]["code"], "lmx-connection-refused");
@@ -115,7 +104,7 @@ async fn server_not_listening_is_lmx_connection_refused() {
     };
     let d = TestDaemon::start(&format!("http://127.0.0.1:{free_port}")).await;
     let s = d.create_session(None).await;
-    let (_, events) = turn(&d, &s, "hello?").await;
+    let (_, events) = d.turn(&s, "hello?").await;
     assert_eq!(
         terminal(&events)["payload"]["code"],
         "lmx-connection-refused"
@@ -147,7 +136,7 @@ async fn a_server_that_never_answers_times_out_and_cancel_still_works_meanwhile(
     let s = d.create_session(None).await;
     lmx.push(Reply::silent());
     let started = Instant::now();
-    let (_, events) = turn(&d, &s, "wait forever").await;
+    let (_, events) = d.turn(&s, "wait forever").await;
     let waited = started.elapsed();
     assert_eq!(terminal(&events)["payload"]["code"], "lmx-timeout");
     assert!(
@@ -161,7 +150,7 @@ async fn a_server_that_never_answers_times_out_and_cancel_still_works_meanwhile(
     // first-byte and idle timeouts quiet, the first-token deadline ends it.
     lmx.push(Reply::hang());
     let started = Instant::now();
-    let (_, events) = turn(&d, &s, "stuck after headers").await;
+    let (_, events) = d.turn(&s, "stuck after headers").await;
     let waited = started.elapsed();
     assert_eq!(terminal(&events)["payload"]["code"], "lmx-timeout");
     assert!(
@@ -207,7 +196,7 @@ async fn a_silence_between_chunks_times_out() {
     .await;
     let s = d.create_session(None).await;
     lmx.push(Reply::chunks(["quick ", "then slow"]).with_chunk_delay(Duration::from_millis(600)));
-    let (_, events) = turn(&d, &s, "x").await;
+    let (_, events) = d.turn(&s, "x").await;
     // The first chunk is bounded by the first-byte timeout, the second by the idle one.
     assert_eq!(terminal(&events)["payload"]["code"], "lmx-timeout");
     assert_normal_turn_works(&d, &s).await;
@@ -219,7 +208,7 @@ async fn a_stream_cut_mid_reply_is_lmx_ws_closed_and_keeps_the_partial_reply() {
     let d = TestDaemon::start(&lmx.url()).await;
     let s = d.create_session(None).await;
     lmx.push(Reply::chunks(["one ", "two ", "three"]).cut_after(2));
-    let (t, events) = turn(&d, &s, "count").await;
+    let (t, events) = d.turn(&s, "count").await;
     assert_eq!(terminal(&events)["payload"]["code"], "lmx-ws-closed");
     assert_eq!(token_text(&events, &t), "one two ");
     let (_, detail) = d.get(&format!("/v3/sessions/{s}")).await;
@@ -237,7 +226,7 @@ async fn no_model_loaded_and_model_not_loaded() {
     lmx.set_loaded(&[]);
     let d = TestDaemon::start(&lmx.url()).await;
     let s = d.create_session(None).await;
-    let (_, events) = turn(&d, &s, "hi").await;
+    let (_, events) = d.turn(&s, "hi").await;
     let payload = &terminal(&events)["payload"];
     assert_eq!(payload["code"], "no-model-loaded");
     assert!(
@@ -257,7 +246,7 @@ async fn no_model_loaded_and_model_not_loaded() {
         )
         .await;
     assert_eq!(status, StatusCode::CREATED);
-    let (_, events) = turn(&d, "mistral", "hi").await;
+    let (_, events) = d.turn("mistral", "hi").await;
     let payload = &terminal(&events)["payload"];
     assert_eq!(payload["code"], "no-model-loaded");
     let message = payload["message"].as_str().unwrap();
@@ -274,10 +263,10 @@ async fn http_404_is_no_model_loaded_and_500_carries_the_server_message() {
     let d = TestDaemon::start(&lmx.url()).await;
     let s = d.create_session(None).await;
     lmx.push(Reply::status(404, "model 'default' not found"));
-    let (_, events) = turn(&d, &s, "a").await;
+    let (_, events) = d.turn(&s, "a").await;
     assert_eq!(terminal(&events)["payload"]["code"], "no-model-loaded");
     lmx.push(Reply::status(500, "CUDA out of memory"));
-    let (_, events) = turn(&d, &s, "b").await;
+    let (_, events) = d.turn(&s, "b").await;
     let payload = &terminal(&events)["payload"];
     assert_eq!(payload["code"], Value::Null);
     assert!(
@@ -302,14 +291,14 @@ async fn model_ids_match_as_typed_and_the_canonical_id_is_stored() {
         )
         .await;
     assert_eq!(created["model"], "qwen2.5-7b");
-    let (_, events) = turn(&d, "q", "hi").await;
+    let (_, events) = d.turn("q", "hi").await;
     assert_eq!(terminal(&events)["event"], "turn.done");
     assert_eq!(lmx.requests()[0]["model"], "mlx-community/Qwen2.5-7B");
     let (_, detail) = d.get("/v3/sessions/q").await;
     assert_eq!(detail["model"], "mlx-community/Qwen2.5-7B");
     // With no model configured, the first loaded one is used and stored.
     let s = d.create_session(None).await;
-    turn(&d, &s, "hi").await;
+    d.turn(&s, "hi").await;
     let (_, detail) = d.get(&format!("/v3/sessions/{s}")).await;
     assert_eq!(detail["model"], "mlx-community/Qwen2.5-7B");
 }
@@ -322,7 +311,7 @@ async fn think_spans_become_thinking_and_missing_usage_is_estimated() {
     lmx.push(reply);
     let d = TestDaemon::start(&lmx.url()).await;
     let s = d.create_session(None).await;
-    let (t, events) = turn(&d, &s, "question").await;
+    let (t, events) = d.turn(&s, "question").await;
     let thinking: String = events
         .iter()
         .filter(|e| e["event"] == "turn.thinking")
@@ -409,7 +398,7 @@ async fn a_connect_that_never_completes_is_lmx_timeout() {
     .await;
     let s = d.create_session(None).await;
     let started = Instant::now();
-    let (_, events) = turn(&d, &s, "hello?").await;
+    let (_, events) = d.turn(&s, "hello?").await;
     assert_eq!(
         terminal(&events)["payload"]["code"],
         "lmx-timeout",

@@ -10,21 +10,6 @@ use opta_test_support::{Reply, ScriptedLmx, TestDaemon, is_terminal_of, token_te
 use pretty_assertions::assert_eq;
 use serde_json::{Value, json};
 
-/// Submits `content` and returns the turn id and its events up to its terminal event.
-async fn turn(d: &TestDaemon, session: &str, content: &str) -> (String, Vec<Value>) {
-    let turn = d.submit(session, content).await;
-    let events = d
-        .ws(session, 0)
-        .await
-        .envelopes_until(is_terminal_of(&turn))
-        .await;
-    let events = events
-        .into_iter()
-        .filter(|e| e["payload"]["turnId"] == turn.as_str())
-        .collect();
-    (turn, events)
-}
-
 fn terminal(events: &[Value]) -> &Value {
     events.last().unwrap()
 }
@@ -46,7 +31,7 @@ async fn a_stream_that_begins_with_a_byte_order_mark_is_read() {
         "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n".into(),
         "data: [DONE]\n\n".into(),
     ]));
-    let (t, events) = turn(&d, &s, "bom").await;
+    let (t, events) = d.turn(&s, "bom").await;
     assert_eq!(terminal(&events)["event"], "turn.done", "{events:?}");
     assert_eq!(token_text(&events, &t), "hello there");
 }
@@ -69,7 +54,7 @@ async fn null_in_every_optional_field_is_absence() {
         format!("data: {end}\n\n"),
         "data: [DONE]\n\n".into(),
     ]));
-    let (t, events) = turn(&d, &s, "nulls").await;
+    let (t, events) = d.turn(&s, "nulls").await;
     assert_eq!(terminal(&events)["event"], "turn.done", "{events:?}");
     assert_eq!(token_text(&events, &t), "text kept");
     assert_eq!(terminal(&events)["payload"]["stats"]["promptTokens"], 7);
@@ -88,14 +73,14 @@ async fn a_whole_json_answer_to_a_streaming_request_is_the_reply() {
         "application/json",
         [(Duration::ZERO, body.to_string())],
     ));
-    let (t, events) = turn(&d, &s, "no stream please").await;
+    let (t, events) = d.turn(&s, "no stream please").await;
     assert_eq!(terminal(&events)["event"], "turn.done", "{events:?}");
     assert_eq!(token_text(&events, &t), "The whole answer");
     assert!(events.iter().any(|e| e["event"] == "turn.thinking"));
     assert_eq!(terminal(&events)["payload"]["stats"]["completionTokens"], 4);
     // The model cache was kept: the next turn does not ask for the list again.
     let before = lmx.model_list_requests();
-    let (_, events) = turn(&d, &s, "again").await;
+    let (_, events) = d.turn(&s, "again").await;
     assert_eq!(terminal(&events)["event"], "turn.done");
     assert_eq!(lmx.model_list_requests(), before);
     let (_, detail) = d.get(&format!("/v3/sessions/{s}")).await;
@@ -112,7 +97,7 @@ async fn an_error_object_mid_stream_carries_the_servers_message() {
         "data: {\"error\":{\"message\":\"CUDA out of memory\",\"type\":\"server_error\"}}\n\n"
             .into(),
     ]));
-    let (_, events) = turn(&d, &s, "oom").await;
+    let (_, events) = d.turn(&s, "oom").await;
     let end = terminal(&events);
     assert_eq!(end["event"], "turn.error");
     let message = end["payload"]["message"].as_str().unwrap();
@@ -125,7 +110,7 @@ async fn an_error_object_mid_stream_carries_the_servers_message() {
         "application/json",
         [(Duration::ZERO, r#"{"error":"model crashed"}"#)],
     ));
-    let (_, events) = turn(&d, &s, "crash").await;
+    let (_, events) = d.turn(&s, "crash").await;
     let message = terminal(&events)["payload"]["message"].as_str().unwrap();
     assert!(message.contains("model crashed"), "{message}");
 }
@@ -153,7 +138,7 @@ async fn keep_alive_comments_are_not_silence() {
             .into(),
     ));
     lmx.push(Reply::raw("text/event-stream", pieces));
-    let (t, events) = turn(&d, &s, "think long").await;
+    let (t, events) = d.turn(&s, "think long").await;
     assert_eq!(terminal(&events)["event"], "turn.done", "{events:?}");
     assert_eq!(token_text(&events, &t), "slow model");
 }
@@ -191,7 +176,7 @@ async fn waiters_on_a_model_list_that_never_answers_share_one_check_and_fail_tog
     assert_eq!(lmx.model_list_requests(), 1);
     // The failure is not cached: once the server answers, the next turn works.
     lmx.set_model_list_hangs(false);
-    let (_, events) = turn(&d, &sessions[0], "now").await;
+    let (_, events) = d.turn(&sessions[0], "now").await;
     assert_eq!(terminal(&events)["event"], "turn.done");
 }
 
@@ -239,7 +224,7 @@ async fn a_session_actor_that_panics_is_reloaded_from_the_store() {
     })
     .await;
     let s = d.create_session(None).await;
-    let (_, events) = turn(&d, &s, "before").await;
+    let (_, events) = d.turn(&s, "before").await;
     assert_eq!(terminal(&events)["event"], "turn.done");
     let (status, body) = d
         .post(
@@ -252,7 +237,7 @@ async fn a_session_actor_that_panics_is_reloaded_from_the_store() {
     let (status, detail) = d.get(&format!("/v3/sessions/{s}")).await;
     assert_eq!(status, reqwest::StatusCode::OK, "{detail}");
     assert_eq!(detail["messages"][1]["content"], "echo: before");
-    let (t, events) = turn(&d, &s, "after").await;
+    let (t, events) = d.turn(&s, "after").await;
     assert_eq!(terminal(&events)["event"], "turn.done");
     assert_eq!(token_text(&events, &t), "echo: after");
     opta_test_support::assert_contiguous(&d.events(&s, 0).await, 1);

@@ -187,6 +187,18 @@ impl TestDaemon {
         body["turnId"].as_str().expect("turnId").to_owned()
     }
 
+    /// Submits `content` and returns the turn id and the session's events from the start up
+    /// to that turn's terminal event (the last one).
+    pub async fn turn(&self, session: &str, content: &str) -> (String, Vec<Value>) {
+        let turn = self.submit(session, content).await;
+        let events = self
+            .ws(session, 0)
+            .await
+            .envelopes_until(crate::is_terminal_of(&turn))
+            .await;
+        (turn, events)
+    }
+
     /// Stored events after `after_seq`.
     pub async fn events(&self, session: &str, after_seq: u64) -> Vec<Value> {
         let (status, body) = self
