@@ -72,7 +72,6 @@ struct Chat<P: ExternalPrinter> {
     echo_off: Option<EchoOff>,
     /// Renders our turn's answer.
     markdown: crate::markdown::MarkdownStream,
-    plain: bool,
 }
 
 /// Turns the terminal's echo off until dropped (then the saved settings come back).
@@ -202,7 +201,6 @@ pub async fn run(args: ChatArgs, home: &Path, daemon: &DaemonArgs) -> Result<Exi
         line_open: false,
         echo_off: None,
         markdown: crate::markdown::MarkdownStream::for_stdout(args.plain),
-        plain: args.plain,
     };
     chat.prompt(&prompt_tx);
     let mut watchdog = tokio::time::interval(std::time::Duration::from_secs(1));
@@ -359,7 +357,6 @@ impl<P: ExternalPrinter> Chat<P> {
                 // What is typed while the answer streams is kept for after it (the line
                 // editor's buffer holds it) but must not echo into the answer.
                 self.echo_off = Some(EchoOff::new());
-                self.markdown = crate::markdown::MarkdownStream::for_stdout(self.plain);
                 Ok(LineResult::TurnRunning)
             }
             Err(e) => {

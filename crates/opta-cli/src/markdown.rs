@@ -82,14 +82,17 @@ impl MarkdownStream {
         out
     }
 
-    /// What to write when the answer ended: the last line, styled.
+    /// What to write when the answer ended: the last line, styled. Afterwards the stream is
+    /// ready for the next answer (a code block this one left open is closed).
     pub fn finish(&mut self) -> String {
-        if !self.styled || self.partial.is_empty() {
-            return String::new();
+        let mut out = String::new();
+        if self.styled && !self.partial.is_empty() {
+            out = self.erase_partial();
+            let line = std::mem::take(&mut self.partial);
+            out.push_str(&self.render_line(&line));
         }
-        let mut out = self.erase_partial();
-        let line = std::mem::take(&mut self.partial);
-        out.push_str(&self.render_line(&line));
+        self.partial.clear();
+        self.partial_printed = false;
         self.code = None;
         out
     }
@@ -215,9 +218,9 @@ fn heading(line: &str) -> Option<(usize, &str)> {
 fn is_rule(line: &str) -> bool {
     let line = line.trim_end();
     line.len() >= 3
-        && ["-", "*", "_"]
+        && ['-', '*', '_']
             .iter()
-            .any(|c| line.chars().all(|x| x.to_string() == *c))
+            .any(|c| line.chars().all(|x| x == *c))
 }
 
 /// Emphasis, strong, inline code and links of one line.
@@ -269,6 +272,14 @@ mod tests {
     #[test]
     fn a_recorded_answer_renders_as_expected() {
         insta::assert_snapshot!(rendered(ANSWER, 1).replace('\x1b', "⎋"));
+    }
+
+    #[test]
+    fn an_answer_that_leaves_a_code_block_open_does_not_colour_the_next() {
+        let mut md = MarkdownStream::new(true, 80);
+        md.push("```\ncode\n");
+        md.finish();
+        assert_eq!(md.push("**next** answer\n"), "\x1b[1mnext\x1b[22m answer\n");
     }
 
     #[test]
