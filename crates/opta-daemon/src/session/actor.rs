@@ -580,7 +580,7 @@ impl SessionActor {
         tracing::error!(session = %self.id, turn = %active.turn.turn_id, "turn task failed: {why}");
         let ending = TurnEnding::Failed {
             code: None,
-            message: format!("The turn failed inside the daemon ({why}); the next turn runs"),
+            message: format!("The turn failed inside the daemon: {why}"),
             state: TurnState::Failed,
         };
         self.conclude(active, ending, Vec::new(), Vec::new()).await;
@@ -879,37 +879,44 @@ impl SessionActor {
         events.push(Event::SessionUpdated(SessionUpdated {
             snapshot: self.snapshot(),
         }));
+        // The turn has ended, recorded or not yet.
+        self.ctx.metrics.turn_ended(
+            outcome_name(state),
+            error_code.map(TurnErrorCode::as_str),
+            active.started.elapsed(),
+        );
         // Whatever is owed goes first: terminal events stay in turn order.
-        let mut result = if self.owed.is_some() {
-            Err(Error::StorageFull(
+        let result = match self.owed {
+            Some(_) => Err(Error::StorageFull(
                 "an earlier turn's end is not recorded yet".into(),
-            ))
-        } else {
-            self.emit(&events, ops.clone()).await
+            )),
+            None => self.emit(&events, ops.clone()).await,
         };
-        if let Err(Error::StorageFull(_)) = result {
-            // The turn's own token events are the likely space hog and its text is in the
-            // reply being stored: drop them in the same commit to make room for its end.
-            tracing::warn!(session = %self.id, turn = %turn.turn_id,
-                "store full; dropping the turn's token events to record its end");
-            ops.insert(
-                0,
-                WriteOp::DropTurnDeltas {
-                    session_id: self.id_arc.clone(),
-                    turn_id: turn.turn_id.0.clone(),
-                },
-            );
-            if self.owed.is_none() {
-                result = self.emit(&events, ops.clone()).await;
+        let result = match result {
+            Err(Error::StorageFull(_)) => {
+                // The turn's own token events are the likely space hog and its text is in
+                // the reply being stored: drop them in the same commit to make room for its
+                // end (whenever that commit happens).
+                ops.insert(
+                    0,
+                    WriteOp::DropTurnDeltas {
+                        session_id: self.id_arc.clone(),
+                        turn_id: turn.turn_id.0.clone(),
+                    },
+                );
+                match self.owed {
+                    Some(_) => result,
+                    None => {
+                        tracing::warn!(session = %self.id, turn = %turn.turn_id,
+                            "store full; dropping the turn's token events to record its end");
+                        self.emit(&events, ops.clone()).await
+                    }
+                }
             }
-        }
+            other => other,
+        };
         match result {
             Ok(()) => {
-                self.ctx.metrics.turn_ended(
-                    outcome_name(state),
-                    error_code.map(TurnErrorCode::as_str),
-                    active.started.elapsed(),
-                );
                 if let Some(message) = reply {
                     self.history.push(Arc::new(message));
                 }
