@@ -97,6 +97,23 @@ pub async fn discovery(State(state): State<AppState>) -> Result<Json<Value>> {
     Ok(Json(state.ctx.lmx.discovery().await?))
 }
 
+/// Sends a v3 request to an LMX admin route as its snake_case body; `changes_models` drops
+/// the model-list cache once the server accepted.
+async fn forward<T: serde::Serialize>(
+    state: &AppState,
+    path: &str,
+    request: &T,
+    what: &str,
+    changes_models: bool,
+) -> Result<Value> {
+    let body = admin::snake_case_body(request)?;
+    let answer = state.ctx.lmx.admin_post(path, &body, what).await?;
+    if changes_models {
+        state.ctx.preflight.invalidate();
+    }
+    Ok(answer)
+}
+
 fn require(value: &str, field: &str) -> Result<()> {
     if value.trim().is_empty() {
         return Err(Error::invalid(field, "must not be blank"));
@@ -109,13 +126,14 @@ pub async fn load(
     ApiJson(request): ApiJson<LmxLoadRequest>,
 ) -> Result<Json<LmxLoadResponse>> {
     require(&request.model_id, "modelId")?;
-    let body = admin::snake_case_body(&request)?;
-    let answer = state
-        .ctx
-        .lmx
-        .admin_post("/admin/models/load", &body, "loading models")
-        .await?;
-    state.ctx.preflight.invalidate();
+    let answer = forward(
+        &state,
+        "/admin/models/load",
+        &request,
+        "loading models",
+        true,
+    )
+    .await?;
     Ok(Json(admin::normalise_load(answer, Some(&request.model_id))))
 }
 
@@ -124,13 +142,14 @@ pub async fn confirm_load(
     ApiJson(request): ApiJson<LmxConfirmRequest>,
 ) -> Result<Json<LmxLoadResponse>> {
     require(&request.confirmation_token, "confirmationToken")?;
-    let body = admin::snake_case_body(&request)?;
-    let answer = state
-        .ctx
-        .lmx
-        .admin_post("/admin/models/load/confirm", &body, "confirming downloads")
-        .await?;
-    state.ctx.preflight.invalidate();
+    let answer = forward(
+        &state,
+        "/admin/models/load/confirm",
+        &request,
+        "confirming downloads",
+        true,
+    )
+    .await?;
     Ok(Json(admin::normalise_load(answer, None)))
 }
 
@@ -139,13 +158,14 @@ pub async fn unload(
     ApiJson(request): ApiJson<LmxUnloadRequest>,
 ) -> Result<Json<LmxUnloadResponse>> {
     require(&request.model_id, "modelId")?;
-    let body = admin::snake_case_body(&request)?;
-    let answer = state
-        .ctx
-        .lmx
-        .admin_post("/admin/models/unload", &body, "unloading models")
-        .await?;
-    state.ctx.preflight.invalidate();
+    let answer = forward(
+        &state,
+        "/admin/models/unload",
+        &request,
+        "unloading models",
+        true,
+    )
+    .await?;
     Ok(Json(admin::normalise_unload(
         answer,
         &request.model_id,
@@ -169,12 +189,14 @@ pub async fn download(
     ApiJson(request): ApiJson<LmxDownloadRequest>,
 ) -> Result<Json<LmxDownload>> {
     require(&request.repo_id, "repoId")?;
-    let body = admin::snake_case_body(&request)?;
-    let answer = state
-        .ctx
-        .lmx
-        .admin_post("/admin/models/download", &body, "downloading models")
-        .await?;
+    let answer = forward(
+        &state,
+        "/admin/models/download",
+        &request,
+        "downloading models",
+        false,
+    )
+    .await?;
     Ok(Json(admin::normalise_download(answer, None)?))
 }
 
