@@ -810,6 +810,21 @@ async fn commands_that_cannot_run_leave_no_session_behind() {
         "{}",
         text(&out.stderr)
     );
+    // `opta chat` on a terminal that cannot edit lines (TERM=dumb): refused likewise, and
+    // without colour.
+    let mut dumb = home.command(&["chat"]);
+    dumb.env("TERM", "dumb").env_remove("NO_COLOR");
+    let mut dumb = expectrl::Session::spawn(dumb).unwrap();
+    dumb.set_expect_timeout(Some(Duration::from_secs(20)));
+    tokio::task::block_in_place(|| {
+        let said = dumb.expect("(TERM=dumb)").unwrap();
+        let said = String::from_utf8_lossy(said.before()).into_owned();
+        assert!(
+            said.contains("needs a terminal") && !said.contains('\u{1b}'),
+            "{said:?}"
+        );
+        step(&mut dumb, expectrl::Eof);
+    });
     // `opta do ""` and `opta do "  "`: refused before a session exists.
     for task in ["", "   "] {
         let out = home.opta(&["do", task]).await;
