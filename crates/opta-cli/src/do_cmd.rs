@@ -83,6 +83,10 @@ pub async fn run(args: DoArgs, home: &Path, daemon: &DaemonArgs) -> Result<ExitC
     let mut events = client
         .subscribe(&session, StartAt::Live, Transport::WebSocket)
         .await?;
+    // Installed before the submit: from the moment the turn may exist, Ctrl-C cancels it
+    // (a signal that comes before the loop below waits in the stream until it is read).
+    let mut interrupts = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .context("installing the Ctrl-C handler")?;
     let turn_id = client
         .submit_turn(
             &session,
@@ -109,8 +113,6 @@ pub async fn run(args: DoArgs, home: &Path, daemon: &DaemonArgs) -> Result<ExitC
     };
     let mut stdout = std::io::stdout();
     let mut markdown = crate::markdown::MarkdownStream::for_stdout(args.plain || args.json);
-    let mut interrupts = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-        .context("installing the Ctrl-C handler")?;
     let mut cancel_sent = false;
     let mut wrote_text = false;
     let mut watchdog = tokio::time::interval(Duration::from_secs(1));

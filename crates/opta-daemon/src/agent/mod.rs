@@ -4,3 +4,4 @@
 pub mod workspace;
 
 pub use workspace::{Workspace, WorkspaceError};
+pub mod tools;

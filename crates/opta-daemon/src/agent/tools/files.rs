@@ -1,0 +1,484 @@
+//! File tools: read, write, edit (one or several replacements), list a directory.
+//!
+//! Writes and edits are prepared first (the new content and a unified diff, for the
+//! permission prompt) and written only once approved. Files are opened without following a
+//! final symlink, so one swapped in after the workspace check is not followed out.
+
+use std::fmt::Write as _;
+use std::io::{ErrorKind, Read as _};
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::path::Path;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::{Change, FileMemory, Prepared};
+use crate::agent::Workspace;
+
+/// Largest file `read_file` returns whole; beyond it, a marker says to use offset/limit.
+pub const READ_CAP_BYTES: usize = 64 * 1024;
+/// Lines `read_file` returns when no limit is given.
+const DEFAULT_LINES: usize = 2000;
+
+/// `read_file` arguments.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+pub struct ReadFileArgs {
+    /// File path, relative to the workspace.
+    pub path: String,
+    /// First line to return, counting from 1.
+    #[serde(default)]
+    pub offset: Option<usize>,
+    /// How many lines to return.
+    #[serde(default)]
+    pub limit: Option<usize>,
+}
+
+/// `write_file` arguments.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+pub struct WriteFileArgs {
+    /// File path, relative to the workspace.
+    pub path: String,
+    /// The whole new content.
+    pub content: String,
+}
+
+/// One replacement.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Edit {
+    /// Exact text to replace (whitespace included).
+    #[serde(alias = "old_string")]
+    pub old_string: String,
+    /// Text to put in its place.
+    #[serde(alias = "new_string")]
+    pub new_string: String,
+    /// Replace every occurrence instead of requiring exactly one.
+    #[serde(default, alias = "replace_all")]
+    pub replace_all: bool,
+}
+
+/// `edit_file` arguments.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EditFileArgs {
+    /// File path, relative to the workspace.
+    pub path: String,
+    /// Exact text to replace (whitespace included).
+    #[serde(alias = "old_string")]
+    pub old_string: String,
+    /// Text to put in its place.
+    #[serde(alias = "new_string")]
+    pub new_string: String,
+    /// Replace every occurrence instead of requiring exactly one.
+    #[serde(default, alias = "replace_all")]
+    pub replace_all: bool,
+}
+
+impl EditFileArgs {
+    /// The replacement it asks for.
+    pub fn edit(&self) -> Edit {
+        Edit {
+            old_string: self.old_string.clone(),
+            new_string: self.new_string.clone(),
+            replace_all: self.replace_all,
+        }
+    }
+}
+
+/// `multi_edit` arguments.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+pub struct MultiEditArgs {
+    /// File path, relative to the workspace.
+    pub path: String,
+    /// Replacements, applied in order to the result of the previous one.
+    pub edits: Vec<Edit>,
+}
+
+/// `list_dir` arguments.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+pub struct ListDirArgs {
+    /// Directory, relative to the workspace (default: the workspace itself).
+    #[serde(default)]
+    pub path: Option<String>,
+}
+
+fn resolve(workspace: &Workspace, path: &str) -> Result<std::path::PathBuf, String> {
+    workspace.resolve(path).map_err(|e| e.to_string())
+}
+
+/// Reads a regular file inside the workspace, refusing a final symlink (the workspace check
+/// already followed it; one that appeared since is not followed).
+async fn read_text(path: &Path, shown: &str) -> Result<String, String> {
+    let path = path.to_owned();
+    let shown = shown.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(&path)
+            .map_err(|e| match e.kind() {
+                ErrorKind::NotFound => format!("{shown} does not exist"),
+                _ => format!("{shown}: {e}"),
+            })?;
+        if !file
+            .metadata()
+            .map_err(|e| format!("{shown}: {e}"))?
+            .is_file()
+        {
+            return Err(format!("{shown} is not a regular file"));
+        }
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)
+            .map_err(|e| format!("{shown}: {e}"))?;
+        String::from_utf8(bytes).map_err(|_| format!("{shown} is not UTF-8 text"))
+    })
+    .await
+    .map_err(|e| format!("reading {e}"))?
+}
+
+/// `read_file`: numbered lines, `offset`/`limit` in lines, capped at [`READ_CAP_BYTES`].
+pub async fn read_file(
+    workspace: &Workspace,
+    memory: &mut FileMemory,
+    args: ReadFileArgs,
+) -> Result<String, String> {
+    let path = resolve(workspace, &args.path)?;
+    let shown = workspace.display(&path);
+    let key = format!(
+        "read_file\0{}\0{:?}\0{:?}",
+        path.display(),
+        args.offset,
+        args.limit
+    );
+    if let Some(hit) = memory.cached(&key) {
+        memory.saw(&path);
+        return Ok(hit);
+    }
+    let text = read_text(&path, &shown).await?;
+    memory.saw(&path);
+    let total = text.lines().count();
+    let first = args.offset.unwrap_or(1).max(1);
+    let limit = args.limit.unwrap_or(DEFAULT_LINES).max(1);
+    let mut out = String::new();
+    let mut last = first.saturating_sub(1);
+    for (n, line) in text.lines().enumerate().skip(first - 1).take(limit) {
+        if out.len() + line.len() > READ_CAP_BYTES {
+            break;
+        }
+        let _ = writeln!(out, "{:>6}\t{line}", n + 1);
+        last = n + 1;
+    }
+    if total == 0 {
+        out.push_str("(empty file)\n");
+    } else if first > total {
+        let _ = writeln!(
+            out,
+            "(the file has {total} lines; offset {first} is past its end)"
+        );
+    } else if last < total {
+        let _ = writeln!(
+            out,
+            "[… lines {}-{total} not shown: read on with offset {} …]",
+            last + 1,
+            last + 1
+        );
+    }
+    memory.remember(key, &path, &out);
+    Ok(out)
+}
+
+/// `write_file`, prepared: the new content and its diff against what is there.
+pub async fn prepare_write(
+    workspace: &Workspace,
+    memory: &FileMemory,
+    args: WriteFileArgs,
+) -> Prepared {
+    let path = match resolve(workspace, &args.path) {
+        Ok(p) => p,
+        Err(e) => return Prepared::Finished(Err(e)),
+    };
+    let shown = workspace.display(&path);
+    if path.is_dir() {
+        return Prepared::Finished(Err(format!("{shown} is a directory")));
+    }
+    if let Some(why) = memory.stale(&path, &shown) {
+        return Prepared::Finished(Err(why));
+    }
+    let old = match read_text(&path, &shown).await {
+        Ok(old) => old,
+        Err(_) if !path.exists() => String::new(),
+        Err(e) => return Prepared::Finished(Err(e)),
+    };
+    Prepared::Change {
+        summary: format!("write {} bytes to {shown}", args.content.len()),
+        diff: Some(unified_diff(&shown, &old, &args.content)),
+        grant_scope: None,
+        change: Change::Write {
+            path,
+            content: args.content,
+        },
+    }
+}
+
+/// `edit_file` / `multi_edit`, prepared: every edit applied in memory (all must apply), the
+/// diff of the result.
+pub async fn prepare_edits(
+    workspace: &Workspace,
+    memory: &FileMemory,
+    path: &str,
+    edits: Vec<Edit>,
+) -> Prepared {
+    let path = match resolve(workspace, path) {
+        Ok(p) => p,
+        Err(e) => return Prepared::Finished(Err(e)),
+    };
+    let shown = workspace.display(&path);
+    if !path.exists() {
+        return Prepared::Finished(Err(format!(
+            "{shown} does not exist; create it with write_file"
+        )));
+    }
+    if let Some(why) = memory.stale(&path, &shown) {
+        return Prepared::Finished(Err(why));
+    }
+    let old = match read_text(&path, &shown).await {
+        Ok(old) => old,
+        Err(e) => return Prepared::Finished(Err(e)),
+    };
+    if edits.is_empty() {
+        return Prepared::Finished(Err("no edits given".to_owned()));
+    }
+    let mut new = old.clone();
+    for (i, edit) in edits.iter().enumerate() {
+        let which = if edits.len() > 1 {
+            format!("edit {} of {}: ", i + 1, edits.len())
+        } else {
+            String::new()
+        };
+        match apply_edit(&new, edit) {
+            Ok(next) => new = next,
+            Err(e) => {
+                return Prepared::Finished(Err(format!(
+                    "{which}{e} in {shown}; nothing was changed"
+                )));
+            }
+        }
+    }
+    let count = edits.len();
+    Prepared::Change {
+        summary: format!(
+            "edit {shown} ({count} change{})",
+            if count == 1 { "" } else { "s" }
+        ),
+        diff: Some(unified_diff(&shown, &old, &new)),
+        grant_scope: None,
+        change: Change::Write { path, content: new },
+    }
+}
+
+/// Applies one replacement to `text`, or says why it cannot.
+pub fn apply_edit(text: &str, edit: &Edit) -> Result<String, String> {
+    if edit.old_string.is_empty() {
+        return Err("old_string is empty".to_owned());
+    }
+    if edit.old_string == edit.new_string {
+        return Err("old_string and new_string are the same".to_owned());
+    }
+    let starts: Vec<usize> = text
+        .match_indices(edit.old_string.as_str())
+        .map(|(i, _)| i)
+        .collect();
+    match starts.len() {
+        0 => Err(format!(
+            "old_string was not found{}",
+            closest_region(text, &edit.old_string)
+        )),
+        1 => Ok(text.replacen(&edit.old_string, &edit.new_string, 1)),
+        _ if edit.replace_all => Ok(text.replace(&edit.old_string, &edit.new_string)),
+        n => {
+            let lines: Vec<String> = starts
+                .iter()
+                .map(|&i| (text[..i].matches('\n').count() + 1).to_string())
+                .collect();
+            Err(format!(
+                "old_string occurs {n} times (at lines {}); give more surrounding text to make \
+                 it unique, or set replaceAll",
+                lines.join(", ")
+            ))
+        }
+    }
+}
+
+/// The lines of `text` most like the first line of `wanted`, numbered, to show the model
+/// what is really there.
+fn closest_region(text: &str, wanted: &str) -> String {
+    let first = wanted
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .trim();
+    if first.is_empty() {
+        return String::new();
+    }
+    let lines: Vec<&str> = text.lines().collect();
+    let best = lines
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (similar::TextDiff::from_chars(l.trim(), first).ratio(), i))
+        .max_by(|a, b| a.0.total_cmp(&b.0));
+    let Some((score, at)) = best else {
+        return " (the file is empty)".to_owned();
+    };
+    if score < 0.5 {
+        return String::new();
+    }
+    let span = wanted.lines().count().max(1);
+    let from = at.saturating_sub(2);
+    let to = (at + span + 2).min(lines.len());
+    let mut out = format!("; the closest text is at line {}:\n", at + 1);
+    for (n, line) in lines.iter().enumerate().take(to).skip(from) {
+        let _ = writeln!(out, "{:>6}\t{line}", n + 1);
+    }
+    out
+}
+
+/// A unified diff (3 lines of context) from `old` to `new`, both named `name`.
+pub fn unified_diff(name: &str, old: &str, new: &str) -> String {
+    similar::TextDiff::from_lines(old, new)
+        .unified_diff()
+        .context_radius(3)
+        .header(&format!("a/{name}"), &format!("b/{name}"))
+        .to_string()
+}
+
+/// Writes `content` to `path`: parents created, through a temporary file renamed into place
+/// (a crash leaves the old or the new file, never half of one; a symlink at `path` is
+/// replaced, not followed).
+pub async fn write(path: &Path, content: &str) -> Result<(), String> {
+    let path = path.to_owned();
+    let content = content.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let fail = |e: std::io::Error| format!("writing {}: {e}", path.display());
+        let parent = path
+            .parent()
+            .ok_or_else(|| "no parent directory".to_owned())?;
+        std::fs::create_dir_all(parent).map_err(fail)?;
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+        let temp = parent.join(format!(
+            ".{}.opta-{}",
+            name.unwrap_or_default(),
+            std::process::id()
+        ));
+        let permissions = std::fs::metadata(&path).ok().map(|m| m.permissions());
+        std::fs::write(&temp, content.as_bytes()).map_err(fail)?;
+        if let Some(p) = permissions {
+            let _ = std::fs::set_permissions(&temp, p);
+        }
+        std::fs::rename(&temp, &path).map_err(|e| {
+            let _ = std::fs::remove_file(&temp);
+            fail(e)
+        })
+    })
+    .await
+    .map_err(|e| format!("writing: {e}"))?
+}
+
+/// `list_dir`: entries sorted, directories with a trailing `/`.
+pub async fn list_dir(workspace: &Workspace, args: ListDirArgs) -> Result<String, String> {
+    let path = resolve(workspace, args.path.as_deref().unwrap_or("."))?;
+    let shown = workspace.display(&path);
+    let mut entries = tokio::fs::read_dir(&path)
+        .await
+        .map_err(|e| format!("{shown}: {e}"))?;
+    let mut names = Vec::new();
+    while let Some(entry) = entries.next_entry().await.map_err(|e| e.to_string())? {
+        let mut name = entry.file_name().to_string_lossy().into_owned();
+        if entry.file_type().await.is_ok_and(|t| t.is_dir()) {
+            name.push('/');
+        }
+        names.push(name);
+    }
+    names.sort();
+    if names.is_empty() {
+        return Ok(format!("{shown} is empty"));
+    }
+    Ok(names.join("\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn edit(old: &str, new: &str) -> Edit {
+        Edit {
+            old_string: old.into(),
+            new_string: new.into(),
+            replace_all: false,
+        }
+    }
+
+    #[test]
+    fn an_edit_must_match_once() {
+        assert_eq!(apply_edit("a b c", &edit("b", "B")).unwrap(), "a B c");
+        let twice = apply_edit("x\ny\nx\n", &edit("x", "z")).unwrap_err();
+        assert!(twice.contains("2 times (at lines 1, 3)"), "{twice}");
+        let all = Edit {
+            replace_all: true,
+            ..edit("x", "z")
+        };
+        assert_eq!(apply_edit("x\ny\nx\n", &all).unwrap(), "z\ny\nz\n");
+    }
+
+    #[test]
+    fn a_missed_edit_shows_the_closest_lines() {
+        let text = "fn main() {\n    println!(\"hello\");\n}\n";
+        let e = apply_edit(text, &edit("println!(\"helo\");", "x")).unwrap_err();
+        assert!(e.contains("closest text is at line 2"), "{e}");
+        assert!(e.contains("     2\t    println!(\"hello\");"), "{e}");
+    }
+
+    #[test]
+    fn diffs_are_unified() {
+        let d = unified_diff("f.txt", "a\nb\n", "a\nc\n");
+        assert!(d.contains("--- a/f.txt"), "{d}");
+        assert!(d.contains("-b\n+c\n"), "{d}");
+    }
+
+    #[tokio::test]
+    async fn reads_are_numbered_and_paged_and_writes_need_a_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let ws = Workspace::new(&dir.path().canonicalize().unwrap()).unwrap();
+        let body: String = (1..=10).map(|i| format!("line {i}\n")).collect();
+        std::fs::write(ws.root().join("f.txt"), &body).unwrap();
+        let mut memory = FileMemory::default();
+        let write = WriteFileArgs {
+            path: "f.txt".into(),
+            content: "new".into(),
+        };
+        let Prepared::Finished(Err(e)) = prepare_write(&ws, &memory, write.clone()).await else {
+            panic!("an unread file was writable");
+        };
+        assert!(e.contains("read it with read_file first"), "{e}");
+        let args = ReadFileArgs {
+            path: "f.txt".into(),
+            offset: Some(3),
+            limit: Some(2),
+        };
+        let out = read_file(&ws, &mut memory, args).await.unwrap();
+        assert_eq!(
+            out,
+            "     3\tline 3\n     4\tline 4\n[… lines 5-10 not shown: read on with offset 5 …]\n"
+        );
+        let Prepared::Change { diff, .. } = prepare_write(&ws, &memory, write.clone()).await else {
+            panic!("a read file was not writable");
+        };
+        assert!(diff.unwrap().contains("+new"));
+        // Changed on disk since the read: refused again.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(ws.root().join("f.txt"), "changed elsewhere\n").unwrap();
+        let Prepared::Finished(Err(e)) = prepare_write(&ws, &memory, write).await else {
+            panic!("a file changed since its read was writable");
+        };
+        assert!(e.contains("changed on disk"), "{e}");
+    }
+}

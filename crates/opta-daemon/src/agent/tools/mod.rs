@@ -1,0 +1,414 @@
+//! The tools a model may call. Each family lives in its own file as plain async functions
+//! over a [`Workspace`]; this module names them, describes them to the model (a JSON Schema
+//! generated from each argument type) and turns a call into either a result or a change that
+//! needs approval first.
+
+pub mod command;
+pub mod files;
+pub mod search;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use schemars::JsonSchema;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+
+use super::Workspace;
+
+/// What a tool does, which decides whether it asks first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ToolKind {
+    /// Reads only; never asks.
+    Read,
+    /// Writes or edits a file.
+    Write,
+    /// Runs a command.
+    Command,
+}
+
+/// One tool as the model sees it.
+pub struct ToolSpec {
+    /// The name the model calls it by.
+    pub name: &'static str,
+    /// What it does, for the model.
+    pub description: &'static str,
+    /// Read, write or command.
+    pub kind: ToolKind,
+    schema: fn() -> Value,
+}
+
+fn schema_of<T: JsonSchema>() -> Value {
+    let mut schema = serde_json::to_value(schemars::schema_for!(T)).unwrap_or(Value::Null);
+    if let Some(map) = schema.as_object_mut() {
+        map.remove("$schema");
+        map.remove("title");
+    }
+    schema
+}
+
+/// Every tool, in the order they are described to the model.
+pub const TOOLS: &[ToolSpec] = &[
+    ToolSpec {
+        name: "read_file",
+        description: "Read a text file of the workspace. Lines come numbered; use offset and \
+                      limit (in lines) for long files.",
+        kind: ToolKind::Read,
+        schema: schema_of::<files::ReadFileArgs>,
+    },
+    ToolSpec {
+        name: "write_file",
+        description: "Create a file, or replace the whole content of one you have read.",
+        kind: ToolKind::Write,
+        schema: schema_of::<files::WriteFileArgs>,
+    },
+    ToolSpec {
+        name: "edit_file",
+        description: "Replace an exact piece of text in a file you have read. old_string must \
+                      occur exactly once unless replaceAll is true.",
+        kind: ToolKind::Write,
+        schema: schema_of::<files::EditFileArgs>,
+    },
+    ToolSpec {
+        name: "multi_edit",
+        description: "Several edit_file replacements in one file, applied in order, all or \
+                      nothing.",
+        kind: ToolKind::Write,
+        schema: schema_of::<files::MultiEditArgs>,
+    },
+    ToolSpec {
+        name: "list_dir",
+        description: "List a directory of the workspace (directories end with /).",
+        kind: ToolKind::Read,
+        schema: schema_of::<files::ListDirArgs>,
+    },
+    ToolSpec {
+        name: "find_files",
+        description: "Find files whose path matches a glob such as **/*.rs (.gitignore is \
+                      respected).",
+        kind: ToolKind::Read,
+        schema: schema_of::<search::FindFilesArgs>,
+    },
+    ToolSpec {
+        name: "search_files",
+        description: "Search file contents with a regular expression (.gitignore is \
+                      respected); answers path:line: text.",
+        kind: ToolKind::Read,
+        schema: schema_of::<search::SearchFilesArgs>,
+    },
+    ToolSpec {
+        name: "run_command",
+        description: "Run a shell command (sh -c) in the workspace and return its exit code \
+                      and output.",
+        kind: ToolKind::Command,
+        schema: schema_of::<command::RunCommandArgs>,
+    },
+];
+
+/// The tool called `name`.
+pub fn spec(name: &str) -> Option<&'static ToolSpec> {
+    TOOLS.iter().find(|t| t.name == name)
+}
+
+impl ToolSpec {
+    /// The JSON Schema of its arguments.
+    pub fn parameters(&self) -> Value {
+        (self.schema)()
+    }
+}
+
+/// The `tools` array of a chat request (OpenAI function format).
+pub fn definitions() -> Value {
+    Value::Array(
+        TOOLS
+            .iter()
+            .map(|t| {
+                json!({"type": "function", "function": {
+                    "name": t.name, "description": t.description, "parameters": t.parameters(),
+                }})
+            })
+            .collect(),
+    )
+}
+
+/// The names of all tools, for error messages.
+pub fn names() -> String {
+    TOOLS.iter().map(|t| t.name).collect::<Vec<_>>().join(", ")
+}
+
+/// What the session remembers between tool calls: which files the model has read (and
+/// their modification time then), so a write of a file it has not seen is refused, and a
+/// short-lived cache of read results.
+#[derive(Debug, Default)]
+pub struct FileMemory {
+    read: HashMap<PathBuf, Option<SystemTime>>,
+    cache: HashMap<String, CachedRead>,
+}
+
+#[derive(Debug)]
+struct CachedRead {
+    path: PathBuf,
+    modified: Option<SystemTime>,
+    at: std::time::Instant,
+    output: String,
+}
+
+/// Read results kept per session.
+const CACHE_ENTRIES: usize = 200;
+/// How long a cached read result stays usable.
+const CACHE_TTL: Duration = Duration::from_secs(30);
+
+impl FileMemory {
+    /// Notes that the model has seen `path` as it is now.
+    pub fn saw(&mut self, path: &std::path::Path) {
+        self.read.insert(path.to_owned(), modified(path));
+    }
+
+    /// Why a write to existing `path` must wait for a read, if it must.
+    pub fn stale(&self, path: &std::path::Path, shown: &str) -> Option<String> {
+        let now = modified(path)?;
+        match self.read.get(path) {
+            None => Some(format!(
+                "{shown} exists and you have not read it in this session: read it with \
+                 read_file first, then write or edit it"
+            )),
+            Some(seen) if *seen != Some(now) => Some(format!(
+                "{shown} changed on disk since you read it: read it again with read_file \
+                 first, then write or edit it"
+            )),
+            Some(_) => None,
+        }
+    }
+
+    /// A cached result for `key` that is still valid.
+    pub fn cached(&self, key: &str) -> Option<String> {
+        let hit = self.cache.get(key)?;
+        (hit.at.elapsed() < CACHE_TTL && modified(&hit.path) == hit.modified)
+            .then(|| hit.output.clone())
+    }
+
+    /// Keeps a read result of `path` under `key`.
+    pub fn remember(&mut self, key: String, path: &std::path::Path, output: &str) {
+        if self.cache.len() >= CACHE_ENTRIES {
+            // Stale entries first; else the oldest goes.
+            self.cache.retain(|_, c| c.at.elapsed() < CACHE_TTL);
+            if self.cache.len() >= CACHE_ENTRIES
+                && let Some(oldest) = self
+                    .cache
+                    .iter()
+                    .min_by_key(|(_, c)| c.at)
+                    .map(|(k, _)| k.clone())
+            {
+                self.cache.remove(&oldest);
+            }
+        }
+        self.cache.insert(
+            key,
+            CachedRead {
+                path: path.to_owned(),
+                modified: modified(path),
+                at: std::time::Instant::now(),
+                output: output.to_owned(),
+            },
+        );
+    }
+
+    /// Forgets cached reads (after any write, edit or command).
+    pub fn clear_cache(&mut self) {
+        self.cache.clear();
+    }
+}
+
+fn modified(path: &std::path::Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+/// A change a tool wants to make, prepared (validated, diffed) but not yet done.
+#[derive(Debug, Clone)]
+pub enum Change {
+    /// Write `content` to `path` (created with its parent directories when missing).
+    Write {
+        /// Where.
+        path: PathBuf,
+        /// The whole new content.
+        content: String,
+    },
+    /// Run a shell command.
+    Command(command::RunCommandArgs),
+}
+
+/// A call turned into what happens next.
+#[derive(Debug)]
+pub enum Prepared {
+    /// Done already (read-only tools) or refused: the text the model sees.
+    Finished(Result<String, String>),
+    /// A change that runs only when approved.
+    Change {
+        /// One line for people: "write 120 bytes to src/main.rs", the command.
+        summary: String,
+        /// A unified diff of a write or edit.
+        diff: Option<String>,
+        /// The command's program and first argument when the command is simple (a grant
+        /// can cover it), else `None` (always asks).
+        grant_scope: Option<String>,
+        /// What to do.
+        change: Change,
+    },
+}
+
+/// Parses a call's arguments into `T`, or the message the model sees.
+pub fn parse_args<T: DeserializeOwned>(tool: &ToolSpec, args: &Value) -> Result<T, String> {
+    let args = if args.is_null() {
+        &Value::Object(Default::default())
+    } else {
+        args
+    };
+    serde_path_to_error::deserialize(args).map_err(|e| {
+        let at = e.path().to_string();
+        let place = if at == "." {
+            String::new()
+        } else {
+            format!(" at {at}")
+        };
+        format!(
+            "invalid arguments for {}{place}: {}. Expected arguments matching this JSON Schema: {}",
+            tool.name,
+            e.inner(),
+            tool.parameters()
+        )
+    })
+}
+
+/// Validates a call and, for read-only tools, runs it; writes and commands come back as a
+/// [`Change`] to approve.
+pub async fn prepare(
+    tool: &ToolSpec,
+    args: &Value,
+    workspace: &Workspace,
+    memory: &mut FileMemory,
+) -> Prepared {
+    let result = match tool.name {
+        "read_file" => match parse_args(tool, args) {
+            Ok(a) => files::read_file(workspace, memory, a).await,
+            Err(e) => Err(e),
+        },
+        "list_dir" => match parse_args(tool, args) {
+            Ok(a) => files::list_dir(workspace, a).await,
+            Err(e) => Err(e),
+        },
+        "find_files" => match parse_args(tool, args) {
+            Ok(a) => search::find_files(workspace, a).await,
+            Err(e) => Err(e),
+        },
+        "search_files" => match parse_args(tool, args) {
+            Ok(a) => search::search_files(workspace, a).await,
+            Err(e) => Err(e),
+        },
+        "write_file" => match parse_args(tool, args) {
+            Ok(a) => return files::prepare_write(workspace, memory, a).await,
+            Err(e) => Err(e),
+        },
+        "edit_file" => match parse_args::<files::EditFileArgs>(tool, args) {
+            Ok(a) => {
+                let edits = vec![a.edit()];
+                return files::prepare_edits(workspace, memory, &a.path, edits).await;
+            }
+            Err(e) => Err(e),
+        },
+        "multi_edit" => match parse_args::<files::MultiEditArgs>(tool, args) {
+            Ok(a) => return files::prepare_edits(workspace, memory, &a.path, a.edits).await,
+            Err(e) => Err(e),
+        },
+        "run_command" => match parse_args(tool, args) {
+            Ok(a) => return command::prepare(a),
+            Err(e) => Err(e),
+        },
+        other => Err(format!(
+            "no tool is called {other:?}; the tools are {}",
+            names()
+        )),
+    };
+    Prepared::Finished(result)
+}
+
+/// Makes an approved change. `env_remove` names variables the command must not see.
+pub async fn apply(
+    change: Change,
+    workspace: &Workspace,
+    memory: &mut FileMemory,
+    limits: &command::CommandLimits,
+) -> Result<String, String> {
+    memory.clear_cache();
+    match change {
+        Change::Write { path, content } => {
+            let shown = workspace.display(&path);
+            let result = files::write(&path, &content).await;
+            memory.saw(&path);
+            result.map(|()| format!("wrote {} bytes to {shown}", content.len()))
+        }
+        Change::Command(args) => command::run(workspace, args, limits).await,
+    }
+}
+
+/// Cuts `text` to at most `max` bytes (on a char boundary), keeping the head and the tail
+/// with a marker saying how much was left out.
+pub fn head_and_tail(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let half = max / 2;
+    let mut head_end = half;
+    while !text.is_char_boundary(head_end) {
+        head_end -= 1;
+    }
+    let mut tail_start = text.len() - half;
+    while !text.is_char_boundary(tail_start) {
+        tail_start += 1;
+    }
+    format!(
+        "{}\n[… {} bytes cut …]\n{}",
+        &text[..head_end],
+        tail_start - head_end,
+        &text[tail_start..]
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_tool_has_an_object_schema() {
+        for tool in TOOLS {
+            let schema = tool.parameters();
+            assert_eq!(schema["type"], "object", "{}", tool.name);
+            assert!(schema["properties"].is_object(), "{}", tool.name);
+        }
+        assert_eq!(definitions().as_array().map(Vec::len), Some(TOOLS.len()));
+    }
+
+    #[test]
+    fn head_and_tail_keeps_both_ends() {
+        let text = format!("{}{}", "a".repeat(100), "b".repeat(100));
+        let cut = head_and_tail(&text, 20);
+        assert!(
+            cut.starts_with("aaaaaaaaaa\n[… 180 bytes cut …]\nbbbbbbbbbb"),
+            "{cut}"
+        );
+        assert_eq!(head_and_tail("short", 20), "short");
+        let wide = "é".repeat(50);
+        assert!(head_and_tail(&wide, 11).contains("bytes cut"));
+    }
+
+    #[test]
+    fn bad_arguments_name_the_field_and_the_schema() {
+        let tool =
+            spec("read_file").map(|t| parse_args::<files::ReadFileArgs>(t, &json!({"path": 3})));
+        let Some(Err(message)) = tool else {
+            panic!("expected an error")
+        };
+        assert!(message.contains("at path"), "{message}");
+        assert!(message.contains("JSON Schema"), "{message}");
+    }
+}

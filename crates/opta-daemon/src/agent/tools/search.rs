@@ -1,0 +1,260 @@
+//! Search tools: files by glob, contents by regex. Both walk with ripgrep's `ignore` crate
+//! (`.gitignore`, `.ignore` and hidden files respected, symlinks never followed), so nothing
+//! outside the workspace is reached.
+
+use std::fmt::Write as _;
+
+use grep_regex::RegexMatcherBuilder;
+use grep_searcher::{BinaryDetection, SearcherBuilder, sinks::UTF8};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::agent::Workspace;
+
+/// Paths `find_files` lists at most.
+const MAX_FILES: usize = 200;
+/// Matching lines `search_files` returns at most.
+const MAX_MATCHES: usize = 100;
+/// A matching line longer than this is cut.
+const MAX_LINE: usize = 300;
+
+/// `find_files` arguments.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+pub struct FindFilesArgs {
+    /// Glob over paths relative to the search directory, e.g. `**/*.rs` or `src/*.toml`.
+    pub pattern: String,
+    /// Directory to search, relative to the workspace (default: all of it).
+    #[serde(default)]
+    pub path: Option<String>,
+}
+
+/// `search_files` arguments.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SearchFilesArgs {
+    /// Regular expression (Rust syntax) to look for.
+    pub pattern: String,
+    /// File or directory to search, relative to the workspace (default: all of it).
+    #[serde(default)]
+    pub path: Option<String>,
+    /// Only files whose path matches this glob, e.g. `*.rs`.
+    #[serde(default)]
+    pub glob: Option<String>,
+    /// Match regardless of case.
+    #[serde(default, alias = "case_insensitive")]
+    pub case_insensitive: bool,
+}
+
+/// Regular files under `root` that the ignore rules let through, as (absolute, relative).
+fn walk(
+    workspace: &Workspace,
+    root: &std::path::Path,
+) -> impl Iterator<Item = (std::path::PathBuf, String)> {
+    let base = root.to_owned();
+    let ws = workspace.clone();
+    ignore::WalkBuilder::new(root)
+        .follow_links(false)
+        .require_git(false)
+        .sort_by_file_path(|a, b| a.cmp(b))
+        .build()
+        .filter_map(Result::ok)
+        // A symlink is never followed, even to a file inside: its target is checked by
+        // nothing here.
+        .filter(|e| e.file_type().is_some_and(|t| t.is_file()))
+        .filter(move |e| e.path().starts_with(ws.root()))
+        .map(move |e| {
+            let relative = e
+                .path()
+                .strip_prefix(&base)
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
+            (e.into_path(), relative)
+        })
+}
+
+fn glob(pattern: &str) -> Result<globset::GlobMatcher, String> {
+    globset::GlobBuilder::new(pattern)
+        .literal_separator(false)
+        .build()
+        .map(|g| g.compile_matcher())
+        .map_err(|e| format!("invalid glob {pattern:?}: {e}"))
+}
+
+/// `find_files`: workspace-relative paths matching the glob, sorted.
+pub async fn find_files(workspace: &Workspace, args: FindFilesArgs) -> Result<String, String> {
+    let root = workspace
+        .resolve(args.path.as_deref().unwrap_or("."))
+        .map_err(|e| e.to_string())?;
+    let matcher = glob(&args.pattern)?;
+    let ws = workspace.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut found = Vec::new();
+        let mut more = false;
+        for (path, relative) in walk(&ws, &root) {
+            let name_only = !args.pattern.contains('/');
+            let hit = matcher.is_match(&relative)
+                || (name_only && path.file_name().is_some_and(|n| matcher.is_match(n)));
+            if hit {
+                if found.len() == MAX_FILES {
+                    more = true;
+                    break;
+                }
+                found.push(ws.display(&path));
+            }
+        }
+        if found.is_empty() {
+            return Ok(format!("no file matches {:?}", args.pattern));
+        }
+        let mut out = found.join("\n");
+        if more {
+            let _ = write!(
+                out,
+                "\n[… more than {MAX_FILES} files; narrow the pattern …]"
+            );
+        }
+        Ok(out)
+    })
+    .await
+    .map_err(|e| format!("find_files failed: {e}"))?
+}
+
+/// `search_files`: `path:line: text` for each matching line, in path order.
+pub async fn search_files(workspace: &Workspace, args: SearchFilesArgs) -> Result<String, String> {
+    let root = workspace
+        .resolve(args.path.as_deref().unwrap_or("."))
+        .map_err(|e| e.to_string())?;
+    let matcher = RegexMatcherBuilder::new()
+        .case_insensitive(args.case_insensitive)
+        .build(&args.pattern)
+        .map_err(|e| format!("invalid regular expression {:?}: {e}", args.pattern))?;
+    let filter = args.glob.as_deref().map(glob).transpose()?;
+    let ws = workspace.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut searcher = SearcherBuilder::new()
+            .binary_detection(BinaryDetection::quit(0))
+            .line_number(true)
+            .build();
+        let mut out = String::new();
+        let mut count = 0usize;
+        let files: Vec<_> = if root.is_file() {
+            vec![(root.clone(), String::new())]
+        } else {
+            walk(&ws, &root).collect()
+        };
+        'files: for (path, relative) in files {
+            if let Some(filter) = &filter
+                && !filter.is_match(&relative)
+                && !path.file_name().is_some_and(|n| filter.is_match(n))
+            {
+                continue;
+            }
+            let shown = ws.display(&path);
+            let mut lines = Vec::new();
+            let _ = searcher.search_path(
+                &matcher,
+                &path,
+                UTF8(|number, line| {
+                    lines.push((number, line.trim_end().to_owned()));
+                    Ok(lines.len() + count < MAX_MATCHES + 1)
+                }),
+            );
+            for (number, mut line) in lines {
+                if count == MAX_MATCHES {
+                    let _ = writeln!(
+                        out,
+                        "[… more than {MAX_MATCHES} matches; narrow the search …]"
+                    );
+                    break 'files;
+                }
+                if line.len() > MAX_LINE {
+                    let mut end = MAX_LINE;
+                    while !line.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    line.truncate(end);
+                    line.push('…');
+                }
+                let _ = writeln!(out, "{shown}:{number}: {line}");
+                count += 1;
+            }
+        }
+        if count == 0 {
+            return Ok(format!("no match for {:?}", args.pattern));
+        }
+        Ok(out)
+    })
+    .await
+    .map_err(|e| format!("search_files failed: {e}"))?
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::symlink;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn search_respects_gitignore_and_never_follows_symlinks_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().canonicalize().unwrap();
+        std::fs::create_dir_all(base.join("ws/src")).unwrap();
+        std::fs::create_dir_all(base.join("ws/target")).unwrap();
+        std::fs::create_dir_all(base.join("outside")).unwrap();
+        std::fs::write(base.join("outside/secret.rs"), "needle outside\n").unwrap();
+        std::fs::write(base.join("ws/.gitignore"), "target/\n").unwrap();
+        std::fs::write(base.join("ws/src/a.rs"), "fn a() {}\n// needle here\n").unwrap();
+        std::fs::write(base.join("ws/target/b.rs"), "needle ignored\n").unwrap();
+        symlink(base.join("outside"), base.join("ws/link")).unwrap();
+        symlink(base.join("outside/secret.rs"), base.join("ws/src/s.rs")).unwrap();
+        let ws = Workspace::new(&base.join("ws")).unwrap();
+
+        let found = search_files(
+            &ws,
+            SearchFilesArgs {
+                pattern: "needle".into(),
+                path: None,
+                glob: None,
+                case_insensitive: false,
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(found, "src/a.rs:2: // needle here\n");
+
+        let files = find_files(
+            &ws,
+            FindFilesArgs {
+                pattern: "*.rs".into(),
+                path: None,
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(files, "src/a.rs");
+
+        for path in ["../outside", "link", "/etc"] {
+            let e = search_files(
+                &ws,
+                SearchFilesArgs {
+                    pattern: "needle".into(),
+                    path: Some(path.into()),
+                    glob: None,
+                    case_insensitive: false,
+                },
+            )
+            .await
+            .unwrap_err();
+            assert!(e.contains("outside the workspace"), "{path}: {e}");
+            let e = find_files(
+                &ws,
+                FindFilesArgs {
+                    pattern: "*".into(),
+                    path: Some(path.into()),
+                },
+            )
+            .await
+            .unwrap_err();
+            assert!(e.contains("outside the workspace"), "{path}: {e}");
+        }
+    }
+}
