@@ -54,6 +54,15 @@ const KEYS: &[(&str, &str, Kind)] = &[
     ("max-db-mb", "max_db_mb", Kind::Number),
     ("evict-idle-secs", "evict_idle_secs", Kind::Number),
     ("evict-scan-secs", "evict_scan_secs", Kind::Number),
+    ("max-tool-rounds", "max_tool_rounds", Kind::Number),
+    (
+        "permission-timeout-secs",
+        "permission_timeout_secs",
+        Kind::Number,
+    ),
+    ("max-command-secs", "max_command_secs", Kind::Number),
+    ("system-prompt-file", "system_prompt_file", Kind::Text),
+    ("workspace", "workspace", Kind::Text),
     ("sync-commits", "sync_commits", Kind::Switch),
 ];
 
@@ -202,6 +211,13 @@ fn set_field(args: &mut DaemonArgs, key: &str, text: &str) -> Result<()> {
         "max-db-mb" => args.max_db_mb = number()?,
         "evict-idle-secs" => args.evict_idle_secs = number()?.max(1),
         "evict-scan-secs" => args.evict_scan_secs = number()?.max(1),
+        "max-tool-rounds" => {
+            args.max_tool_rounds = u32::try_from(number()?.max(1)).unwrap_or(u32::MAX)
+        }
+        "permission-timeout-secs" => args.permission_timeout_secs = number()?.max(1),
+        "max-command-secs" => args.max_command_secs = number()?.max(1),
+        "system-prompt-file" => args.system_prompt_file = Some(text.into()),
+        "workspace" => args.workspace = Some(text.into()),
         "sync-commits" => args.sync_commits = text == "true",
         other => bail!("unknown config key {other:?}"),
     }
@@ -224,6 +240,19 @@ fn get_field(args: &DaemonArgs, key: &str) -> String {
         "max-db-mb" => args.max_db_mb.to_string(),
         "evict-idle-secs" => args.evict_idle_secs.to_string(),
         "evict-scan-secs" => args.evict_scan_secs.to_string(),
+        "max-tool-rounds" => args.max_tool_rounds.to_string(),
+        "permission-timeout-secs" => args.permission_timeout_secs.to_string(),
+        "max-command-secs" => args.max_command_secs.to_string(),
+        "system-prompt-file" => args
+            .system_prompt_file
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
+        "workspace" => args
+            .workspace
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
         "sync-commits" => args.sync_commits.to_string(),
         _ => String::new(),
     }

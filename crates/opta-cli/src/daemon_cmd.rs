@@ -237,6 +237,37 @@ fn copy_new_bytes(file: &mut std::fs::File, position: &mut u64) -> Result<()> {
     Ok(())
 }
 
+/// The agent's settings from the flags (the system prompt file is read now: a missing one
+/// stops the start with a clear error).
+fn agent_config(args: &DaemonArgs) -> Result<opta_daemon::agent::AgentConfig> {
+    let system_prompt = args
+        .system_prompt_file
+        .as_ref()
+        .map(|path| {
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading --system-prompt-file {}", path.display()))
+        })
+        .transpose()?;
+    let workspace = args
+        .workspace
+        .as_ref()
+        .map(|dir| {
+            std::path::absolute(dir).with_context(|| format!("--workspace {}", dir.display()))
+        })
+        .transpose()?;
+    let defaults = opta_daemon::agent::AgentConfig::default();
+    Ok(opta_daemon::agent::AgentConfig {
+        max_tool_rounds: args.max_tool_rounds,
+        permission_timeout: Duration::from_secs(args.permission_timeout_secs),
+        command: opta_daemon::agent::tools::command::CommandLimits {
+            max_timeout: Duration::from_secs(args.max_command_secs),
+            ..defaults.command
+        },
+        system_prompt,
+        workspace,
+    })
+}
+
 async fn run_foreground(home: &Path, args: &DaemonArgs) -> Result<()> {
     let dir = opta_daemon::daemon::daemon_dir(home);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -279,6 +310,7 @@ async fn run_foreground(home: &Path, args: &DaemonArgs) -> Result<()> {
         },
         logs_path: Some(logs_path),
         faults: Default::default(),
+        agent: agent_config(args)?,
     };
     let daemon = RunningDaemon::start(config).await?;
     let state = daemon.state();

@@ -105,6 +105,21 @@ pub struct DaemonArgs {
     /// How often idle sessions are looked for, in seconds.
     #[arg(long, env = "OPTA_EVICT_SCAN_SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..), global = true)]
     pub evict_scan_secs: u64,
+    /// Model rounds one turn may take before it ends with `tool-limit`.
+    #[arg(long, env = "OPTA_MAX_TOOL_ROUNDS", default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..), global = true)]
+    pub max_tool_rounds: u32,
+    /// Seconds a permission request waits for an answer before it is denied.
+    #[arg(long, env = "OPTA_PERMISSION_TIMEOUT_SECS", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..), global = true)]
+    pub permission_timeout_secs: u64,
+    /// The longest a `run_command` call may run, in seconds (its default is 120).
+    #[arg(long, env = "OPTA_MAX_COMMAND_SECS", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..), global = true)]
+    pub max_command_secs: u64,
+    /// A file whose text replaces the opening of the agent's system prompt.
+    #[arg(long, env = "OPTA_SYSTEM_PROMPT_FILE", global = true)]
+    pub system_prompt_file: Option<PathBuf>,
+    /// Workspace of sessions created without one (default: the daemon's working directory).
+    #[arg(long, env = "OPTA_WORKSPACE", global = true)]
+    pub workspace: Option<PathBuf>,
 }
 
 impl DaemonArgs {
@@ -138,7 +153,22 @@ impl DaemonArgs {
             self.evict_idle_secs.to_string(),
             "--evict-scan-secs".into(),
             self.evict_scan_secs.to_string(),
+            "--max-tool-rounds".into(),
+            self.max_tool_rounds.to_string(),
+            "--permission-timeout-secs".into(),
+            self.permission_timeout_secs.to_string(),
+            "--max-command-secs".into(),
+            self.max_command_secs.to_string(),
         ];
+        for (flag, path) in [
+            ("--system-prompt-file", &self.system_prompt_file),
+            ("--workspace", &self.workspace),
+        ] {
+            if let Some(path) = path {
+                args.push(flag.into());
+                args.push(path.display().to_string());
+            }
+        }
         if self.sync_commits {
             args.push("--sync-commits".into());
         }

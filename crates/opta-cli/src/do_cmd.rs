@@ -16,7 +16,7 @@ use serde_json::json;
 
 use crate::daemon_ctl::{self, DaemonArgs, StreamCheck};
 use crate::render::{
-    Outcome, Output, PermissionAsk, PermissionPolicy, TurnRenderer, Verdict, report_failure,
+    Answer, Outcome, Output, PermissionAsk, PermissionPolicy, TurnRenderer, Verdict, report_failure,
 };
 use crate::ui;
 
@@ -275,29 +275,44 @@ pub async fn answer_permission(
     ask: &PermissionAsk,
     policy: &mut PermissionPolicy,
 ) -> Result<()> {
-    let decision = match policy.verdict(&ask.tool_name) {
-        Verdict::Decide(d) => d,
-        Verdict::Ask => loop {
-            eprint!(
-                "allow {} {}? [y]es / [n]o / [a]lways for this session: ",
-                crate::sanitize::line(&ask.tool_name),
-                crate::render::compact(&ask.args, 120)
-            );
-            let _ = std::io::stderr().flush();
-            let line = tokio::task::spawn_blocking(|| {
-                let mut line = String::new();
-                std::io::stdin().read_line(&mut line).map(|_| line)
-            })
-            .await??;
-            if let Some(d) = policy.answer(&ask.tool_name, &line) {
-                break d;
-            }
+    let answer = match policy.verdict() {
+        Verdict::Decide(decision) => Answer {
+            decision,
+            remember: false,
         },
+        Verdict::Ask => {
+            let what = ask
+                .summary
+                .clone()
+                .unwrap_or_else(|| crate::render::compact(&ask.args, 120));
+            eprintln!(
+                "{} {} wants to: {what}",
+                ui::dim("permission:"),
+                crate::sanitize::line(&ask.tool_name),
+            );
+            if let Some(diff) = &ask.diff {
+                eprintln!("{}", crate::render::colour_diff(diff));
+            }
+            loop {
+                eprint!("allow? [y]es / [n]o / [a]lways in this session: ");
+                let _ = std::io::stderr().flush();
+                let line = tokio::task::spawn_blocking(|| {
+                    let mut line = String::new();
+                    std::io::stdin().read_line(&mut line).map(|_| line)
+                })
+                .await??;
+                if let Some(a) = policy.answer(&line) {
+                    break a;
+                }
+            }
+        }
     };
+    let decision = answer.decision;
     let request = ResolvePermissionRequest {
         request_id: ask.request_id.clone(),
         decision,
         decided_by: CLIENT_ID.into(),
+        remember: answer.remember.then_some(opta_protocol::Remember::Session),
     };
     match client.resolve_permission(session, &request).await {
         Ok(_) => {}

@@ -1,8 +1,6 @@
 //! What a turn's events mean for a terminal: text for stdout, compact tool lines for stderr,
 //! permission questions, the outcome. Pure logic, so it is tested with recorded events.
 
-use std::collections::HashSet;
-
 use opta_protocol::{Decision, Event, TurnErrorCode, TurnId, TurnStats};
 use serde_json::Value;
 
@@ -31,6 +29,10 @@ pub struct PermissionAsk {
     pub tool_name: String,
     /// Its arguments.
     pub args: Value,
+    /// One line saying what it would do (safe to print).
+    pub summary: Option<String>,
+    /// The unified diff of a write or edit (each line safe to print).
+    pub diff: Option<String>,
 }
 
 /// One thing to show or do.
@@ -85,16 +87,23 @@ impl TurnRenderer {
         match event {
             Event::TurnToken(t) => Some(Output::Text(t.text.clone())),
             Event::TurnThinking(t) => Some(Output::Thinking(t.text.clone())),
-            Event::ToolStart(t) => Some(Output::Note(format!(
-                "→ {} {}",
-                t.name,
-                compact(&t.args, 100)
+            Event::ToolStart(t) => Some(Output::Note(format!("→ {} {}", t.name, target(&t.args)))),
+            Event::ToolEnd(t) => Some(Output::Note(tool_end_line(
+                &t.name,
+                &t.result,
+                t.duration_ms,
             ))),
-            Event::ToolEnd(t) => Some(Output::Note(tool_end_line(&t.name, &t.result))),
             Event::PermissionRequest(p) => Some(Output::Permission(PermissionAsk {
                 request_id: p.request_id.clone(),
                 tool_name: p.tool_name.clone(),
                 args: p.args.clone(),
+                summary: p.summary.as_deref().map(|s| sanitize::line(s).into_owned()),
+                diff: p.diff.as_deref().map(|d| {
+                    d.lines()
+                        .map(|l| sanitize::line(l).into_owned())
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                }),
             })),
             Event::PermissionResolved(p) => Some(Output::Note(format!(
                 "  permission {} by {}",
@@ -120,10 +129,36 @@ impl TurnRenderer {
     }
 }
 
-fn tool_end_line(name: &str, result: &Value) -> String {
+/// The target of a call for its line: the path, pattern or command, else its arguments.
+fn target(args: &Value) -> String {
+    for key in ["path", "command", "pattern"] {
+        if let Some(v) = args.get(key).filter(|v| v.is_string()) {
+            return compact(v, 100);
+        }
+    }
+    if args.as_object().is_some_and(serde_json::Map::is_empty) {
+        return String::new();
+    }
+    compact(args, 100)
+}
+
+/// `  ✓ read_file · 12 ms · 40 lines` or `  ✗ write_file · denied in plan mode`.
+fn tool_end_line(name: &str, result: &Value, duration_ms: Option<u64>) -> String {
+    let took = duration_ms
+        .map(|ms| format!(" · {}", human_ms(ms as f64)))
+        .unwrap_or_default();
     match result.get("error").filter(|e| !e.is_null()) {
-        Some(error) => format!("✗ {name}: {}", compact(error, 100)),
-        None => format!("✓ {name} {}", compact(result, 60)),
+        Some(error) => format!("  ✗ {name}{took} · {}", compact(error, 100)),
+        None => {
+            let output = result.get("output").and_then(Value::as_str).unwrap_or("");
+            let lines = output.lines().count();
+            let size = match lines {
+                0 => String::new(),
+                1 => format!(" · {}", compact(&Value::String(output.to_owned()), 60)),
+                n => format!(" · {n} lines"),
+            };
+            format!("  ✓ {name}{took}{size}")
+        }
     }
 }
 
@@ -151,28 +186,33 @@ pub enum Verdict {
     Ask,
 }
 
-/// Answers permission requests: asks on a terminal, denies when nobody can be asked (unless
-/// `--yes`), and remembers "always" per tool for the session.
+/// Answers permission requests: asks on a terminal, and denies when nobody can be asked
+/// (unless `--yes`). "Always" becomes a session grant on the daemon, which then stops asking
+/// for that tool (or that simple command), for every client.
 #[derive(Debug, Default)]
 pub struct PermissionPolicy {
     interactive: bool,
     yes: bool,
-    always: HashSet<String>,
+}
+
+/// A typed answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Answer {
+    /// Allow or deny.
+    pub decision: Decision,
+    /// `remember: "session"` (the person said "always").
+    pub remember: bool,
 }
 
 impl PermissionPolicy {
     /// `interactive`: stdin is a terminal; `yes`: allow everything.
     pub fn new(interactive: bool, yes: bool) -> Self {
-        Self {
-            interactive,
-            yes,
-            always: HashSet::new(),
-        }
+        Self { interactive, yes }
     }
 
-    /// The verdict for `tool`.
-    pub fn verdict(&self, tool: &str) -> Verdict {
-        if self.yes || self.always.contains(tool) {
+    /// The verdict for a request.
+    pub fn verdict(&self) -> Verdict {
+        if self.yes {
             Verdict::Decide(Decision::Allow)
         } else if self.interactive {
             Verdict::Ask
@@ -181,19 +221,35 @@ impl PermissionPolicy {
         }
     }
 
-    /// Reads a typed answer: `y`/`yes`, `n`/`no` (or nothing), `a`/`always` (remembered for
-    /// `tool`). `None` for anything else: ask again.
-    pub fn answer(&mut self, tool: &str, input: &str) -> Option<Decision> {
-        match input.trim().to_ascii_lowercase().as_str() {
-            "y" | "yes" => Some(Decision::Allow),
-            "" | "n" | "no" => Some(Decision::Deny),
-            "a" | "always" => {
-                self.always.insert(tool.to_owned());
-                Some(Decision::Allow)
-            }
-            _ => None,
-        }
+    /// Reads a typed answer: `y`/`yes`, `n`/`no` (or nothing), `a`/`always` (for the rest
+    /// of the session). `None` for anything else: ask again.
+    pub fn answer(&self, input: &str) -> Option<Answer> {
+        let (decision, remember) = match input.trim().to_ascii_lowercase().as_str() {
+            "y" | "yes" => (Decision::Allow, false),
+            "" | "n" | "no" => (Decision::Deny, false),
+            "a" | "always" => (Decision::Allow, true),
+            _ => return None,
+        };
+        Some(Answer { decision, remember })
     }
+}
+
+/// A diff for the terminal: additions green, removals red, headers dim (lines already safe).
+pub fn colour_diff(diff: &str) -> String {
+    diff.lines()
+        .map(|line| {
+            if line.starts_with("+++") || line.starts_with("---") || line.starts_with("@@") {
+                crate::ui::dim(line)
+            } else if line.starts_with('+') {
+                crate::ui::green(line)
+            } else if line.starts_with('-') {
+                crate::ui::red(line)
+            } else {
+                line.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// The figures of a finished turn, for the dim line after an answer: tokens, speed, time to
@@ -255,7 +311,12 @@ pub fn hint(code: Option<TurnErrorCode>) -> &'static str {
         Some(TurnErrorCode::StateConflict) => "another client changed the session: try again",
         Some(TurnErrorCode::Cancelled) => "the turn was cancelled",
         Some(TurnErrorCode::Interrupted) => "the daemon stopped during the turn: run it again",
-        None => "see the message above; `opta daemon logs` has details",
+        Some(TurnErrorCode::ToolLimit) => {
+            "the model kept calling tools: split the task, or raise --max-tool-rounds"
+        }
+        Some(TurnErrorCode::Unknown) | None => {
+            "see the message above; `opta daemon logs` has details"
+        }
     }
 }
 
@@ -272,8 +333,8 @@ mod tests {
             json!({"event":"turn.token","payload":{"turnId":"t1","text":"Reading "}}),
             json!({"event":"turn.token","payload":{"turnId":"other","text":"not mine"}}),
             json!({"event":"tool.start","payload":{"turnId":"t1","name":"read_file","id":"call_1","args":{"path":"src/main.rs"}}}),
-            json!({"event":"tool.end","payload":{"turnId":"t1","name":"read_file","id":"call_1","result":{"bytes":120}}}),
-            json!({"event":"permission.request","payload":{"turnId":"t1","requestId":"perm_1","toolName":"run_command","args":{"command":"rm -rf target"}}}),
+            json!({"event":"tool.end","payload":{"turnId":"t1","name":"read_file","id":"call_1","result":{"ok":true,"output":"1\ta\n2\tb\n"},"durationMs":12}}),
+            json!({"event":"permission.request","payload":{"turnId":"t1","requestId":"perm_1","toolName":"run_command","args":{"command":"rm -rf target"},"summary":"rm -rf target\u{1b}[2J"}}),
             json!({"event":"permission.resolved","payload":{"turnId":"t1","requestId":"perm_1","decision":"deny","decidedBy":"opta-cli"}}),
             json!({"event":"tool.end","payload":{"turnId":"t1","name":"run_command","id":"call_2","result":{"error":"permission denied"}}}),
             json!({"event":"turn.error","payload":{"turnId":"t1","writerId":"w","clientId":"c","message":"boom","code":"lmx-timeout"}}),
@@ -317,15 +378,17 @@ mod tests {
             outputs,
             vec![
                 Output::Text("Reading ".into()),
-                Output::Note("→ read_file {\"path\":\"src/main.rs\"}".into()),
-                Output::Note("✓ read_file {\"bytes\":120}".into()),
+                Output::Note("→ read_file src/main.rs".into()),
+                Output::Note("  ✓ read_file · 12 ms · 2 lines".into()),
                 Output::Permission(PermissionAsk {
                     request_id: "perm_1".into(),
                     tool_name: "run_command".into(),
                     args: json!({"command": "rm -rf target"}),
+                    summary: Some("rm -rf target\\x1b[2J".into()),
+                    diff: None,
                 }),
                 Output::Note("  permission denied by opta-cli".into()),
-                Output::Note("✗ run_command: permission denied".into()),
+                Output::Note("  ✗ run_command · permission denied".into()),
                 Output::Finished(Outcome::Failed {
                     code: Some(TurnErrorCode::LmxTimeout),
                     message: "boom".into()
@@ -337,28 +400,34 @@ mod tests {
     #[test]
     fn permissions_are_denied_without_a_terminal_unless_yes() {
         assert_eq!(
-            PermissionPolicy::new(false, false).verdict("x"),
+            PermissionPolicy::new(false, false).verdict(),
             Verdict::Decide(Decision::Deny)
         );
         assert_eq!(
-            PermissionPolicy::new(false, true).verdict("x"),
+            PermissionPolicy::new(false, true).verdict(),
             Verdict::Decide(Decision::Allow)
         );
-        assert_eq!(
-            PermissionPolicy::new(true, false).verdict("x"),
-            Verdict::Ask
-        );
+        assert_eq!(PermissionPolicy::new(true, false).verdict(), Verdict::Ask);
     }
 
     #[test]
-    fn always_is_remembered_per_tool() {
-        let mut p = PermissionPolicy::new(true, false);
-        assert_eq!(p.answer("run", "maybe"), None);
-        assert_eq!(p.answer("run", "n"), Some(Decision::Deny));
-        assert_eq!(p.verdict("run"), Verdict::Ask);
-        assert_eq!(p.answer("run", " Always "), Some(Decision::Allow));
-        assert_eq!(p.verdict("run"), Verdict::Decide(Decision::Allow));
-        assert_eq!(p.verdict("write"), Verdict::Ask);
+    fn always_asks_the_daemon_to_remember() {
+        let p = PermissionPolicy::new(true, false);
+        assert_eq!(p.answer("maybe"), None);
+        let deny = Answer {
+            decision: Decision::Deny,
+            remember: false,
+        };
+        assert_eq!(p.answer("n"), Some(deny));
+        assert_eq!(p.answer(""), Some(deny));
+        assert_eq!(
+            p.answer(" Always "),
+            Some(Answer {
+                decision: Decision::Allow,
+                remember: true
+            })
+        );
+        assert_eq!(p.answer("y").map(|a| a.remember), Some(false));
     }
 
     #[test]

@@ -29,6 +29,16 @@ pub fn dim(text: &str) -> String {
     style(text).dim().for_stderr().to_string()
 }
 
+/// Green text for stderr (a diff's additions).
+pub fn green(text: &str) -> String {
+    style(text).green().for_stderr().to_string()
+}
+
+/// Red text for stderr (a diff's removals).
+pub fn red(text: &str) -> String {
+    style(text).red().for_stderr().to_string()
+}
+
 /// A spinner on stderr with `message`, or nothing when stderr is not a terminal.
 pub fn spinner(message: &str) -> Option<ProgressBar> {
     if !std::io::stderr().is_terminal() {

@@ -207,7 +207,16 @@ async fn do_starts_the_daemon_and_streams_the_answer() {
     assert!(home.state().is_some(), "the daemon was started on demand");
     // The task ran with the current directory as its workspace.
     let request = lmx.requests().last().cloned().unwrap();
-    assert_eq!(request["messages"][0]["content"], "hello there");
+    assert_eq!(lmx.last_conversation()[0]["content"], "hello there");
+    let system = request["messages"][0]["content"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let cwd = std::env::current_dir().unwrap().canonicalize().unwrap();
+    assert!(
+        system.contains(&format!("Workspace: {}", cwd.display())),
+        "{system}"
+    );
 
     let out = home.opta(&["do", "--json", "as", "json"]).await;
     assert!(out.status.success());
@@ -542,7 +551,7 @@ async fn do_and_chat_attach_to_an_existing_session() {
     let second = home.opta(&["do", "--session", "work-1", "second"]).await;
     assert_eq!(text(&second.stdout), "echo: second\n");
     // The second turn saw the first one's history: one session, not two.
-    let sent = lmx.requests().last().unwrap()["messages"].clone();
+    let sent = lmx.last_conversation();
     assert_eq!(
         sent,
         serde_json::json!([
@@ -576,10 +585,7 @@ async fn do_and_chat_attach_to_an_existing_session() {
         step(&mut chat, expectrl::Eof);
     });
     assert_eq!(
-        lmx.requests().last().unwrap()["messages"]
-            .as_array()
-            .unwrap()
-            .len(),
+        lmx.last_conversation().as_array().unwrap().len(),
         5,
         "chat continued the same history"
     );

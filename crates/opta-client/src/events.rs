@@ -232,7 +232,15 @@ async fn pin_current_seq(
 }
 
 fn as_envelope(value: &Value) -> Result<Option<Envelope>> {
-    if value.get("seq").is_none() || value.get("event").is_none() {
+    let Some(name) = value.get("event").and_then(Value::as_str) else {
+        return Ok(None);
+    };
+    if value.get("seq").is_none() {
+        return Ok(None);
+    }
+    if !opta_protocol::Event::NAMES.contains(&name) {
+        // A newer daemon's event: skipped, not an error.
+        tracing::debug!(event = name, "skipping an event this client does not know");
         return Ok(None);
     }
     serde_json::from_value(value.clone())

@@ -97,6 +97,7 @@ async fn every_route() {
                 request_id: "perm_none".into(),
                 decision: Decision::Deny,
                 decided_by: "lib".into(),
+                remember: None,
             },
         )
         .await
@@ -303,11 +304,9 @@ async fn legacy_chat_returns_the_reply_and_surfaces_turn_errors() {
         4
     );
     assert_eq!(
-        lmx.requests().last().unwrap()["messages"]
-            .as_array()
-            .unwrap()
-            .len(),
-        3
+        lmx.last_conversation().as_array().unwrap().len(),
+        3,
+        "the history and the new message, after the system prompt"
     );
 
     lmx.push(Reply::status(500, "GPU on fire"));

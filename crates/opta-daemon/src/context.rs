@@ -149,6 +149,12 @@ pub struct DaemonContext {
     pub faults: FaultHooks,
     /// Prometheus metrics (`GET /metrics`).
     pub metrics: crate::metrics::Metrics,
+    /// The agent's settings.
+    pub agent: crate::agent::AgentConfig,
+    /// Workspace of sessions created without one.
+    pub default_workspace: crate::agent::Workspace,
+    /// Models whose server refused `tools`.
+    pub tool_support: crate::agent::ToolSupport,
 }
 
 impl DaemonContext {

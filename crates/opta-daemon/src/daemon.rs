@@ -53,6 +53,8 @@ pub struct DaemonConfig {
     pub logs_path: Option<PathBuf>,
     /// Injected faults, for tests.
     pub faults: FaultHooks,
+    /// Tool loop, permissions, commands, prompt and default workspace.
+    pub agent: crate::agent::AgentConfig,
 }
 
 impl DaemonConfig {
@@ -71,6 +73,7 @@ impl DaemonConfig {
             limits: Tunables::default(),
             logs_path: None,
             faults: FaultHooks::default(),
+            agent: crate::agent::AgentConfig::default(),
         }
     }
 
@@ -129,6 +132,13 @@ impl RunningDaemon {
         let lmx = LmxClient::new(&config.lmx_url, config.lmx_timeouts)
             .map_err(|e| Error::Internal(e.to_string()))?;
         let shutdown = CancellationToken::new();
+        let workspace_dir = match &config.agent.workspace {
+            Some(dir) => dir.clone(),
+            None => std::env::current_dir()
+                .map_err(|e| Error::Config(format!("reading the working directory: {e}")))?,
+        };
+        let default_workspace = crate::agent::Workspace::new(&workspace_dir)
+            .map_err(|e| Error::Config(format!("--workspace: {e}")))?;
         let ctx = Arc::new(DaemonContext {
             daemon_id: new_daemon_id(),
             store,
@@ -141,6 +151,9 @@ impl RunningDaemon {
             started: std::time::Instant::now(),
             faults: config.faults,
             metrics: crate::metrics::Metrics::default(),
+            agent: config.agent.clone(),
+            default_workspace,
+            tool_support: crate::agent::ToolSupport::default(),
         });
         let registry = Registry::spawn(ctx.clone());
         tokio::spawn(sweep_deltas_periodically(ctx.clone()));

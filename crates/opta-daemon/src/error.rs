@@ -25,6 +25,9 @@ pub enum Error {
     /// No permission request with that id in that session.
     #[error("Permission request not found: {0}")]
     PermissionNotFound(String),
+    /// No session grant with that name.
+    #[error("No grant {0:?} in this session")]
+    GrantNotFound(String),
     /// No such route.
     #[error("Not found: {0}")]
     RouteNotFound(String),

@@ -73,10 +73,7 @@ async fn idle_sessions_are_evicted_and_reloaded_lazily() {
         .envelopes_until(is_terminal_of(&next))
         .await;
     assert_eq!(events[0]["seq"].as_u64(), Some(last + 1));
-    let sent = lmx.requests().last().unwrap()["messages"]
-        .as_array()
-        .unwrap()
-        .len();
+    let sent = lmx.last_conversation().as_array().unwrap().len();
     assert_eq!(sent, 3, "the reloaded history reached the model");
 
     // The watched session's subscriber still works.

@@ -42,7 +42,7 @@ async fn restart_keeps_sessions_messages_events_and_seq() {
     let next = d.submit(&s, "and now").await;
     let events = ws.envelopes_until(is_terminal_of(&next)).await;
     assert_contiguous(&events, last_seq + 1);
-    let sent = lmx.requests().last().unwrap()["messages"].clone();
+    let sent = lmx.last_conversation();
     assert_eq!(
         sent,
         json!([

@@ -74,7 +74,7 @@ async fn a_turn_streams_tokens_then_done_then_session_updated() {
     );
     assert_eq!(detail["title"], "hello there world");
     assert_eq!(
-        lmx.requests()[0]["messages"],
+        opta_test_support::conversation(&lmx.requests()[0]),
         json!([{"role": "user", "content": "hello there world"}])
     );
     assert_eq!(lmx.requests()[0]["stream"], json!(true));

@@ -138,6 +138,10 @@ pub struct SessionDetail {
     /// it is the `lastSeenSeq` of a writer that has seen them. Absent from older daemons.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_seq: Option<Seq>,
+    /// Session grants (`remember: "session"`): a tool name, or `run_command:<program>
+    /// <first argument>`. Revoke with `DELETE /v3/sessions/:id/grants`.
+    #[serde(default)]
+    pub grants: Vec<String>,
 }
 
 /// `POST /v3/sessions/:id/turns`, and the body of a WebSocket `turn.submit`.
@@ -208,6 +212,10 @@ pub struct EventsResponse {
     /// continues without a gap (also when `events` is empty).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_seq: Option<Seq>,
+    /// Session grants (`remember: "session"`): a tool name, or `run_command:<program>
+    /// <first argument>`. Revoke with `DELETE /v3/sessions/:id/grants`.
+    #[serde(default)]
+    pub grants: Vec<String>,
 }
 
 /// `POST /v3/sessions/:id/cancel`, and the body of a WebSocket `turn.cancel`.
@@ -246,6 +254,25 @@ pub struct ResolvePermissionRequest {
     pub decision: Decision,
     /// Who answers.
     pub decided_by: String,
+    /// `session` with `allow`: allow the same tool (for commands: the same program and
+    /// first argument of a simple command) for the rest of the session without asking.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remember: Option<Remember>,
+}
+
+/// Answer of `DELETE /v3/sessions/:id/grants`: the grants left.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct GrantsResponse {
+    /// The session's grants after the revocation.
+    pub grants: Vec<String>,
+}
+
+/// How long an allow decision holds beyond its request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Remember {
+    /// For the rest of the session, for every client.
+    Session,
 }
 
 /// Answer to a permission resolution.

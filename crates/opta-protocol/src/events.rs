@@ -104,6 +104,27 @@ pub enum Event {
 }
 
 impl Event {
+    /// Every event name this version knows; a client skips envelopes of other names (a newer
+    /// daemon's events) instead of failing on them.
+    pub const NAMES: [&'static str; 16] = [
+        "session.snapshot",
+        "turn.queued",
+        "turn.start",
+        "turn.token",
+        "turn.thinking",
+        "tool.start",
+        "tool.end",
+        "permission.request",
+        "permission.resolved",
+        "turn.progress",
+        "turn.done",
+        "turn.error",
+        "session.updated",
+        "session.cancelled",
+        "background.output",
+        "background.status",
+    ];
+
     /// The wire name of the event (`turn.token`, ...).
     pub fn name(&self) -> &'static str {
         match self {
@@ -237,8 +258,15 @@ pub struct ToolEnd {
     pub name: String,
     /// Tool call id.
     pub id: String,
-    /// Tool result.
+    /// Tool result: `{ok: true, output}` or `{ok: false, error}`.
     pub result: Value,
+    /// How the call was approved: `mode`, `grant`, `dangerous`, or the deciding client's
+    /// `decidedBy`; absent for a call that did not run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approved_by: Option<String>,
+    /// How long the call took, approval included.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
 }
 
 /// Payload of `permission.request`.
@@ -253,6 +281,12 @@ pub struct PermissionRequest {
     pub tool_name: String,
     /// Its arguments.
     pub args: Value,
+    /// One line for people: "write 120 bytes to src/main.rs", or the command.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<String>,
+    /// A unified diff of a write or edit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diff: Option<String>,
 }
 
 /// An answer to a permission request.
@@ -346,11 +380,16 @@ pub enum TurnErrorCode {
     Cancelled,
     /// The turn was running when the daemon stopped or crashed.
     Interrupted,
+    /// The turn reached its tool budget (rounds, or a call repeated).
+    ToolLimit,
+    /// A code this version does not know (a newer daemon's): a generic failure.
+    #[serde(other)]
+    Unknown,
 }
 
 impl TurnErrorCode {
     /// Every code, for exhaustive checks.
-    pub const ALL: [TurnErrorCode; 8] = [
+    pub const ALL: [TurnErrorCode; 9] = [
         TurnErrorCode::NoModelLoaded,
         TurnErrorCode::LmxWsClosed,
         TurnErrorCode::LmxTimeout,
@@ -359,6 +398,7 @@ impl TurnErrorCode {
         TurnErrorCode::StateConflict,
         TurnErrorCode::Cancelled,
         TurnErrorCode::Interrupted,
+        TurnErrorCode::ToolLimit,
     ];
 
     /// The wire name (`lmx-timeout`, ...).
@@ -372,6 +412,8 @@ impl TurnErrorCode {
             TurnErrorCode::StateConflict => "state-conflict",
             TurnErrorCode::Cancelled => "cancelled",
             TurnErrorCode::Interrupted => "interrupted",
+            TurnErrorCode::ToolLimit => "tool-limit",
+            TurnErrorCode::Unknown => "unknown",
         }
     }
 }
@@ -562,5 +604,28 @@ mod tests {
     fn turn_error_code_is_kebab_case() {
         let v = serde_json::to_value(TurnErrorCode::LmxConnectionRefused).unwrap();
         assert_eq!(v, serde_json::json!("lmx-connection-refused"));
+    }
+}
+
+#[cfg(test)]
+mod unknown_tests {
+    use super::*;
+
+    #[test]
+    fn unknown_events_and_codes_decode() {
+        assert!(!Event::NAMES.contains(&"agent.dreamt"));
+        for name in Event::NAMES {
+            assert_eq!(Event::NAMES.iter().filter(|n| **n == name).count(), 1);
+        }
+        let err: TurnError = serde_json::from_str(
+            r#"{"turnId":"t","writerId":"w","clientId":"c","message":"m","code":"brand-new"}"#,
+        )
+        .unwrap();
+        assert_eq!(err.code, Some(TurnErrorCode::Unknown));
+        let limit: TurnError = serde_json::from_str(
+            r#"{"turnId":"t","writerId":"w","clientId":"c","message":"m","code":"tool-limit"}"#,
+        )
+        .unwrap();
+        assert_eq!(limit.code, Some(TurnErrorCode::ToolLimit));
     }
 }

@@ -248,6 +248,19 @@ impl Doc {
             &[],
             Answer::Json(200, resolved),
         );
+        let grants = self.schema::<GrantsResponse>();
+        self.route(
+            "delete",
+            "/v3/sessions/{sessionId}/grants",
+            "Revoke the session's grant named by `grant` (404 when it has none such), or all of them",
+            None,
+            &[(
+                "grant",
+                "the grant to revoke, as listed in the session's `grants`; absent: all",
+                json!({"type": "string"}),
+            )],
+            Answer::Json(200, grants),
+        );
     }
 
     fn event_planes(&mut self) {

@@ -79,24 +79,7 @@ fn checked_in_openapi_document_matches_the_types() {
 #[test]
 fn every_event_and_error_code_is_in_the_protocol_reference() {
     let schema = current();
-    for name in [
-        "session.snapshot",
-        "turn.queued",
-        "turn.start",
-        "turn.token",
-        "turn.thinking",
-        "tool.start",
-        "tool.end",
-        "permission.request",
-        "permission.resolved",
-        "turn.progress",
-        "turn.done",
-        "turn.error",
-        "session.updated",
-        "session.cancelled",
-        "background.output",
-        "background.status",
-    ] {
+    for name in opta_protocol::Event::NAMES {
         assert!(
             schema.contains(&format!("\"{name}\"")),
             "event {name} missing from the schema"

@@ -9,4 +9,4 @@ pub mod lmx;
 
 pub use clients::{SseClient, WsClient, WsItem, assert_contiguous, is_terminal_of, token_text};
 pub use daemon::{TestDaemon, WAIT};
-pub use lmx::{Behaviour, Reply, ScriptedLmx};
+pub use lmx::{Behaviour, Reply, ScriptedLmx, conversation};

@@ -22,6 +22,18 @@ use serde_json::{Value, json};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+/// The messages of a chat request after the daemon's system prompt (which it always sends
+/// first).
+pub fn conversation(request: &Value) -> Value {
+    let messages = request["messages"].as_array().cloned().unwrap_or_default();
+    assert_eq!(
+        messages.first().map(|m| m["role"].clone()),
+        Some(json!("system")),
+        "the request starts with the system prompt"
+    );
+    Value::Array(messages.into_iter().skip(1).collect())
+}
+
 /// What the server does with one chat request.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Behaviour {
@@ -62,6 +74,10 @@ pub struct Reply {
     pub usage: Option<(u64, u64)>,
     /// How the reply ends.
     pub behaviour: Behaviour,
+    /// Tool calls `(name, arguments text)`, streamed after the content in fragments.
+    pub tool_calls: Vec<(String, String)>,
+    /// The finish reason (default `tool_calls` when there are calls, else `stop`).
+    pub finish_reason: Option<String>,
 }
 
 impl Reply {
@@ -76,7 +92,36 @@ impl Reply {
             first_byte_delay: Duration::ZERO,
             usage: Some((10, completion)),
             behaviour: Behaviour::Complete,
+            tool_calls: Vec::new(),
+            finish_reason: None,
         }
+    }
+
+    /// A reply that only calls `name` with `arguments` (OpenAI `tool_calls`, streamed in
+    /// fragments).
+    pub fn tool_call(name: &str, arguments: Value) -> Self {
+        Self::tool_call_raw(name, &arguments.to_string())
+    }
+
+    /// A call whose arguments text is sent exactly as given (malformed JSON included).
+    pub fn tool_call_raw(name: &str, arguments: &str) -> Self {
+        Self {
+            tool_calls: vec![(name.to_owned(), arguments.to_owned())],
+            ..Self::chunks(Vec::<String>::new())
+        }
+    }
+
+    /// With another tool call after the ones it has.
+    pub fn and_call(mut self, name: &str, arguments: Value) -> Self {
+        self.tool_calls
+            .push((name.to_owned(), arguments.to_string()));
+        self
+    }
+
+    /// With this finish reason (`length` for a reply cut by the context limit).
+    pub fn with_finish(mut self, reason: &str) -> Self {
+        self.finish_reason = Some(reason.to_owned());
+        self
     }
 
     /// `count` chunks `"w0 "`, `"w1 "`, ... with `delay` before each: a long, slow reply.
@@ -347,6 +392,14 @@ impl ScriptedLmx {
         wait_for_count(&self.shared.dropped, dropped, n, what).await;
     }
 
+    /// The messages of the last chat request after the daemon's system prompt.
+    pub fn last_conversation(&self) -> Value {
+        self.requests()
+            .last()
+            .map(conversation)
+            .unwrap_or(Value::Null)
+    }
+
     /// Bodies of the most recent chat requests (up to 256), oldest first.
     pub fn requests(&self) -> Vec<Value> {
         lock(&self.shared.requests).iter().cloned().collect()
@@ -536,9 +589,31 @@ async fn chat(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
             )),
         )),
         _ => {
+            for (index, (name, arguments)) in reply.tool_calls.iter().enumerate() {
+                let call = json!({"tool_calls": [{"index": index, "id": format!("call_{index}"),
+                    "type": "function", "function": {"name": name, "arguments": ""}}]});
+                frames.push((reply.chunk_delay, Ok(chunk_json(&model, call, None))));
+                // The arguments in three fragments, cut on char boundaries.
+                let chars: Vec<char> = arguments.chars().collect();
+                let third = chars.len().div_ceil(3).max(1);
+                for piece in chars.chunks(third) {
+                    let piece: String = piece.iter().collect();
+                    let fragment = json!({"tool_calls": [{"index": index,
+                        "function": {"arguments": piece}}]});
+                    frames.push((reply.chunk_delay, Ok(chunk_json(&model, fragment, None))));
+                }
+            }
+            let finish = reply.finish_reason.clone().unwrap_or_else(|| {
+                if reply.tool_calls.is_empty() {
+                    "stop"
+                } else {
+                    "tool_calls"
+                }
+                .to_owned()
+            });
             frames.push((
                 Duration::ZERO,
-                Ok(chunk_json(&model, json!({}), Some("stop"))),
+                Ok(chunk_json(&model, json!({}), Some(&finish))),
             ));
             if let Some((prompt, completion)) = reply.usage {
                 let usage = json!({"id": "chatcmpl-scripted", "object": "chat.completion.chunk",

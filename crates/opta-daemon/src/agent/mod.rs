@@ -1,7 +1,71 @@
-//! The agent: what a turn may do besides talking. So far the workspace a session's tools are
-//! confined to; the tool loop, the tools and permissions build on it.
+//! The agent: what a turn may do besides talking. The loop ([`run`]), the tools
+//! ([`tools`], plain async functions over a [`Workspace`]), who may run what
+//! ([`permissions`]), tool calls written as text ([`textcalls`]) and what the model is sent
+//! ([`prompt`]). The session actor owns the state (history, grants, pending requests); the
+//! loop runs in the turn's task and reports to it.
 
+pub mod permissions;
+pub mod prompt;
+pub(crate) mod run;
+pub mod textcalls;
+pub mod tools;
 pub mod workspace;
 
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Duration;
+
 pub use workspace::{Workspace, WorkspaceError};
-pub mod tools;
+
+/// The agent's settings, from the daemon's flags.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Model rounds a turn may take (`--max-tool-rounds`).
+    pub max_tool_rounds: u32,
+    /// How long a permission request waits before it is denied (`--permission-timeout-secs`).
+    pub permission_timeout: Duration,
+    /// `run_command` limits (`--max-command-secs` and the output cap).
+    pub command: tools::command::CommandLimits,
+    /// Replaces the opening of the system prompt (`--system-prompt-file`).
+    pub system_prompt: Option<String>,
+    /// Workspace of sessions created without one (`--workspace`; default the daemon's
+    /// working directory).
+    pub workspace: Option<PathBuf>,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            max_tool_rounds: 30,
+            permission_timeout: Duration::from_secs(120),
+            command: tools::command::CommandLimits::default(),
+            system_prompt: None,
+            workspace: None,
+        }
+    }
+}
+
+/// Models whose server refused `tools`: from then on their tools are described in the
+/// prompt and called as text. Daemon-wide, like the model list.
+#[derive(Debug, Default)]
+pub struct ToolSupport {
+    refusing: Mutex<HashSet<String>>,
+}
+
+impl ToolSupport {
+    /// Whether `model`'s server refused tools.
+    pub fn refuses(&self, model: &str) -> bool {
+        self.refusing
+            .lock()
+            .map(|set| set.contains(model))
+            .unwrap_or(false)
+    }
+
+    /// Remembers that `model`'s server refuses tools.
+    pub fn mark_refuses(&self, model: &str) {
+        if let Ok(mut set) = self.refusing.lock() {
+            set.insert(model.to_owned());
+        }
+    }
+}

@@ -17,6 +17,7 @@ impl Error {
             Error::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             Error::SessionNotFound(_) => (StatusCode::NOT_FOUND, "session-not-found"),
             Error::PermissionNotFound(_) => (StatusCode::NOT_FOUND, "permission-not-found"),
+            Error::GrantNotFound(_) => (StatusCode::NOT_FOUND, "grant-not-found"),
             Error::RouteNotFound(_) => (StatusCode::NOT_FOUND, "not-found"),
             Error::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed"),
             Error::StateConflict { .. } => (StatusCode::CONFLICT, "state-conflict"),

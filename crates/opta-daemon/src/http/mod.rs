@@ -59,6 +59,7 @@ pub fn router(state: AppState) -> Router {
             "/v3/sessions/{id}/permissions/{request_id}",
             post(routes::resolve_permission),
         )
+        .route("/v3/sessions/{id}/grants", delete(routes::revoke_grants))
         .route("/v3/sse/events", get(sse::events))
         .route("/v3/ws", get(ws::connect))
         .route("/v3/background", get(routes::background_unavailable))

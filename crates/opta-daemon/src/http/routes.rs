@@ -82,6 +82,13 @@ pub async fn create_session(
     {
         return Err(Error::invalid("model", "must not be empty"));
     }
+    if let Some(workspace) = request.metadata.as_ref().and_then(|m| m.get("workspace")) {
+        let dir = workspace
+            .as_str()
+            .ok_or_else(|| Error::invalid("metadata.workspace", "must be a string"))?;
+        crate::agent::Workspace::new(std::path::Path::new(dir))
+            .map_err(|e| Error::invalid("metadata.workspace", e.to_string()))?;
+    }
     let changes = SessionChanges {
         model: request.model.clone(),
         title: request.title.clone(),
@@ -275,6 +282,22 @@ pub async fn resolve_permission(
     }
     let handle = state.registry.get(id).await?;
     Ok(Json(handle.resolve_permission(request_id, request).await?))
+}
+
+#[derive(Deserialize)]
+pub struct GrantQuery {
+    grant: Option<String>,
+}
+
+pub async fn revoke_grants(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(query): ApiQuery<GrantQuery>,
+) -> Result<Json<opta_protocol::GrantsResponse>> {
+    let id = session_id(&id, "path.sessionId")?;
+    let handle = state.registry.get(id).await?;
+    let grants = handle.revoke_grants(query.grant).await?;
+    Ok(Json(opta_protocol::GrantsResponse { grants }))
 }
 
 /// The `/v3/background` routes of the contract: background processes come with the agent's

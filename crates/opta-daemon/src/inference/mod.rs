@@ -208,6 +208,8 @@ pub struct Completion {
 struct ChatRequest<'a> {
     model: &'a str,
     messages: &'a [Arc<ChatMessage>],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tools: Option<&'a Value>,
     stream: bool,
     stream_options: StreamOptions,
 }
@@ -518,17 +520,20 @@ impl LmxClient {
             .map_err(|_| InferenceError::Timeout(self.timeouts.admin))?
     }
 
-    /// Streams a chat completion, calling `on_delta` for every text or reasoning delta.
-    /// Dropping the returned future drops the HTTP stream.
+    /// Streams a chat completion offering `tools` (an OpenAI `tools` array), calling
+    /// `on_delta` for every text or reasoning delta. Dropping the returned future drops the
+    /// HTTP stream.
     pub async fn stream_chat(
         &self,
         model: &str,
         messages: &[Arc<ChatMessage>],
+        tools: Option<&Value>,
         mut on_delta: impl AsyncDeltaSink,
     ) -> Result<Completion, InferenceError> {
         let body = ChatRequest {
             model,
             messages,
+            tools,
             stream: true,
             stream_options: StreamOptions {
                 include_usage: true,

@@ -10,25 +10,31 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use opta_protocol::{
-    CancelRequest, CancelResponse, ChatMessage, EnvelopeRef, Event, Mode, PROTOCOL_VERSION,
-    ResolvePermissionRequest, ResolvePermissionResponse, Role, Seq, SessionCancelled,
-    SessionDetail, SessionId, SessionSnapshot, SessionSnapshotEvent, SessionUpdated,
-    SubmitTurnRequest, SubmitTurnResponse, TurnDone, TurnError, TurnErrorCode, TurnId,
-    TurnOverrides, TurnQueued, TurnStart, TurnStats, TurnText,
+    CancelRequest, CancelResponse, ChatMessage, Decision, EnvelopeRef, Event, Mode,
+    PROTOCOL_VERSION, PermissionRequest, PermissionResolved, Remember, ResolvePermissionRequest,
+    ResolvePermissionResponse, Role, Seq, SessionCancelled, SessionDetail, SessionId,
+    SessionSnapshot, SessionSnapshotEvent, SessionUpdated, SubmitTurnRequest, SubmitTurnResponse,
+    ToolEnd, ToolStart, TurnDone, TurnError, TurnErrorCode, TurnId, TurnOverrides, TurnProgress,
+    TurnQueued, TurnStart, TurnStats, TurnText,
 };
-use tokio::sync::{broadcast, mpsc};
+use serde_json::json;
+use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::{JoinError, JoinHandle};
 
-use super::turn::{TurnUpdate, run_turn};
 use super::{Frame, SessionChanges, SessionCommand, SessionHandle, Subscription};
+use crate::agent::Workspace;
+use crate::agent::run::{PermissionAsk, ToolEnded, TurnPlan, TurnUpdate, Verdict, run_turn};
+use crate::agent::tools::FileMemory;
 use crate::context::{Counter, DaemonContext};
 use crate::error::{Error, Result};
 use crate::ids::{new_turn_id, now_iso};
 use crate::inference::{Completion, Delta};
-use crate::store::{LoadedSession, SessionRow, TurnRow, TurnState, WriteOp};
+use crate::store::{LoadedSession, RunningTrace, SessionRow, TurnRow, TurnState, WriteOp};
 
 /// Deltas folded into one store commit when the model outpaces the disk.
 const MAX_DELTAS_PER_COMMIT: usize = 256;
+/// Decided permission request ids remembered (to answer a late decision 409, not 404).
+const DECIDED_KEPT: usize = 256;
 /// First and longest wait before an unrecorded turn ending is written again.
 const RETRY_FIRST: Duration = Duration::from_millis(250);
 const RETRY_MAX: Duration = Duration::from_secs(10);
@@ -56,6 +62,21 @@ struct ActiveTurn {
     delta_count: u64,
     /// `None` for a turn recovered after a crash, which has no task.
     task: Option<JoinHandle<()>>,
+    /// Tool calls started (each counted once).
+    tool_calls: u64,
+    /// Calls with a `tool.start` and no `tool.end` yet: (id, name).
+    open_tools: Vec<(String, String)>,
+    /// The permission request the turn waits on.
+    permission: Option<PendingPermission>,
+}
+
+/// A permission request waiting for a client.
+struct PendingPermission {
+    request_id: String,
+    tool_name: String,
+    grant_key: Option<String>,
+    reply: oneshot::Sender<Verdict>,
+    deadline: tokio::time::Instant,
 }
 
 /// A turn start prepared but not yet committed.
@@ -119,6 +140,12 @@ pub(crate) struct SessionActor {
     owed: Option<OwedRecord>,
     retry_at: Option<tokio::time::Instant>,
     retry_delay: Duration,
+    /// Session grants (`remember: "session"`), stored with the session row.
+    grants: Vec<String>,
+    /// Recently decided permission request ids.
+    decided: VecDeque<String>,
+    /// The agent's memory of reads; lent to the running turn.
+    memory: Option<FileMemory>,
 }
 
 impl SessionActor {
@@ -135,6 +162,12 @@ impl SessionActor {
         let (commands_tx, commands) = mpsc::channel(256);
         let touched = Arc::new(AtomicU64::new(ctx.now_ms()));
         let (updates_tx, updates) = mpsc::channel(256);
+        let grants = loaded
+            .row
+            .grants
+            .as_deref()
+            .and_then(|g| serde_json::from_str(g).ok())
+            .unwrap_or_default();
         let actor = SessionActor {
             id_arc: Arc::from(id.as_str()),
             id: id.clone(),
@@ -157,10 +190,13 @@ impl SessionActor {
             owed: None,
             retry_at: None,
             retry_delay: RETRY_FIRST,
+            grants,
+            decided: VecDeque::new(),
+            memory: Some(FileMemory::default()),
             ctx: ctx.clone(),
         };
         ctx.counters.add(Counter::Sessions, 1);
-        tokio::spawn(actor.run(commands, loaded.open_turns, loaded.running_text));
+        tokio::spawn(actor.run(commands, loaded.open_turns, loaded.running));
         Ok(SessionHandle {
             id,
             commands: commands_tx,
@@ -172,11 +208,16 @@ impl SessionActor {
         mut self,
         mut commands: mpsc::Receiver<SessionCommand>,
         open_turns: Vec<TurnRow>,
-        running_text: HashMap<String, String>,
+        running: HashMap<String, RunningTrace>,
     ) {
-        self.recover(open_turns, running_text).await;
+        self.recover(open_turns, running).await;
         self.maybe_start_next().await;
         loop {
+            let permission_deadline = self
+                .active
+                .as_ref()
+                .and_then(|a| a.permission.as_ref())
+                .map(|p| p.deadline);
             let task = self.active.as_mut().and_then(|a| a.task.as_mut());
             let retry_at = self.retry_at;
             tokio::select! {
@@ -192,6 +233,10 @@ impl SessionActor {
                 // so one that ends while its turn is still active ended without reporting.
                 joined = join_running(task) => self.on_task_exit(joined).await,
                 () = sleep_until(retry_at) => self.retry_at = None,
+                () = sleep_until(permission_deadline) => {
+                    self.decide_permission(Verdict { allowed: false, by: "timeout".into() }, None)
+                        .await;
+                }
             }
             // Whatever happened (a turn ended, a record was owed or paid, a cancel), the
             // queue moves on from here.
@@ -223,7 +268,7 @@ impl SessionActor {
                 request,
                 reply,
             } => {
-                let _ = reply.send(self.resolve_permission(request_id, request));
+                let _ = reply.send(self.resolve_permission(request_id, request).await);
             }
             SessionCommand::Subscribe { reply } => {
                 let capacity = self.ctx.limits.subscriber_buffer;
@@ -243,7 +288,11 @@ impl SessionActor {
                     snapshot: self.snapshot(),
                     messages: self.messages(),
                     last_seq: Some(self.seq),
+                    grants: self.grants.clone(),
                 });
+            }
+            SessionCommand::RevokeGrants { grant, reply } => {
+                let _ = reply.send(self.revoke_grants(grant).await);
             }
             SessionCommand::Delete { reply } => {
                 let result = self.delete().await;
@@ -355,15 +404,26 @@ impl SessionActor {
         }
     }
 
+    /// The write of `message` as the next message of the history.
     fn message_op(
         &self,
         message: &ChatMessage,
         turn_id: &TurnId,
         partial: bool,
     ) -> Result<WriteOp> {
+        self.message_op_at(self.history.len() as u64, message, turn_id, partial)
+    }
+
+    fn message_op_at(
+        &self,
+        idx: u64,
+        message: &ChatMessage,
+        turn_id: &TurnId,
+        partial: bool,
+    ) -> Result<WriteOp> {
         Ok(WriteOp::AppendMessage {
             session_id: self.id_arc.clone(),
-            idx: self.history.len() as u64,
+            idx,
             turn_id: Some(turn_id.0.clone()),
             body: serde_json::to_string(message)
                 .map_err(|e| Error::Internal(format!("message serialisation: {e}")))?,
@@ -631,16 +691,26 @@ impl SessionActor {
         let override_model = turn.overrides.as_ref().and_then(|o| o.model.clone());
         let uses_session_model = override_model.is_none();
         let model = override_model.unwrap_or_else(|| meta.model.clone());
-        let mut messages = Vec::with_capacity(self.history.len() + 1);
-        messages.extend(self.history.iter().cloned());
-        messages.push(user.clone());
+        let mut history = Vec::with_capacity(self.history.len() + 1);
+        history.extend(self.history.iter().cloned());
+        history.push(user.clone());
+        let workspace = self.workspace()?;
         self.next_turn_no += 1;
         let turn_no = self.next_turn_no;
         let started = Instant::now();
+        let plan = TurnPlan {
+            model,
+            history,
+            mode: turn.mode,
+            overrides: turn.overrides.clone(),
+            workspace,
+            // A turn whose task died took the memory with it: start afresh (the model reads
+            // again before it writes).
+            memory: self.memory.take().unwrap_or_default(),
+        };
         let task = tokio::spawn(run_turn(
             self.ctx.clone(),
-            model,
-            messages,
+            plan,
             turn_no,
             self.updates_tx.clone(),
         ));
@@ -658,8 +728,34 @@ impl SessionActor {
                 text: String::new(),
                 delta_count: 0,
                 task: Some(task),
+                tool_calls: 0,
+                open_tools: Vec::new(),
+                permission: None,
             },
         })
+    }
+
+    /// The session's workspace: `metadata.workspace` when set, else the daemon's.
+    fn workspace(&self) -> Result<Workspace> {
+        let chosen = self
+            .meta
+            .metadata
+            .as_deref()
+            .and_then(|m| serde_json::from_str::<serde_json::Value>(m).ok())
+            .and_then(|m| {
+                m.get("workspace")
+                    .and_then(|w| w.as_str())
+                    .map(str::to_owned)
+            });
+        match chosen {
+            Some(dir) => Workspace::new(std::path::Path::new(&dir)).map_err(|e| {
+                Error::invalid(
+                    "metadata.workspace",
+                    format!("the session's workspace is unusable: {e}"),
+                )
+            }),
+            None => Ok(self.ctx.default_workspace.clone()),
+        }
     }
 
     /// Makes a committed turn start the actor's state.
@@ -703,33 +799,19 @@ impl SessionActor {
     async fn on_update(&mut self, first: TurnUpdate) {
         let current = self.active.as_ref().map(|a| a.turn_no);
         let mut deltas = Vec::new();
-        let mut finished = None;
+        let mut other = None;
         let mut next = Some(first);
+        // Consecutive deltas are folded into one commit; anything else ends the batch and is
+        // handled after it, so the order of events is the order of updates.
         while let Some(update) = next.take() {
             match update {
-                TurnUpdate::Resolved {
-                    turn_no,
-                    requested,
-                    model,
-                } => {
-                    // The canonical id is stored with the turn's end (`conclude`), unless a
-                    // client picked another model meanwhile: that choice stands.
-                    if Some(turn_no) == current
-                        && self.active.as_ref().is_some_and(|a| a.uses_session_model)
-                        && self.meta.model == requested
-                    {
-                        self.meta.model = model;
-                    }
-                }
                 TurnUpdate::Delta { turn_no, delta } => {
                     if Some(turn_no) == current {
                         deltas.push(delta);
                     }
                 }
-                TurnUpdate::Finished { turn_no, result } => {
-                    if Some(turn_no) == current {
-                        finished = Some(result);
-                    }
+                update => {
+                    other = Some(update);
                     break;
                 }
             }
@@ -741,19 +823,317 @@ impl SessionActor {
         if !deltas.is_empty() {
             self.emit_deltas(deltas).await;
         }
-        if let Some(result) = finished
-            && let Some(active) = self.active.take()
-        {
-            let ending = match result {
-                Ok(completion) => TurnEnding::Done(completion),
-                Err(e) => TurnEnding::Failed {
-                    code: e.code(),
-                    message: e.to_string(),
-                    state: TurnState::Failed,
-                },
+        let Some(update) = other else { return };
+        // A turn that ended (cancelled, failed) may still have updates in flight: they are
+        // dropped, except that a permission question is answered so nothing waits on it.
+        let current = self.active.as_ref().map(|a| a.turn_no);
+        match update {
+            TurnUpdate::Delta { .. } => {}
+            TurnUpdate::Resolved {
+                turn_no,
+                requested,
+                model,
+            } => {
+                // The canonical id is stored with the turn's end (`conclude`), unless a
+                // client picked another model meanwhile: that choice stands.
+                if Some(turn_no) == current
+                    && self.active.as_ref().is_some_and(|a| a.uses_session_model)
+                    && self.meta.model == requested
+                {
+                    self.meta.model = model;
+                }
+            }
+            TurnUpdate::Progress { turn_no, message } if Some(turn_no) == current => {
+                if let Some(active) = &self.active {
+                    let event = Event::TurnProgress(TurnProgress {
+                        turn_id: active.turn.turn_id.clone(),
+                        message,
+                        extra: serde_json::Map::new(),
+                    });
+                    self.emit_or_fail(&[event], Vec::new()).await;
+                }
+            }
+            TurnUpdate::Messages { turn_no, messages } if Some(turn_no) == current => {
+                self.record_messages(messages).await;
+            }
+            TurnUpdate::ToolStart {
+                turn_no,
+                id,
+                name,
+                args,
+            } if Some(turn_no) == current => self.tool_started(id, name, args).await,
+            TurnUpdate::Permission {
+                turn_no,
+                ask,
+                reply,
+            } => {
+                if Some(turn_no) == current {
+                    self.ask_permission(ask, reply).await;
+                } else {
+                    let _ = reply.send(Verdict {
+                        allowed: false,
+                        by: "cancel".into(),
+                    });
+                }
+            }
+            TurnUpdate::ToolEnd { turn_no, end } if Some(turn_no) == current => {
+                self.tool_ended(end).await;
+            }
+            TurnUpdate::Finished {
+                turn_no,
+                result,
+                memory,
+            } => {
+                if Some(turn_no) != current {
+                    return;
+                }
+                self.memory = Some(memory);
+                if let Some(active) = self.active.take() {
+                    let ending = match result {
+                        Ok(completion) => TurnEnding::Done(completion),
+                        Err(e) => TurnEnding::Failed {
+                            code: e.code(),
+                            message: e.to_string(),
+                            state: TurnState::Failed,
+                        },
+                    };
+                    self.conclude(active, ending, Vec::new(), Vec::new()).await;
+                }
+            }
+            // Late updates of a turn that already ended.
+            TurnUpdate::Progress { .. }
+            | TurnUpdate::Messages { .. }
+            | TurnUpdate::ToolStart { .. }
+            | TurnUpdate::ToolEnd { .. } => {}
+        }
+    }
+
+    /// Emits `events` with `ops`; a failure ends the active turn (as a failed delta commit
+    /// does).
+    async fn emit_or_fail(&mut self, events: &[Event], ops: Vec<WriteOp>) -> bool {
+        match self.emit(events, ops).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(session = %self.id, error = %e, "could not record a turn step; failing turn");
+                self.fail_active(&e).await;
+                false
+            }
+        }
+    }
+
+    /// Ends the active turn because its events or messages could not be stored.
+    async fn fail_active(&mut self, e: &Error) {
+        if let Some(active) = self.active.take() {
+            let code = matches!(e, Error::StorageFull(_)).then_some(TurnErrorCode::StorageFull);
+            let ending = TurnEnding::Failed {
+                code,
+                message: e.to_string(),
+                state: TurnState::Failed,
             };
             self.conclude(active, ending, Vec::new(), Vec::new()).await;
         }
+    }
+
+    /// Appends messages of the running turn (a round's calls, a note to the model) to the
+    /// history. The round's text is in the message, so the turn's reply starts afresh.
+    async fn record_messages(&mut self, messages: Vec<ChatMessage>) {
+        let Some(turn_id) = self.active.as_ref().map(|a| a.turn.turn_id.clone()) else {
+            return;
+        };
+        let mut ops = Vec::new();
+        for (i, message) in messages.iter().enumerate() {
+            let idx = (self.history.len() + i) as u64;
+            match self.message_op_at(idx, message, &turn_id, false) {
+                Ok(op) => ops.push(op),
+                Err(e) => tracing::error!(error = %e, "could not encode a message"),
+            }
+        }
+        match self.ctx.store.write(ops).await {
+            Ok(()) => {
+                self.history.extend(messages.into_iter().map(Arc::new));
+                if let Some(active) = self.active.as_mut() {
+                    active.text.clear();
+                }
+            }
+            Err(e) => {
+                tracing::error!(session = %self.id, error = %e, "could not record messages");
+                self.fail_active(&e).await;
+            }
+        }
+    }
+
+    async fn tool_started(&mut self, id: String, name: String, args: serde_json::Value) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        active.tool_calls += 1;
+        active.open_tools.push((id.clone(), name.clone()));
+        self.meta.tool_call_count += 1;
+        let event = Event::ToolStart(ToolStart {
+            turn_id: active.turn.turn_id.clone(),
+            name,
+            id,
+            args,
+        });
+        let ops = vec![WriteOp::UpdateSession(self.meta.clone())];
+        self.emit_or_fail(&[event], ops).await;
+    }
+
+    async fn tool_ended(&mut self, end: ToolEnded) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        active.open_tools.retain(|(id, _)| *id != end.id);
+        let ok = end.result.get("ok").and_then(serde_json::Value::as_bool) == Some(true);
+        let outcome = match (&end.approved_by, ok) {
+            (_, true) => "ok",
+            (None, false) => "denied",
+            (Some(_), false) => "error",
+        };
+        self.ctx
+            .metrics
+            .tool_calls
+            .get_or_create(&crate::metrics::ToolLabels {
+                tool: end.name.clone(),
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+        let turn_id = active.turn.turn_id.clone();
+        let event = Event::ToolEnd(ToolEnd {
+            turn_id: turn_id.clone(),
+            name: end.name,
+            id: end.id,
+            result: end.result,
+            approved_by: end.approved_by,
+            duration_ms: Some(end.duration_ms),
+        });
+        let op = match self.message_op(&end.message, &turn_id, false) {
+            Ok(op) => op,
+            Err(e) => {
+                tracing::error!(error = %e, "could not encode a tool message");
+                return;
+            }
+        };
+        if self.emit_or_fail(&[event], vec![op]).await {
+            self.history.push(Arc::new(end.message));
+        }
+    }
+
+    /// A call needs approval: a grant answers at once; else `permission.request` goes out
+    /// and the answer waits for a client, the timeout or the turn's end.
+    async fn ask_permission(&mut self, ask: PermissionAsk, reply: oneshot::Sender<Verdict>) {
+        if let Some(key) = &ask.grant_key
+            && self.grants.contains(key)
+        {
+            self.count_decision("allow", "grant");
+            let _ = reply.send(Verdict {
+                allowed: true,
+                by: "grant".into(),
+            });
+            return;
+        }
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let request_id = crate::ids::new_permission_id();
+        let event = Event::PermissionRequest(PermissionRequest {
+            turn_id: active.turn.turn_id.clone(),
+            request_id: request_id.clone(),
+            tool_name: ask.tool_name.clone(),
+            args: ask.args,
+            summary: Some(ask.summary),
+            diff: ask.diff,
+        });
+        active.permission = Some(PendingPermission {
+            request_id,
+            tool_name: ask.tool_name,
+            grant_key: ask.grant_key,
+            reply,
+            deadline: tokio::time::Instant::now() + self.ctx.agent.permission_timeout,
+        });
+        self.emit_or_fail(&[event], Vec::new()).await;
+    }
+
+    fn count_decision(&self, decision: &str, by: &str) {
+        self.ctx
+            .metrics
+            .permission_decisions
+            .get_or_create(&crate::metrics::DecisionLabels {
+                decision: decision.to_owned(),
+                decided_by: by.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Decides the pending request: emits `permission.resolved`, adds a grant when asked
+    /// to, and lets the call go on.
+    async fn decide_permission(&mut self, verdict: Verdict, remember: Option<Remember>) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let Some(pending) = active.permission.take() else {
+            return;
+        };
+        let event = Event::PermissionResolved(PermissionResolved {
+            turn_id: active.turn.turn_id.clone(),
+            request_id: pending.request_id.clone(),
+            decision: if verdict.allowed {
+                Decision::Allow
+            } else {
+                Decision::Deny
+            },
+            decided_by: verdict.by.clone(),
+        });
+        let mut ops = Vec::new();
+        let granted = match (&pending.grant_key, remember, verdict.allowed) {
+            (Some(key), Some(Remember::Session), true) if !self.grants.contains(key) => {
+                Some(key.clone())
+            }
+            _ => None,
+        };
+        if let Some(key) = &granted {
+            self.grants.push(key.clone());
+            ops.push(self.grants_op());
+        }
+        self.note_decided(pending.request_id);
+        self.count_decision(if verdict.allowed { "allow" } else { "deny" }, &verdict.by);
+        tracing::info!(session = %self.id, tool = %pending.tool_name, allowed = verdict.allowed,
+            by = %verdict.by, "permission decided");
+        if self.emit_or_fail(&[event], ops).await {
+            let _ = pending.reply.send(verdict);
+        } else if granted.is_some() {
+            self.grants.pop();
+        }
+    }
+
+    fn note_decided(&mut self, request_id: String) {
+        if self.decided.len() == DECIDED_KEPT {
+            self.decided.pop_front();
+        }
+        self.decided.push_back(request_id);
+    }
+
+    /// Stores the grants as they are now.
+    fn grants_op(&self) -> WriteOp {
+        WriteOp::SetGrants {
+            session_id: self.id_arc.clone(),
+            grants: serde_json::to_string(&self.grants).unwrap_or_else(|_| "[]".into()),
+        }
+    }
+
+    /// Revokes one grant, or all of them when `grant` is `None`.
+    async fn revoke_grants(&mut self, grant: Option<String>) -> Result<Vec<String>> {
+        let previous = self.grants.clone();
+        match &grant {
+            Some(g) if !self.grants.contains(g) => return Err(Error::GrantNotFound(g.clone())),
+            Some(g) => self.grants.retain(|x| x != g),
+            None => self.grants.clear(),
+        }
+        if let Err(e) = self.ctx.store.write(vec![self.grants_op()]).await {
+            self.grants = previous;
+            return Err(e);
+        }
+        Ok(self.grants.clone())
     }
 
     async fn emit_deltas(&mut self, deltas: Vec<Delta>) {
@@ -797,16 +1177,7 @@ impl SessionActor {
             }
             Err(e) => {
                 tracing::error!(session = %self.id, error = %e, "could not record deltas; failing turn");
-                if let Some(active) = self.active.take() {
-                    let code =
-                        matches!(e, Error::StorageFull(_)).then_some(TurnErrorCode::StorageFull);
-                    let ending = TurnEnding::Failed {
-                        code,
-                        message: e.to_string(),
-                        state: TurnState::Failed,
-                    };
-                    self.conclude(active, ending, Vec::new(), Vec::new()).await;
-                }
+                self.fail_active(&e).await;
             }
         }
     }
@@ -815,7 +1186,7 @@ impl SessionActor {
     /// failure), emits `events` + the terminal event + `session.updated` in one commit.
     async fn conclude(
         &mut self,
-        active: ActiveTurn,
+        mut active: ActiveTurn,
         ending: TurnEnding,
         mut events: Vec<Event>,
         mut ops: Vec<WriteOp>,
@@ -823,6 +1194,42 @@ impl SessionActor {
         if let Some(task) = &active.task {
             task.abort();
             self.ctx.counters.sub(Counter::ActiveTurns, 1);
+        }
+        // No prompt stays open and no call stays running in any client's view.
+        let (by, why) = match &ending {
+            TurnEnding::Failed {
+                code: Some(TurnErrorCode::Cancelled),
+                ..
+            } => ("cancel", "the turn was cancelled".to_owned()),
+            TurnEnding::Failed {
+                code: Some(TurnErrorCode::Interrupted),
+                ..
+            } => (
+                "interrupted",
+                "the daemon stopped during the call".to_owned(),
+            ),
+            TurnEnding::Failed { message, .. } => ("error", format!("the turn failed: {message}")),
+            TurnEnding::Done(_) => ("error", "the turn ended".to_owned()),
+        };
+        if let Some(pending) = active.permission.take() {
+            events.push(Event::PermissionResolved(PermissionResolved {
+                turn_id: active.turn.turn_id.clone(),
+                request_id: pending.request_id.clone(),
+                decision: Decision::Deny,
+                decided_by: by.to_owned(),
+            }));
+            self.count_decision("deny", by);
+            self.note_decided(pending.request_id);
+        }
+        for (id, name) in active.open_tools.drain(..) {
+            events.push(Event::ToolEnd(ToolEnd {
+                turn_id: active.turn.turn_id.clone(),
+                name,
+                id,
+                result: json!({"ok": false, "error": format!("not finished: {why}")}),
+                approved_by: None,
+                duration_ms: None,
+            }));
         }
         let now = now_iso();
         let turn = &active.turn;
@@ -955,7 +1362,7 @@ impl SessionActor {
             tokens: completion_tokens,
             prompt_tokens,
             completion_tokens,
-            tool_calls: 0,
+            tool_calls: active.tool_calls,
             elapsed,
             speed: if generating > 0.0 {
                 completion_tokens as f64 / generating
@@ -1060,14 +1467,36 @@ impl SessionActor {
         }
     }
 
-    fn resolve_permission(
+    async fn resolve_permission(
         &mut self,
         request_id: String,
-        _request: ResolvePermissionRequest,
+        request: ResolvePermissionRequest,
     ) -> Result<ResolvePermissionResponse> {
-        // No tool asks for permission yet (tools arrive with the agent issue), so no request
-        // id can be pending: every id is unknown to this session.
-        Err(Error::PermissionNotFound(request_id))
+        let pending = self
+            .active
+            .as_ref()
+            .and_then(|a| a.permission.as_ref())
+            .is_some_and(|p| p.request_id == request_id);
+        if !pending {
+            if self.decided.contains(&request_id) {
+                return Err(Error::PermissionConflict(request_id));
+            }
+            return Err(Error::PermissionNotFound(request_id));
+        }
+        let decided_by = match request.decided_by.trim() {
+            "" => "client".to_owned(),
+            by => by.to_owned(),
+        };
+        let verdict = Verdict {
+            allowed: request.decision == Decision::Allow,
+            by: decided_by,
+        };
+        self.decide_permission(verdict, request.remember).await;
+        Ok(ResolvePermissionResponse {
+            ok: true,
+            conflict: false,
+            message: None,
+        })
     }
 
     async fn delete(&mut self) -> Result<()> {
@@ -1111,7 +1540,7 @@ impl SessionActor {
     async fn recover(
         &mut self,
         open_turns: Vec<TurnRow>,
-        mut running_text: HashMap<String, String>,
+        mut running: HashMap<String, RunningTrace>,
     ) {
         for row in open_turns {
             let turn = PendingTurn {
@@ -1127,22 +1556,39 @@ impl SessionActor {
             };
             match row.state {
                 TurnState::Running => {
+                    let trace = running.remove(&row.turn_id).unwrap_or_default();
+                    // A prompt some client may still show: answered, so none stays stale.
+                    let events: Vec<Event> = trace
+                        .open_permission
+                        .iter()
+                        .map(|request_id| {
+                            Event::PermissionResolved(PermissionResolved {
+                                turn_id: turn.turn_id.clone(),
+                                request_id: request_id.clone(),
+                                decision: Decision::Deny,
+                                decided_by: "interrupted".into(),
+                            })
+                        })
+                        .collect();
                     let active = ActiveTurn {
                         turn,
                         turn_no: 0,
                         uses_session_model: false,
                         started: Instant::now(),
                         first_delta_at: None,
-                        text: running_text.remove(&row.turn_id).unwrap_or_default(),
+                        text: trace.text,
                         delta_count: 0,
                         task: None,
+                        tool_calls: 0,
+                        open_tools: trace.open_tools,
+                        permission: None,
                     };
                     let ending = TurnEnding::Failed {
                         code: Some(TurnErrorCode::Interrupted),
                         message: "The daemon stopped while this turn was running".into(),
                         state: TurnState::Interrupted,
                     };
-                    self.conclude(active, ending, Vec::new(), Vec::new()).await;
+                    self.conclude(active, ending, events, Vec::new()).await;
                 }
                 TurnState::Queued => {
                     self.queue.push_back(turn);

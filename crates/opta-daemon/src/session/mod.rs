@@ -3,7 +3,6 @@
 mod actor;
 mod registry;
 mod retention;
-mod turn;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -67,6 +66,11 @@ pub(crate) enum SessionCommand {
         request_id: String,
         request: ResolvePermissionRequest,
         reply: oneshot::Sender<Result<ResolvePermissionResponse>>,
+    },
+    /// Revoke one grant (`None`: all); answers the grants left.
+    RevokeGrants {
+        grant: Option<String>,
+        reply: oneshot::Sender<Result<Vec<String>>>,
     },
     Subscribe {
         reply: oneshot::Sender<Subscription>,
@@ -171,6 +175,12 @@ impl SessionHandle {
             reply,
         })
         .await?
+    }
+
+    /// Revokes one session grant, or all when `grant` is `None`; the grants left.
+    pub async fn revoke_grants(&self, grant: Option<String>) -> Result<Vec<String>> {
+        self.ask(|reply| SessionCommand::RevokeGrants { grant, reply })
+            .await?
     }
 
     /// Subscribes to live events.

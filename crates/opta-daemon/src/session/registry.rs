@@ -225,6 +225,7 @@ impl RegistryActor {
             created_at: now.clone(),
             updated_at: now,
             tool_call_count: 0,
+            grants: None,
         };
         let messages = request
             .messages
@@ -254,7 +255,7 @@ impl RegistryActor {
             last_seq: 0,
             open_turns: Vec::new(),
             idempotency: HashMap::new(),
-            running_text: HashMap::new(),
+            running: HashMap::new(),
         };
         let handle = SessionActor::spawn(self.ctx.clone(), loaded)?;
         self.sessions.insert(id, handle.clone());

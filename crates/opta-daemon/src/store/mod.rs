@@ -18,7 +18,7 @@ use tokio::sync::oneshot;
 
 use crate::error::{Error, Result};
 
-pub use queries::{LoadedSession, SessionPage};
+pub use queries::{LoadedSession, RunningTrace, SessionPage};
 
 /// Reader threads; two lets a long replay read overlap a session load.
 const READER_THREADS: usize = 2;
@@ -56,6 +56,8 @@ pub struct SessionRow {
     pub updated_at: String,
     /// Tool calls made.
     pub tool_call_count: u64,
+    /// Session grants, a JSON array (read only: written by [`WriteOp::SetGrants`]).
+    pub grants: Option<String>,
 }
 
 /// Lifecycle state of a stored turn.
@@ -123,8 +125,15 @@ pub struct TurnRow {
 pub enum WriteOp {
     /// Insert a new session row.
     InsertSession(SessionRow),
-    /// Overwrite a session's metadata row.
+    /// Overwrite a session's metadata row (its grants excepted).
     UpdateSession(SessionRow),
+    /// Replace a session's grants (a JSON array).
+    SetGrants {
+        /// Session id.
+        session_id: Arc<str>,
+        /// The grants.
+        grants: String,
+    },
     /// Append one event envelope.
     AppendEvent {
         /// Session.

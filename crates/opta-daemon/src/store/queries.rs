@@ -22,7 +22,44 @@ pub struct LoadedSession {
     /// Idempotency key → turn id for every turn of the session.
     pub idempotency: HashMap<String, String>,
     /// Text streamed so far by each running turn (from its stored token events).
-    pub running_text: HashMap<String, String>,
+    pub running: HashMap<String, RunningTrace>,
+}
+
+/// What a turn that was running when the daemon stopped left behind.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct RunningTrace {
+    /// Its text since its last tool call (earlier rounds' text is in the history).
+    pub text: String,
+    /// Calls started and never ended: (id, name).
+    pub open_tools: Vec<(String, String)>,
+    /// A permission request never resolved: its id.
+    pub open_permission: Option<String>,
+}
+
+impl RunningTrace {
+    fn apply(&mut self, event: &str, payload: &serde_json::Value) {
+        let field = |k: &str| {
+            payload
+                .get(k)
+                .and_then(|v| v.as_str())
+                .unwrap_or("")
+                .to_owned()
+        };
+        match event {
+            "turn.token" => self.text.push_str(&field("text")),
+            "tool.start" => {
+                self.text.clear();
+                self.open_tools.push((field("id"), field("name")));
+            }
+            "tool.end" => {
+                let id = field("id");
+                self.open_tools.retain(|(open, _)| *open != id);
+            }
+            "permission.request" => self.open_permission = Some(field("requestId")),
+            "permission.resolved" => self.open_permission = None,
+            _ => {}
+        }
+    }
 }
 
 /// One page of stored sessions.
@@ -37,7 +74,7 @@ pub struct SessionPage {
 fn session_row(conn: &Connection, id: &str) -> Result<Option<SessionRow>> {
     Ok(conn
         .prepare_cached(
-            "SELECT id, model, title, metadata, created_at, updated_at, tool_call_count
+            "SELECT id, model, title, metadata, created_at, updated_at, tool_call_count, grants
              FROM sessions WHERE id = ?1",
         )?
         .query_row(params![id], map_session_row)
@@ -53,6 +90,7 @@ fn map_session_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRow> {
         created_at: r.get(4)?,
         updated_at: r.get(5)?,
         tool_call_count: r.get(6)?,
+        grants: r.get(7).ok().flatten(),
     })
 }
 
@@ -149,27 +187,25 @@ impl Store {
                 )?
                 .query_map(params![id], |r| Ok((r.get(0)?, r.get(1)?)))?
                 .collect::<rusqlite::Result<HashMap<String, String>>>()?;
-            let mut running_text = HashMap::new();
+            let mut running = HashMap::new();
             for turn in open_turns.iter().filter(|t| t.state == TurnState::Running) {
-                let mut text = String::new();
+                let mut trace = RunningTrace::default();
                 let mut stmt = conn.prepare_cached(
-                    "SELECT envelope FROM events WHERE session_id = ?1 AND turn_id = ?2
-                     AND event = 'turn.token' ORDER BY seq",
+                    "SELECT event, envelope FROM events WHERE session_id = ?1 AND turn_id = ?2
+                     AND event IN ('turn.token', 'tool.start', 'tool.end',
+                                   'permission.request', 'permission.resolved')
+                     ORDER BY seq",
                 )?;
-                let rows = stmt.query_map(params![id, turn.turn_id], |r| r.get::<_, String>(0))?;
-                for env in rows {
-                    let env = env?;
+                let rows = stmt.query_map(params![id, turn.turn_id], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+                })?;
+                for row in rows {
+                    let (event, env) = row?;
                     let parsed: serde_json::Value = serde_json::from_str(&env)
                         .map_err(|e| Error::Storage(format!("corrupt event: {e}")))?;
-                    if let Some(t) = parsed
-                        .get("payload")
-                        .and_then(|p| p.get("text"))
-                        .and_then(|t| t.as_str())
-                    {
-                        text.push_str(t);
-                    }
+                    trace.apply(&event, &parsed["payload"]);
                 }
-                running_text.insert(turn.turn_id.clone(), text);
+                running.insert(turn.turn_id.clone(), trace);
             }
             Ok(Some(LoadedSession {
                 row,
@@ -177,7 +213,7 @@ impl Store {
                 last_seq,
                 open_turns,
                 idempotency,
-                running_text,
+                running,
             }))
         })
         .await

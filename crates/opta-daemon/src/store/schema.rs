@@ -64,6 +64,9 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX turns_unswept ON turns (finished_at)
         WHERE deltas_pruned = 0 AND finished_at IS NOT NULL;
     ",
+    "
+    ALTER TABLE sessions ADD COLUMN grants TEXT;
+    ",
 ];
 
 /// Applies the migrations the database has not seen yet, each in its own transaction.

@@ -170,6 +170,10 @@ fn apply(conn: &Connection, op: &WriteOp) -> Result<()> {
                 row.tool_call_count
             ])?;
         }
+        WriteOp::SetGrants { session_id, grants } => {
+            conn.prepare_cached("UPDATE sessions SET grants = ?2 WHERE id = ?1")?
+                .execute(params![session_id.as_ref(), grants])?;
+        }
         WriteOp::UpdateSession(row) => {
             conn.prepare_cached(
                 "UPDATE sessions SET model = ?2, title = ?3, metadata = ?4, updated_at = ?5,
