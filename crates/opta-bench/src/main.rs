@@ -6,6 +6,10 @@
 //! subscriber. The scripted server's own time to first byte is measured the same way
 //! (a direct streaming request), so the ratio shows what the daemon adds.
 //!
+//! `tools`: what one tool round adds to a turn: turns whose model calls `read_file` once
+//! and then answers, against plain turns, alternating on one session; also the call's own
+//! time (`tool.start` → `tool.end`) and `tool.end` → the next round's first token.
+//!
 //! `soak`: many rounds of a session's whole life with clients that misbehave (vanish
 //! mid-turn, send bad input), reporting the process's memory, file descriptors and threads
 //! after a warm-up and at the end, and what the daemon still holds: leaks show as growth.
@@ -53,6 +57,16 @@ enum Bench {
         #[arg(long, default_value_t = 200)]
         warmup: usize,
     },
+    /// What one tool round adds: turns with one `read_file` round against plain turns,
+    /// alternating, on one session.
+    Tools {
+        /// Measured turns of each kind.
+        #[arg(long, default_value_t = 200)]
+        turns: usize,
+        /// Unmeasured turns of each kind first.
+        #[arg(long, default_value_t = 20)]
+        warmup: usize,
+    },
     /// Round trip of one event commit through the store's writer thread.
     Store {
         /// fsync every commit (the daemon's `--sync-commits`).
@@ -77,6 +91,7 @@ fn main() -> Result<()> {
             sync_commits,
         } => store(commits, sync_commits),
         Bench::Soak { rounds, warmup } => soak(rounds, warmup),
+        Bench::Tools { turns, warmup } => tools(turns, warmup),
     }
 }
 
@@ -471,5 +486,118 @@ async fn measure(base: &str, lmx_url: &str, turns: usize, warmup: usize) -> Resu
         "submitToDoneMs": summary(done),
         "lmxTimeToFirstByteMs": summary(lmx_first_byte),
         "firstTokenP50OverLmxFirstByteP50": (ratio * 100.0).round() / 100.0,
+    }))
+}
+
+fn tools(turns: usize, warmup: usize) -> Result<()> {
+    let rig = Rig::start(StoreOptions::default())?;
+    let workspace = tempfile::tempdir()?;
+    std::fs::write(workspace.path().join("notes.txt"), "alpha\nbeta\ngamma\n")?;
+    let result = rig.client_rt.block_on(measure_tools(
+        &rig,
+        &workspace.path().canonicalize()?,
+        turns,
+        warmup,
+    ));
+    rig.stop()?;
+    println!("{}", serde_json::to_string_pretty(&result?)?);
+    Ok(())
+}
+
+async fn measure_tools(
+    rig: &Rig,
+    workspace: &std::path::Path,
+    turns: usize,
+    warmup: usize,
+) -> Result<Value> {
+    use opta_test_support::Reply;
+    let base = rig.base.as_str();
+    let http = reqwest::Client::builder().tcp_nodelay(true).build()?;
+    let session = create_session(
+        &http,
+        base,
+        json!({"sessionId": "bench-tools", "metadata": {"workspace": workspace}}),
+    )
+    .await?;
+    let mut ws = connect_ws(base, &session, 1).await?;
+    let submit_url = format!("{base}/v3/sessions/{session}/turns");
+    let mut plain = Vec::with_capacity(turns);
+    let mut with_tool = Vec::with_capacity(turns);
+    let mut call = Vec::with_capacity(turns);
+    let mut next_round = Vec::with_capacity(turns);
+    for i in 0..(warmup + turns) * 2 {
+        let tool_turn = i % 2 == 1;
+        if tool_turn {
+            rig.lmx
+                .push(Reply::tool_call("read_file", json!({"path": "notes.txt"})));
+        }
+        rig.lmx.push(Reply::chunks(["ok"]));
+        let start = Instant::now();
+        let resp = http
+            .post(&submit_url)
+            .bearer_auth(TOKEN)
+            .json(
+                &json!({"clientId": "bench", "writerId": "bench", "content": "go", "mode": "chat"}),
+            )
+            .send()
+            .await?;
+        if resp.status().as_u16() != 202 {
+            bail!("submit answered {}", resp.status());
+        }
+        let turn_id = resp.json::<Value>().await?["turnId"]
+            .as_str()
+            .context("turnId")?
+            .to_owned();
+        let (mut started, mut ended, mut token_after) = (None, None, None);
+        loop {
+            let msg = ws.next().await.context("ws closed")??;
+            let Message::Text(text) = msg else { continue };
+            let v: Value = serde_json::from_str(text.as_str())?;
+            if v["payload"]["turnId"] != turn_id.as_str() {
+                continue;
+            }
+            match v["event"].as_str() {
+                Some("tool.start") => started = Some(Instant::now()),
+                Some("tool.end") => ended = Some(Instant::now()),
+                Some("turn.token") if ended.is_some() && token_after.is_none() => {
+                    token_after = Some(Instant::now());
+                }
+                Some("turn.done") => break,
+                Some("turn.error") => bail!("turn failed: {v}"),
+                _ => {}
+            }
+        }
+        if i / 2 < warmup {
+            continue;
+        }
+        if tool_turn {
+            with_tool.push(start.elapsed());
+            let (s, e, t) = (
+                started.context("no tool.start")?,
+                ended.context("no tool.end")?,
+                token_after.context("no token after the call")?,
+            );
+            call.push(e.duration_since(s));
+            next_round.push(t.duration_since(e));
+        } else {
+            plain.push(start.elapsed());
+        }
+    }
+    let p50 = |v: &[Duration]| {
+        let mut v = v.to_vec();
+        v.sort();
+        v[v.len() / 2].as_secs_f64() * 1000.0
+    };
+    let added = p50(&with_tool) - p50(&plain);
+    Ok(json!({
+        "benchmark": "tools",
+        "turns": turns,
+        "warmup": warmup,
+        "plainTurnSubmitToDoneMs": summary(plain),
+        "toolTurnSubmitToDoneMs": summary(with_tool),
+        "toolStartToEndMs": summary(call),
+        "toolEndToNextTokenMs": summary(next_round),
+        "addedPerToolRoundP50Ms": (added * 1000.0).round() / 1000.0,
+        "lmxChatRequests": rig.lmx.chat_requests(),
     }))
 }

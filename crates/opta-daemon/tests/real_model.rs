@@ -70,3 +70,48 @@ async fn a_real_model_streams_a_reply_over_ws_and_sse() {
     assert_eq!(models["models"][0]["model_id"], model.as_str());
     assert_eq!(models["models"][0]["status"], "loaded");
 }
+
+#[tokio::test]
+#[ignore = "needs the real SmolLM2 server: run scripts/test.sh"]
+async fn a_real_server_accepts_the_agent_request_with_its_tools() {
+    let (url, model) = real_server();
+    let d = TestDaemon::start(&url).await;
+    let workspace = tempfile::tempdir().unwrap();
+    std::fs::write(
+        workspace.path().join("AGENTS.md"),
+        "Answer in one sentence.\n",
+    )
+    .unwrap();
+    let (status, created) = d
+        .post(
+            "/v3/sessions",
+            json!({"sessionId": "agent", "model": model,
+                   "metadata": {"workspace": workspace.path().canonicalize().unwrap()}}),
+        )
+        .await;
+    assert_eq!(status, reqwest::StatusCode::CREATED, "{created}");
+    let mut ws = d.ws("agent", 0).await;
+    let (status, body) = d
+        .post(
+            "/v3/sessions/agent/turns",
+            json!({"clientId": "t", "writerId": "w", "content": "List the files here.",
+                   "mode": "do"}),
+        )
+        .await;
+    assert_eq!(status, reqwest::StatusCode::ACCEPTED, "{body}");
+    let turn = body["turnId"].as_str().unwrap().to_owned();
+    let events = ws.envelopes_until(is_terminal_of(&turn)).await;
+    // The server took the system prompt, AGENTS.md and the tool schemas (about 1,500 tokens)
+    // within its context: no refusal of `tools` (that would be a turn.progress), no context
+    // error (that would be a turn.error).
+    let end = events.last().unwrap();
+    assert_eq!(end["event"], "turn.done", "{end}");
+    assert!(
+        !events.iter().any(|e| e["event"] == "turn.progress"),
+        "the real server refused tools: {events:?}"
+    );
+    // Whatever the small model did with the tools, every call it made was answered.
+    let starts = events.iter().filter(|e| e["event"] == "tool.start").count();
+    let ends = events.iter().filter(|e| e["event"] == "tool.end").count();
+    assert_eq!(starts, ends);
+}

@@ -269,7 +269,7 @@ impl Turn<'_> {
                 filter: TextCallFilter::default(),
                 text: String::new(),
             };
-            let offered = (!text_tools).then_some(&definitions);
+            let offered = (!text_tools).then_some(definitions);
             let completion = match self
                 .ctx
                 .lmx

@@ -118,8 +118,13 @@ impl ToolSpec {
     }
 }
 
-/// The `tools` array of a chat request (OpenAI function format).
-pub fn definitions() -> Value {
+/// The `tools` array of a chat request (OpenAI function format), built once.
+pub fn definitions() -> &'static Value {
+    static DEFINITIONS: std::sync::LazyLock<Value> = std::sync::LazyLock::new(build_definitions);
+    &DEFINITIONS
+}
+
+fn build_definitions() -> Value {
     Value::Array(
         TOOLS
             .iter()
