@@ -504,3 +504,30 @@ impl Connector {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::as_envelope;
+
+    #[test]
+    fn a_newer_daemons_events_and_codes_do_not_break_decoding() {
+        let base = |event: &str, payload: serde_json::Value| {
+            json!({"v": "3", "event": event, "daemonId": "d", "sessionId": "s", "seq": 3,
+                   "ts": "2026-01-01T00:00:00.000Z", "payload": payload})
+        };
+        let unknown = base("agent.dreamt", json!({"anything": [1, 2]}));
+        assert!(matches!(as_envelope(&unknown), Ok(None)));
+        let new_code = base(
+            "turn.error",
+            json!({"turnId": "t", "writerId": "w", "clientId": "c", "message": "m",
+                   "code": "quota-exceeded"}),
+        );
+        let decoded = as_envelope(&new_code);
+        assert!(matches!(decoded, Ok(Some(_))), "{decoded:?}");
+        // A known event with a broken payload is still an error.
+        let broken = base("turn.error", json!({"turnId": 5}));
+        assert!(as_envelope(&broken).is_err());
+    }
+}

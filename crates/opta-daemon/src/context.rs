@@ -61,6 +61,8 @@ impl Default for Tunables {
 pub struct FaultHooks {
     /// A turn task whose user message this accepts panics before calling the model.
     pub turn_panics_on: Option<fn(&str) -> bool>,
+    /// A tool call whose arguments (as JSON text) this accepts panics inside the turn task.
+    pub tool_panics_on: Option<fn(&str) -> bool>,
     /// A session actor given a turn submission whose content this accepts panics.
     pub session_panics_on: Option<fn(&str) -> bool>,
 }

@@ -830,3 +830,63 @@ async fn a_restart_resolves_the_waiting_request_and_ends_the_open_call() {
         .count();
     assert_eq!((calls, results), (1, 1), "{sent}");
 }
+
+#[tokio::test]
+async fn a_session_workspace_must_be_an_existing_absolute_directory() {
+    let (_lmx, d, dirs) = setup().await;
+    let file = dirs.ws.join("file.txt");
+    std::fs::write(&file, "x").unwrap();
+    for bad in [
+        json!("relative/dir"),
+        json!(dirs.ws.join("missing")),
+        json!(file),
+        json!(42),
+    ] {
+        let (status, body) = d
+            .post("/v3/sessions", json!({"metadata": {"workspace": bad}}))
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
+        assert_eq!(body["details"][0]["path"], "metadata.workspace", "{body}");
+    }
+    let (status, list) = d.get("/v3/sessions").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(list["sessions"], json!([]), "nothing was created");
+    let (status, _) = d
+        .post("/v3/sessions", json!({"metadata": {"workspace": null}}))
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::CREATED,
+        "null is absence: the daemon's workspace"
+    );
+}
+
+#[tokio::test]
+async fn a_panic_inside_a_tool_call_still_ends_the_call_and_the_turn() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let d = TestDaemon::start_with(&lmx.url(), |c| {
+        c.faults.tool_panics_on = Some(|args| args.contains("boom"));
+    })
+    .await;
+    let dirs = dirs();
+    let s = session_in(&d, &dirs.ws).await;
+    lmx.push(Reply::tool_call("read_file", json!({"path": "boom"})));
+    let events = run(&d, &s, "explode", "chat").await;
+    let order: Vec<&str> = events
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .filter(|e| e.starts_with("tool.") || e.starts_with("turn.e"))
+        .collect();
+    assert_eq!(order, ["tool.start", "tool.end", "turn.error"]);
+    let end = named(&events, "tool.end");
+    assert!(
+        end[0]["payload"]["result"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("not finished")
+    );
+    // The session goes on.
+    lmx.push(Reply::chunks(["still here"]));
+    let events = run(&d, &s, "hello", "chat").await;
+    assert_eq!(tokens(&events), "still here");
+}

@@ -527,6 +527,11 @@ impl Turn<'_> {
                 None,
             );
         };
+        if let Some(panics) = self.ctx.faults.tool_panics_on
+            && panics(&call.raw)
+        {
+            panic!("injected fault: tool call panics");
+        }
         let args = match &call.arguments {
             Ok(args) => args,
             Err(e) => {

@@ -82,7 +82,12 @@ pub async fn create_session(
     {
         return Err(Error::invalid("model", "must not be empty"));
     }
-    if let Some(workspace) = request.metadata.as_ref().and_then(|m| m.get("workspace")) {
+    if let Some(workspace) = request
+        .metadata
+        .as_ref()
+        .and_then(|m| m.get("workspace"))
+        .filter(|w| !w.is_null())
+    {
         let dir = workspace
             .as_str()
             .ok_or_else(|| Error::invalid("metadata.workspace", "must be a string"))?;

@@ -53,7 +53,11 @@ pub struct Edit {
     #[serde(alias = "new_string")]
     pub new_string: String,
     /// Replace every occurrence instead of requiring exactly one.
-    #[serde(default, alias = "replace_all")]
+    #[serde(
+        default,
+        alias = "replace_all",
+        deserialize_with = "opta_protocol::serde_util::null_as_default"
+    )]
     pub replace_all: bool,
 }
 
@@ -70,7 +74,11 @@ pub struct EditFileArgs {
     #[serde(alias = "new_string")]
     pub new_string: String,
     /// Replace every occurrence instead of requiring exactly one.
-    #[serde(default, alias = "replace_all")]
+    #[serde(
+        default,
+        alias = "replace_all",
+        deserialize_with = "opta_protocol::serde_util::null_as_default"
+    )]
     pub replace_all: bool,
 }
 

@@ -394,6 +394,33 @@ mod tests {
     }
 
     #[test]
+    fn null_in_every_optional_argument_reads_as_absent() {
+        let edit = spec("edit_file").map(|t| {
+            parse_args::<files::EditFileArgs>(
+                t,
+                &json!({"path": "a", "oldString": "x", "newString": "y", "replaceAll": null}),
+            )
+        });
+        assert!(matches!(edit, Some(Ok(a)) if !a.replace_all));
+        let search = spec("search_files").map(|t| {
+            parse_args::<search::SearchFilesArgs>(
+                t,
+                &json!({"pattern": "x", "path": null, "glob": null, "caseInsensitive": null}),
+            )
+        });
+        assert!(matches!(search, Some(Ok(_))));
+        let read = spec("read_file").map(|t| {
+            parse_args::<files::ReadFileArgs>(
+                t,
+                &json!({"path": "a", "offset": null, "limit": null}),
+            )
+        });
+        assert!(matches!(read, Some(Ok(_))));
+        let list = spec("list_dir").map(|t| parse_args::<files::ListDirArgs>(t, &Value::Null));
+        assert!(matches!(list, Some(Ok(_))));
+    }
+
+    #[test]
     fn head_and_tail_keeps_both_ends() {
         let text = format!("{}{}", "a".repeat(100), "b".repeat(100));
         let cut = head_and_tail(&text, 20);

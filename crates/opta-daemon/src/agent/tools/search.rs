@@ -41,7 +41,11 @@ pub struct SearchFilesArgs {
     #[serde(default)]
     pub glob: Option<String>,
     /// Match regardless of case.
-    #[serde(default, alias = "case_insensitive")]
+    #[serde(
+        default,
+        alias = "case_insensitive",
+        deserialize_with = "opta_protocol::serde_util::null_as_default"
+    )]
     pub case_insensitive: bool,
 }
 
