@@ -5,6 +5,7 @@
 
 use std::collections::HashSet;
 use std::io::{IsTerminal, Write};
+use std::os::fd::AsFd;
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -21,8 +22,10 @@ use serde_json::json;
 use tokio::sync::mpsc;
 
 use crate::daemon_ctl::{self, DaemonArgs, StreamCheck};
-use crate::do_cmd::{CLIENT_ID, answer_permission, parse_mode};
-use crate::render::{Outcome, Output, PermissionPolicy, TurnRenderer, report_failure};
+use crate::do_cmd::{CLIENT_ID, ask_again, parse_mode, send_answer, show_permission};
+use crate::render::{
+    Answer, Outcome, Output, PermissionAsk, PermissionPolicy, TurnRenderer, Verdict, report_failure,
+};
 use crate::sanitize;
 use crate::ui;
 
@@ -70,8 +73,47 @@ struct Chat<P: ExternalPrinter> {
     line_open: bool,
     /// Terminal echo is off while our turn streams.
     echo_off: Option<EchoOff>,
+    /// Lines typed while a turn ran that a permission prompt took out of the terminal (they
+    /// are messages, never answers): run before the prompt comes back.
+    typed_ahead: std::collections::VecDeque<String>,
     /// Renders our turn's answer.
     markdown: crate::markdown::MarkdownStream,
+}
+
+/// Whole lines already typed into the terminal (canonical mode hands out one per read),
+/// without waiting for more.
+fn typed_lines() -> Vec<String> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let stdin = std::io::stdin();
+    let mut lines = Vec::new();
+    loop {
+        let mut fds = [PollFd::new(stdin.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::ZERO) {
+            Ok(n) if n > 0 => {}
+            _ => return lines,
+        }
+        let mut buf = [0u8; 4096];
+        match nix::unistd::read(stdin.as_fd(), &mut buf) {
+            Ok(0) | Err(_) => return lines,
+            Ok(n) => {
+                let text = String::from_utf8_lossy(&buf[..n]);
+                lines.extend(
+                    text.lines()
+                        .map(str::to_owned)
+                        .filter(|l| !l.trim().is_empty()),
+                );
+            }
+        }
+    }
+}
+
+/// One line from the terminal, read straight from the descriptor (no buffer that could keep
+/// bytes meant for the line editor).
+fn read_terminal_line() -> std::io::Result<String> {
+    let stdin = std::io::stdin();
+    let mut buf = [0u8; 1024];
+    let n = nix::unistd::read(stdin.as_fd(), &mut buf).map_err(std::io::Error::from)?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
 
 /// Turns the terminal's echo off until dropped (then the saved settings come back).
@@ -201,6 +243,7 @@ pub async fn run(args: ChatArgs, home: &Path, daemon: &DaemonArgs) -> Result<Exi
         line_open: false,
         echo_off: None,
         markdown: crate::markdown::MarkdownStream::for_stdout(args.plain),
+        typed_ahead: std::collections::VecDeque::new(),
     };
     chat.prompt(&prompt_tx);
     let mut watchdog = tokio::time::interval(std::time::Duration::from_secs(1));
@@ -230,8 +273,10 @@ pub async fn run(args: ChatArgs, home: &Path, daemon: &DaemonArgs) -> Result<Exi
                     chat.say("the session was closed");
                     return Ok(ExitCode::SUCCESS);
                 };
-                if chat.on_event(event?).await? {
-                    chat.prompt(&prompt_tx);
+                if chat.on_event(event?).await?
+                    && let Some(code) = chat.resume(&prompt_tx).await?
+                {
+                    return Ok(code);
                 }
             }
             _ = interrupts.recv() => {
@@ -282,6 +327,50 @@ impl<P: ExternalPrinter> Chat<P> {
             StreamCheck::DaemonGone(_) => {}
         }
         Ok(())
+    }
+
+    /// After our turn: lines a permission prompt set aside run first, in order; then the
+    /// prompt comes back. `Some` when one of them ends the chat.
+    async fn resume(
+        &mut self,
+        prompt_tx: &std::sync::mpsc::Sender<()>,
+    ) -> Result<Option<ExitCode>> {
+        while let Some(line) = self.typed_ahead.pop_front() {
+            println!("{PROMPT}{}", sanitize::line(&line));
+            match self.on_line(line.trim()).await? {
+                LineResult::Exit => return Ok(Some(ExitCode::SUCCESS)),
+                LineResult::Prompt => {}
+                LineResult::TurnRunning => return Ok(None),
+            }
+        }
+        self.prompt(prompt_tx);
+        Ok(None)
+    }
+
+    /// Asks a permission question and reads an answer typed after it appeared: whole lines
+    /// already waiting in the terminal were typed ahead as messages and are kept as such.
+    async fn ask_fresh(&mut self, ask: &PermissionAsk) -> Result<Answer> {
+        if let Some(s) = self.spinner.take() {
+            s.finish_and_clear();
+        }
+        if self.line_open {
+            eprintln!();
+            self.line_open = false;
+        }
+        let waiting = tokio::task::spawn_blocking(typed_lines).await?;
+        self.typed_ahead.extend(waiting);
+        // The answer echoes; the rest of the turn does not.
+        self.echo_off = None;
+        show_permission(ask);
+        let answer = loop {
+            let line = tokio::task::spawn_blocking(read_terminal_line).await??;
+            if let Some(a) = self.policy.answer(&line) {
+                break a;
+            }
+            ask_again();
+        };
+        self.echo_off = Some(EchoOff::new());
+        Ok(answer)
     }
 
     fn prompt(&mut self, prompt_tx: &std::sync::mpsc::Sender<()>) {
@@ -477,7 +566,14 @@ impl<P: ExternalPrinter> Chat<P> {
             }
             Output::Note(line) => self.say(&line),
             Output::Permission(ask) => {
-                answer_permission(&self.client, &self.session, &ask, &mut self.policy).await?;
+                let answer = match self.policy.verdict() {
+                    Verdict::Decide(decision) => Answer {
+                        decision,
+                        remember: false,
+                    },
+                    Verdict::Ask => self.ask_fresh(&ask).await?,
+                };
+                send_answer(&self.client, &self.session, &ask, answer).await?;
             }
             Output::Finished(outcome) => {
                 let last_line = self.markdown.finish();

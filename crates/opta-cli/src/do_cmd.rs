@@ -281,21 +281,8 @@ pub async fn answer_permission(
             remember: false,
         },
         Verdict::Ask => {
-            let what = ask
-                .summary
-                .clone()
-                .unwrap_or_else(|| crate::render::compact(&ask.args, 120));
-            eprintln!(
-                "{} {} wants to: {what}",
-                ui::dim("permission:"),
-                crate::sanitize::line(&ask.tool_name),
-            );
-            if let Some(diff) = &ask.diff {
-                eprintln!("{}", crate::render::colour_diff(diff));
-            }
+            show_permission(ask);
             loop {
-                eprint!("allow? [y]es / [n]o / [a]lways in this session: ");
-                let _ = std::io::stderr().flush();
                 let line = tokio::task::spawn_blocking(|| {
                     let mut line = String::new();
                     std::io::stdin().read_line(&mut line).map(|_| line)
@@ -304,9 +291,43 @@ pub async fn answer_permission(
                 if let Some(a) = policy.answer(&line) {
                     break a;
                 }
+                ask_again();
             }
         }
     };
+    send_answer(client, session, ask, answer).await
+}
+
+/// Shows what a permission request would do (its summary and diff) and asks.
+pub fn show_permission(ask: &PermissionAsk) {
+    let what = ask
+        .summary
+        .clone()
+        .unwrap_or_else(|| crate::render::compact(&ask.args, 120));
+    eprintln!(
+        "{} {} wants to: {what}",
+        ui::dim("permission:"),
+        crate::sanitize::line(&ask.tool_name),
+    );
+    if let Some(diff) = &ask.diff {
+        eprintln!("{}", crate::render::colour_diff(diff));
+    }
+    ask_again();
+}
+
+/// The question itself, again after an answer that was none of its choices.
+pub fn ask_again() {
+    eprint!("allow? [y]es / [n]o / [a]lways in this session: ");
+    let _ = std::io::stderr().flush();
+}
+
+/// Sends a decided answer; a request already decided elsewhere is fine.
+pub async fn send_answer(
+    client: &DaemonClient,
+    session: &SessionId,
+    ask: &PermissionAsk,
+    answer: Answer,
+) -> Result<()> {
     let decision = answer.decision;
     let request = ResolvePermissionRequest {
         request_id: ask.request_id.clone(),

@@ -8,7 +8,7 @@ use std::time::Duration;
 use expectrl::{ControlCode, Expect};
 use opta_test_support::{Reply, ScriptedLmx};
 use pretty_assertions::assert_eq;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 /// A temporary home whose daemon is stopped when the test ends, whatever happens.
 struct Home {
@@ -1312,4 +1312,60 @@ async fn eviction_is_tunable_by_flags() {
         .opta(&["daemon", "start", "--evict-idle-secs", "0"])
         .await;
     assert_eq!(zero.status.code(), Some(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_permission_prompts_show_the_diff_and_read_a_fresh_answer() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let home = Home::new(&lmx.url());
+    let workspace = tempfile::tempdir().unwrap();
+    let mut command = home.command(&["chat"]);
+    command.current_dir(workspace.path());
+    let mut chat = expectrl::Session::spawn(command).unwrap();
+    chat.set_expect_timeout(Some(Duration::from_secs(20)));
+    // The model talks for a while, then asks to write a file.
+    let mut call = Reply::tool_call(
+        "write_file",
+        json!({"path": "fresh.txt", "content": "hello\u{1b}[2J\n"}),
+    );
+    call.chunks = (0..20).map(|i| format!("w{i} ")).collect();
+    lmx.push(call.with_chunk_delay(Duration::from_millis(40)));
+    lmx.push(Reply::chunks(["written"]));
+    tokio::task::block_in_place(|| {
+        step(&mut chat, "opta› ");
+        chat.send_line("write it").unwrap();
+        step(&mut chat, "w1 ");
+        // Typed ahead while the answer streams: a message for later, not the answer.
+        chat.send("y\r").unwrap();
+        step(&mut chat, "wants to: write 10 bytes to fresh.txt");
+        // The diff, with the escape shown, not obeyed.
+        step(&mut chat, "+hello\\x1b[2J");
+        step(&mut chat, "allow? ");
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            !workspace.path().join("fresh.txt").exists(),
+            "the typed-ahead line answered the prompt"
+        );
+        chat.send_line("a").unwrap();
+        step(&mut chat, "written");
+        // Then the typed-ahead line runs as a message of its own.
+        step(&mut chat, "echo: y");
+        step(&mut chat, "opta› ");
+        chat.send_line("/exit").unwrap();
+        step(&mut chat, expectrl::Eof);
+    });
+    assert_eq!(
+        std::fs::read_to_string(workspace.path().join("fresh.txt")).unwrap(),
+        "hello\u{1b}[2J\n"
+    );
+    // "a" became a session grant on the daemon.
+    let list = home.opta(&["sessions", "list", "--json"]).await;
+    let list: Value = serde_json::from_slice(&list.stdout).unwrap();
+    let id = list["sessions"][0]["sessionId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let show = home.opta(&["sessions", "show", &id, "--json"]).await;
+    let show: Value = serde_json::from_slice(&show.stdout).unwrap();
+    assert_eq!(show["grants"], json!(["write_file"]), "{show}");
 }
