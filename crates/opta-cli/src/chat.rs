@@ -37,9 +37,10 @@ pub struct ChatArgs {
     /// Attach to an existing session.
     #[arg(long)]
     session: Option<String>,
-    /// Agent mode of the turns.
-    #[arg(long, default_value = "chat", value_parser = parse_mode)]
-    mode: Mode,
+    /// Agent mode of the turns: chat, do, plan, review, research (default: the `default-mode`
+    /// setting, else chat).
+    #[arg(long, value_parser = parse_mode)]
+    mode: Option<Mode>,
     /// Allow every permission request without asking.
     #[arg(short, long)]
     yes: bool,
@@ -230,7 +231,7 @@ pub async fn run(args: ChatArgs, home: &Path, daemon: &DaemonArgs) -> Result<Exi
         client,
         session,
         writer_id: format!("{CLIENT_ID}-chat-{}", std::process::id()),
-        mode: args.mode,
+        mode: args.mode.or(daemon.default_mode).unwrap_or(Mode::Chat),
         thinking: args.thinking,
         policy: PermissionPolicy::new(true, args.yes),
         printer,

@@ -63,6 +63,7 @@ const KEYS: &[(&str, &str, Kind)] = &[
     ("max-command-secs", "max_command_secs", Kind::Number),
     ("system-prompt-file", "system_prompt_file", Kind::Text),
     ("workspace", "workspace", Kind::Text),
+    ("default-mode", "default_mode", Kind::Text),
     ("sync-commits", "sync_commits", Kind::Switch),
 ];
 
@@ -218,6 +219,12 @@ fn set_field(args: &mut DaemonArgs, key: &str, text: &str) -> Result<()> {
         "max-command-secs" => args.max_command_secs = number()?.max(1),
         "system-prompt-file" => args.system_prompt_file = Some(text.into()),
         "workspace" => args.workspace = Some(text.into()),
+        "default-mode" => {
+            args.default_mode = Some(
+                crate::do_cmd::parse_mode(text)
+                    .map_err(|e| anyhow::anyhow!("config key default-mode: {e}"))?,
+            )
+        }
         "sync-commits" => args.sync_commits = text == "true",
         other => bail!("unknown config key {other:?}"),
     }
@@ -252,6 +259,10 @@ fn get_field(args: &DaemonArgs, key: &str) -> String {
             .workspace
             .as_ref()
             .map(|p| p.display().to_string())
+            .unwrap_or_default(),
+        "default-mode" => args
+            .default_mode
+            .map(|m| m.as_str().to_owned())
             .unwrap_or_default(),
         "sync-commits" => args.sync_commits.to_string(),
         _ => String::new(),
@@ -299,6 +310,9 @@ pub fn run(
                     format!("config key {key}: {value:?} is not true or false")
                 })?),
             };
+            // The value as the setting would take it (a mode's name, say) before it is kept.
+            let mut probe = args.clone();
+            set_field(&mut probe, &key, &value)?;
             let mut doc = read(home)?;
             doc[key.as_str()] = item;
             write(home, &doc)?;

@@ -120,6 +120,10 @@ pub struct DaemonArgs {
     /// Workspace of sessions created without one (default: the daemon's working directory).
     #[arg(long, env = "OPTA_WORKSPACE", global = true)]
     pub workspace: Option<PathBuf>,
+    /// Mode of `do` and `chat` turns when `--mode` is not given (else `do` for do, `chat` for
+    /// chat). A client setting: the daemon does not use it.
+    #[arg(long, env = "OPTA_DEFAULT_MODE", global = true, value_parser = crate::do_cmd::parse_mode)]
+    pub default_mode: Option<opta_protocol::Mode>,
 }
 
 impl DaemonArgs {

@@ -37,9 +37,10 @@ pub struct DoArgs {
     /// Run in this session (created if missing) instead of a new one.
     #[arg(long)]
     session: Option<String>,
-    /// Agent mode.
-    #[arg(long, default_value = "do", value_parser = parse_mode)]
-    mode: Mode,
+    /// Agent mode: chat, do, plan, review, research (default: the `default-mode` setting, else
+    /// do).
+    #[arg(long, value_parser = parse_mode)]
+    mode: Option<Mode>,
     /// Show the model's reasoning (dimmed, on stderr).
     #[arg(long)]
     thinking: bool,
@@ -96,7 +97,7 @@ pub async fn run(args: DoArgs, home: &Path, daemon: &DaemonArgs) -> Result<ExitC
                     CLIENT_ID,
                     format!("{CLIENT_ID}-{}", std::process::id()),
                     task,
-                    args.mode,
+                    args.mode.or(daemon.default_mode).unwrap_or(Mode::Do),
                 )
             },
         )

@@ -1369,3 +1369,49 @@ async fn chat_permission_prompts_show_the_diff_and_read_a_fresh_answer() {
     let show: Value = serde_json::from_slice(&show.stdout).unwrap();
     assert_eq!(show["grants"], json!(["write_file"]), "{show}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_mode_setting_applies_to_do_and_tool_lines_show_the_outcome() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let home = Home::new(&lmx.url());
+    let bad = home.opta(&["config", "set", "default-mode", "yolo"]).await;
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(
+        text(&bad.stderr).contains("config key default-mode"),
+        "{}",
+        text(&bad.stderr)
+    );
+    let set = home.opta(&["config", "set", "default-mode", "plan"]).await;
+    assert!(set.status.success(), "{}", text(&set.stderr));
+    lmx.push(Reply::tool_call(
+        "write_file",
+        json!({"path": "never.txt", "content": "x"}),
+    ));
+    lmx.push(Reply::chunks(["The plan: write never.txt."]));
+    let out = home.opta(&["do", "write never.txt"]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("→ write_file never.txt"), "{stderr}");
+    assert!(stderr.contains("✗ write_file"), "{stderr}");
+    assert!(stderr.contains("denied in plan mode"), "{stderr}");
+    assert!(!std::path::Path::new("never.txt").exists());
+    assert_eq!(text(&out.stdout), "The plan: write never.txt.\n");
+    // A flag wins over the setting.
+    let turn = lmx.requests().last().cloned().unwrap();
+    assert!(
+        turn["messages"][0]["content"]
+            .as_str()
+            .unwrap()
+            .contains("Mode: plan")
+    );
+    lmx.push(Reply::chunks(["chatting"]));
+    let out = home.opta(&["do", "--mode", "chat", "hi"]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let turn = lmx.requests().last().cloned().unwrap();
+    assert!(
+        turn["messages"][0]["content"]
+            .as_str()
+            .unwrap()
+            .contains("Mode: chat")
+    );
+}
