@@ -10,6 +10,10 @@
 //! and then answers, against plain turns, alternating on one session; also the call's own
 //! time (`tool.start` → `tool.end`) and `tool.end` → the next round's first token.
 //!
+//! `memory`: RSS idle, after 1,000 sessions that each had a subscriber and a turn, after
+//! their eviction, and per idle WebSocket subscriber. In process: the figures include the
+//! scripted server and the benchmark's own client sockets (an upper bound for the daemon).
+//!
 //! `soak`: many rounds of a session's whole life with clients that misbehave (vanish
 //! mid-turn, send bad input), reporting the process's memory, file descriptors and threads
 //! after a warm-up and at the end, and what the daemon still holds: leaks show as growth.
@@ -67,6 +71,16 @@ enum Bench {
         #[arg(long, default_value_t = 20)]
         warmup: usize,
     },
+    /// Memory: RSS idle, after sessions that each had a WebSocket subscriber and a turn (the
+    /// subscribers closed), after those sessions were evicted, and per idle subscriber.
+    Memory {
+        /// Sessions, each with a subscriber and one turn.
+        #[arg(long, default_value_t = 1000)]
+        sessions: usize,
+        /// Idle WebSocket subscribers on one session.
+        #[arg(long, default_value_t = 2000)]
+        subscribers: usize,
+    },
     /// Round trip of one event commit through the store's writer thread.
     Store {
         /// fsync every commit (the daemon's `--sync-commits`).
@@ -92,6 +106,10 @@ fn main() -> Result<()> {
         } => store(commits, sync_commits),
         Bench::Soak { rounds, warmup } => soak(rounds, warmup),
         Bench::Tools { turns, warmup } => tools(turns, warmup),
+        Bench::Memory {
+            sessions,
+            subscribers,
+        } => memory(sessions, subscribers),
     }
 }
 
@@ -161,6 +179,10 @@ struct Rig {
 
 impl Rig {
     fn start(store: StoreOptions) -> Result<Self> {
+        Self::start_with(store, |_| {})
+    }
+
+    fn start_with(store: StoreOptions, configure: fn(&mut DaemonConfig)) -> Result<Self> {
         let server_rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -173,6 +195,7 @@ impl Rig {
             config.lmx_url = lmx.url();
             config.token = Some(TOKEN.into());
             config.store = store;
+            configure(&mut config);
             let daemon = RunningDaemon::start(config).await?;
             anyhow::Ok((lmx, daemon))
         })?;
@@ -349,7 +372,11 @@ async fn connect_ws(base: &str, session: &str, after_seq: u64) -> Result<WsStrea
         "{}/v3/ws?sessionId={session}&afterSeq={after_seq}&token={TOKEN}",
         base.replacen("http://", "ws://", 1)
     );
-    let (ws, _) = tokio_tungstenite::connect_async_with_config(&url, None, true).await?;
+    // A small read buffer: the benchmark's own subscribers share the process whose memory
+    // `memory` measures.
+    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(4 * 1024);
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(&url, Some(config), true).await?;
     Ok(ws)
 }
 
@@ -600,4 +627,107 @@ async fn measure_tools(
         "addedPerToolRoundP50Ms": (added * 1000.0).round() / 1000.0,
         "lmxChatRequests": rig.lmx.chat_requests(),
     }))
+}
+
+/// Idle sessions leave memory after this long in `memory` (the scan runs every second).
+const MEMORY_IDLE: Duration = Duration::from_secs(5);
+
+fn memory(sessions: usize, subscribers: usize) -> Result<()> {
+    let rig = Rig::start_with(StoreOptions::default(), |c| {
+        c.limits.idle_eviction = MEMORY_IDLE;
+        c.limits.eviction_interval = Duration::from_secs(1);
+    })?;
+    let result = rig.client_rt.block_on(async {
+        let base = rig.base.as_str();
+        let http = reqwest::Client::new();
+        let rss = || -> Result<f64> {
+            resources()?["rssKib"]
+                .as_f64()
+                .context("VmRSS in /proc/self/status")
+        };
+        let idle = rss()?;
+        for i in 0..sessions {
+            let session =
+                create_session(&http, base, json!({"sessionId": format!("mem-{i}")})).await?;
+            let mut ws = connect_ws(base, &session, 0).await?;
+            let resp = http
+                .post(format!("{base}/v3/sessions/{session}/turns"))
+                .bearer_auth(TOKEN)
+                .json(&json!({"clientId": "bench", "writerId": "bench",
+                    "content": "eight words to echo back in this turn", "mode": "chat"}))
+                .send()
+                .await?;
+            if resp.status().as_u16() != 202 {
+                bail!("submit answered {}", resp.status());
+            }
+            loop {
+                let Message::Text(text) = ws.next().await.context("ws closed")?? else {
+                    continue;
+                };
+                let v: Value = serde_json::from_str(text.as_str())?;
+                if v["event"] == "turn.done" {
+                    break;
+                }
+            }
+            ws.close(None).await?;
+        }
+        let runtime = |http: reqwest::Client| async move {
+            let m: Value = http
+                .get(format!("{base}/v3/metrics"))
+                .bearer_auth(TOKEN)
+                .send()
+                .await?
+                .json()
+                .await?;
+            anyhow::Ok(m["runtime"].clone())
+        };
+        // Subscribers gone (their channels with them), sessions still resident.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while runtime(http.clone()).await?["subscriberCount"] != 0 {
+            if Instant::now() > deadline {
+                bail!("subscribers did not close");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let resident = runtime(http.clone()).await?["sessionCount"].clone();
+        let after_turns = rss()?;
+        let deadline = Instant::now() + MEMORY_IDLE + Duration::from_secs(30);
+        while runtime(http.clone()).await?["sessionCount"] != 0 {
+            if Instant::now() > deadline {
+                bail!("sessions were not evicted");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let after_eviction = rss()?;
+        // Idle subscribers on one session.
+        let session = create_session(&http, base, json!({"sessionId": "mem-subscribed"})).await?;
+        let before_subscribers = rss()?;
+        let mut open = Vec::with_capacity(subscribers);
+        for _ in 0..subscribers {
+            open.push(connect_ws(base, &session, 0).await?);
+        }
+        // Every one is past its replay and waiting.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let with_subscribers = rss()?;
+        for mut ws in open {
+            let _ = ws.close(None).await;
+        }
+        let mib = |kib: f64| (kib / 1024.0 * 10.0).round() / 10.0;
+        let per = |kib: f64, n: usize| (kib / n.max(1) as f64 * 10.0).round() / 10.0;
+        anyhow::Ok(json!({
+            "benchmark": "memory",
+            "note": "RSS of the benchmark process: daemon, scripted server and the benchmark's own client sockets",
+            "sessions": sessions,
+            "residentAfterTurns": resident,
+            "rssIdleMib": mib(idle),
+            "rssAfterSubscribedTurnsMib": mib(after_turns),
+            "perSessionAfterTurnsKib": per(after_turns - idle, sessions),
+            "rssAfterEvictionMib": mib(after_eviction),
+            "subscribers": subscribers,
+            "perIdleSubscriberKib": per(with_subscribers - before_subscribers, subscribers),
+        }))
+    });
+    rig.stop()?;
+    println!("{}", serde_json::to_string_pretty(&result?)?);
+    Ok(())
 }

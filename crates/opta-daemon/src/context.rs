@@ -75,6 +75,7 @@ pub struct RuntimeCounters {
     queued_turns: AtomicUsize,
     subscribers: AtomicUsize,
     evictions: AtomicUsize,
+    channels: AtomicUsize,
 }
 
 /// Which counter to move.
@@ -90,6 +91,8 @@ pub enum Counter {
     Subscribers,
     /// Sessions evicted from memory since start.
     Evictions,
+    /// Sessions holding a broadcast channel (only those with live subscribers should).
+    Channels,
 }
 
 impl RuntimeCounters {
@@ -100,6 +103,7 @@ impl RuntimeCounters {
             Counter::QueuedTurns => &self.queued_turns,
             Counter::Subscribers => &self.subscribers,
             Counter::Evictions => &self.evictions,
+            Counter::Channels => &self.channels,
         }
     }
 
@@ -111,6 +115,11 @@ impl RuntimeCounters {
     /// Subtracts `n`.
     pub fn sub(&self, c: Counter, n: usize) {
         self.slot(c).fetch_sub(n, Ordering::Relaxed);
+    }
+
+    /// Sessions holding a broadcast channel now.
+    pub fn channels(&self) -> usize {
+        self.channels.load(Ordering::Relaxed)
     }
 
     /// A reading of all counters.

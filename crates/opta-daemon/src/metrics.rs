@@ -73,6 +73,7 @@ pub struct Metrics {
     sessions: Gauge,
     evicted: Gauge,
     subscribers: Gauge,
+    channels: Gauge,
     active_turns: Gauge,
     queued_turns: Gauge,
 }
@@ -95,6 +96,7 @@ impl Default for Metrics {
             sessions: Gauge::default(),
             evicted: Gauge::default(),
             subscribers: Gauge::default(),
+            channels: Gauge::default(),
             active_turns: Gauge::default(),
             queued_turns: Gauge::default(),
             registry: Registry::default(),
@@ -156,6 +158,11 @@ impl Default for Metrics {
             "Open event subscriptions",
             m.subscribers.clone(),
         );
+        registry.register(
+            "session_channels",
+            "Sessions holding a broadcast channel (those with live subscribers)",
+            m.channels.clone(),
+        );
         registry.register("turns_active", "Running turns", m.active_turns.clone());
         registry.register("turns_queued", "Queued turns", m.queued_turns.clone());
         Self {
@@ -185,6 +192,7 @@ impl Metrics {
         };
         set(&self.sessions, now.session_count);
         set(&self.subscribers, now.subscriber_count);
+        set(&self.channels, counters.channels());
         set(&self.active_turns, now.active_turn_count);
         set(&self.queued_turns, now.queued_turn_count);
         set(

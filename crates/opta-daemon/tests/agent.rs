@@ -206,6 +206,26 @@ async fn a_write_in_chat_asks_and_a_second_client_allows_it() {
         .await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
     assert_eq!(body["conflict"], true);
+    // The call and the decision are counted.
+    let metrics = d
+        .http
+        .get(format!("{}/metrics", d.base))
+        .bearer_auth(&d.token)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "opta_tool_calls_total{tool=\"write_file\",outcome=\"ok\"} 1",
+        "opta_permission_decisions_total{decision=\"allow\",decided_by=\"web-tab\"} 1",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "{line} not in\n{metrics}"
+        );
+    }
 }
 
 /// Waits for the next permission request and answers it over HTTP; returns its id.

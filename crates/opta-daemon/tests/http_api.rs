@@ -654,6 +654,7 @@ async fn prometheus_metrics_have_every_family_and_move_with_a_turn() {
         "opta_sessions_resident",
         "opta_sessions_evicted",
         "opta_subscribers",
+        "opta_session_channels",
         "opta_turns_active",
         "opta_turns_queued",
     ] {
@@ -708,4 +709,49 @@ async fn prometheus_metrics_have_every_family_and_move_with_a_turn() {
         .await
         .unwrap();
     assert_eq!(anonymous.status(), StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn a_sessions_channel_is_freed_as_soon_as_its_last_subscriber_leaves() {
+    let (_lmx, d) = daemon().await;
+    let channels = || async {
+        let text = d
+            .http
+            .get(format!("{}/metrics", d.base))
+            .bearer_auth(&d.token)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find(|l| l.starts_with("opta_session_channels "))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap()
+    };
+    let s = d.create_session(None).await;
+    let mut ws = d.ws(&s, 0).await;
+    let mut sse = d.sse(&s, 0).await;
+    let t = d.submit(&s, "hello").await;
+    ws.envelopes_until(is_terminal_of(&t)).await;
+    sse.envelopes_until(is_terminal_of(&t)).await;
+    assert_eq!(channels().await, 1, "one channel while it has subscribers");
+    drop(sse);
+    ws.close().await;
+    // No further event comes to this session: the subscribers' leaving alone frees it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while channels().await != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the channel outlived its subscribers"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // A new subscriber gets a new one.
+    let mut ws = d.ws(&s, 0).await;
+    let t = d.submit(&s, "again").await;
+    ws.envelopes_until(is_terminal_of(&t)).await;
+    assert_eq!(channels().await, 1);
 }

@@ -55,8 +55,8 @@ pub async fn events(
     let ping = state.ctx.limits.keepalive;
     let connected = stream::once(async { Ok(Event::default().comment("connected")) });
     let replay = stream::iter(feed.replay.into_iter().map(|f| Ok(sse_event(&f))));
-    let live_state = (feed.receiver, feed.current_seq, feed.guard);
-    let live = stream::unfold(live_state, move |(mut receiver, last, guard)| {
+    let live_state = (feed.live, feed.current_seq);
+    let live = stream::unfold(live_state, move |(mut receiver, last)| {
         let shutdown = shutdown.clone();
         async move {
             loop {
@@ -68,7 +68,7 @@ pub async fn events(
                     Ok(frame) if frame.seq <= last => continue,
                     Ok(frame) => {
                         let event = sse_event(&frame);
-                        return Some((Ok(event), (receiver, frame.seq, guard)));
+                        return Some((Ok(event), (receiver, frame.seq)));
                     }
                     // Too slow: end the stream; the client reconnects with Last-Event-ID.
                     Err(RecvError::Lagged(_)) | Err(RecvError::Closed) => return None,

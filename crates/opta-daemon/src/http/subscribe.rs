@@ -10,19 +10,44 @@ use crate::context::{Counter, DaemonContext};
 use crate::error::{Error, Result};
 use crate::session::{Frame, SessionHandle};
 
-/// Counts an open subscription for as long as it lives.
-pub struct SubscriberGuard(Arc<DaemonContext>);
+/// The live half of a subscription. It counts as a subscriber while it lives; when it goes,
+/// its receiver goes first and then its session hears of it, so a session whose last
+/// subscriber left frees its broadcast channel at once (not at its next event, which may never
+/// come).
+pub struct LiveFeed {
+    receiver: Option<broadcast::Receiver<Frame>>,
+    handle: SessionHandle,
+    ctx: Arc<DaemonContext>,
+}
 
-impl SubscriberGuard {
-    fn new(ctx: Arc<DaemonContext>) -> Self {
+impl LiveFeed {
+    fn new(
+        receiver: broadcast::Receiver<Frame>,
+        handle: SessionHandle,
+        ctx: Arc<DaemonContext>,
+    ) -> Self {
         ctx.counters.add(Counter::Subscribers, 1);
-        Self(ctx)
+        Self {
+            receiver: Some(receiver),
+            handle,
+            ctx,
+        }
+    }
+
+    /// The next live frame.
+    pub async fn recv(&mut self) -> Result<Frame, broadcast::error::RecvError> {
+        match &mut self.receiver {
+            Some(receiver) => receiver.recv().await,
+            None => Err(broadcast::error::RecvError::Closed),
+        }
     }
 }
 
-impl Drop for SubscriberGuard {
+impl Drop for LiveFeed {
     fn drop(&mut self) {
-        self.0.counters.sub(Counter::Subscribers, 1);
+        drop(self.receiver.take());
+        self.ctx.counters.sub(Counter::Subscribers, 1);
+        self.handle.subscriber_left();
     }
 }
 
@@ -31,9 +56,8 @@ impl Drop for SubscriberGuard {
 pub struct EventFeed {
     pub handle: SessionHandle,
     pub replay: Vec<Frame>,
-    pub receiver: broadcast::Receiver<Frame>,
+    pub live: LiveFeed,
     pub current_seq: Seq,
-    pub guard: SubscriberGuard,
 }
 
 /// Subscribes first and reads the store second: the actor commits before it broadcasts, so
@@ -55,10 +79,9 @@ pub async fn open_feed(state: &AppState, id: SessionId, after_seq: Seq) -> Resul
         Vec::new()
     };
     Ok(EventFeed {
+        live: LiveFeed::new(subscription.receiver, handle.clone(), state.ctx.clone()),
         handle,
         replay,
-        receiver: subscription.receiver,
         current_seq: subscription.current_seq,
-        guard: SubscriberGuard::new(state.ctx.clone()),
     })
 }

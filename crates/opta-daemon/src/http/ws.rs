@@ -51,8 +51,15 @@ pub async fn connect(
         .unwrap_or_default();
     upgrade
         .max_message_size(BODY_LIMIT)
+        // Sized for what a subscriber sends (small JSON frames; a larger one grows it): the
+        // default 128 KiB read buffer was allocated per connection and made an idle
+        // subscriber cost ~137 KB.
+        .read_buffer_size(WS_READ_BUFFER)
         .on_upgrade(move |socket| serve_socket(socket, state, params, authorised))
 }
+
+/// Initial read buffer of one WebSocket connection.
+const WS_READ_BUFFER: usize = 4 * 1024;
 
 async fn serve_socket(
     socket: WebSocket,
@@ -87,9 +94,8 @@ async fn serve_socket(
     let EventFeed {
         handle,
         replay,
-        mut receiver,
+        live: mut receiver,
         current_seq,
-        guard: _guard,
     } = feed;
     // A client claiming a seq beyond the session's (say, of a deleted and re-created
     // session) gets everything live rather than nothing.

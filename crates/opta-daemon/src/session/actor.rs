@@ -246,7 +246,10 @@ impl SessionActor {
     }
 
     async fn handle(&mut self, command: SessionCommand) -> ControlFlow<()> {
-        if !matches!(command, SessionCommand::Evict { .. }) {
+        if !matches!(
+            command,
+            SessionCommand::Evict { .. } | SessionCommand::SubscriberLeft
+        ) {
             self.touched.fetch_max(self.ctx.now_ms(), Ordering::Relaxed);
         }
         match command {
@@ -272,6 +275,9 @@ impl SessionActor {
             }
             SessionCommand::Subscribe { reply } => {
                 let capacity = self.ctx.limits.subscriber_buffer;
+                if self.events.is_none() {
+                    self.ctx.counters.add(Counter::Channels, 1);
+                }
                 let sender = self
                     .events
                     .get_or_insert_with(|| broadcast::channel(capacity).0);
@@ -279,6 +285,11 @@ impl SessionActor {
                     receiver: sender.subscribe(),
                     current_seq: self.seq,
                 });
+            }
+            SessionCommand::SubscriberLeft => {
+                if self.subscribers() == 0 {
+                    self.drop_channel();
+                }
             }
             SessionCommand::Snapshot { reply } => {
                 let _ = reply.send(self.snapshot());
@@ -366,13 +377,20 @@ impl SessionActor {
         self.seq = seq;
         if self.subscribers() == 0 {
             // The last subscriber left: free the channel (the events are stored and replay).
-            self.events = None;
+            self.drop_channel();
         } else if let Some(sender) = &self.events {
             for frame in frames {
                 let _ = sender.send(frame);
             }
         }
         Ok(())
+    }
+
+    /// Frees the broadcast channel (its ring of frames) if there is one.
+    fn drop_channel(&mut self) {
+        if self.events.take().is_some() {
+            self.ctx.counters.sub(Counter::Channels, 1);
+        }
     }
 
     fn subscribers(&self) -> usize {
@@ -1616,6 +1634,7 @@ impl Drop for SessionActor {
         self.ctx
             .counters
             .sub(Counter::QueuedTurns, self.queue.len());
+        self.drop_channel();
         self.ctx.counters.sub(Counter::Sessions, 1);
     }
 }

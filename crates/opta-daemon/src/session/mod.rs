@@ -87,6 +87,8 @@ pub(crate) enum SessionCommand {
     Shutdown {
         reply: oneshot::Sender<()>,
     },
+    /// A subscriber went away: free the broadcast channel if it was the last.
+    SubscriberLeft,
     /// Leave memory if idle since `idle_since_ms`; answers whether it did.
     Evict {
         idle_since_ms: u64,
@@ -200,6 +202,12 @@ impl SessionHandle {
 
     pub(crate) async fn delete(&self) -> Result<()> {
         self.ask(|reply| SessionCommand::Delete { reply }).await?
+    }
+
+    /// Tells the actor a subscriber left (best effort: with a full queue, the actor frees
+    /// the channel at its next event instead).
+    pub(crate) fn subscriber_left(&self) {
+        let _ = self.commands.try_send(SessionCommand::SubscriberLeft);
     }
 
     /// True once the actor is gone.

@@ -58,6 +58,7 @@ impl Registry {
         let actor = RegistryActor {
             ctx,
             sessions: HashMap::new(),
+            trim_pending: false,
         };
         tokio::spawn(actor.run(rx));
         Self { commands }
@@ -104,6 +105,9 @@ impl Registry {
 struct RegistryActor {
     ctx: Arc<DaemonContext>,
     sessions: HashMap<SessionId, SessionHandle>,
+    /// Sessions were evicted at the last scan: their memory is handed back at this one (their
+    /// actors have exited by then).
+    trim_pending: bool,
 }
 
 impl RegistryActor {
@@ -161,12 +165,16 @@ impl RegistryActor {
         ) else {
             return;
         };
+        if std::mem::take(&mut self.trim_pending) {
+            return_freed_memory();
+        }
         let mut evicted = Vec::new();
         for (id, handle) in &self.sessions {
             if handle.evict_if_idle(idle_since_ms).await {
                 evicted.push(id.clone());
             }
         }
+        self.trim_pending = !evicted.is_empty();
         for id in evicted {
             tracing::debug!(session = %id, "idle session evicted from memory");
             self.sessions.remove(&id);
@@ -260,5 +268,17 @@ impl RegistryActor {
         let handle = SessionActor::spawn(self.ctx.clone(), loaded)?;
         self.sessions.insert(id, handle.clone());
         Ok(Opened::Created(handle))
+    }
+}
+
+/// Hands memory the allocator keeps after frees back to the system. glibc's malloc keeps
+/// freed pages of its arenas (measured: RSS stayed at its peak after 1,000 sessions were
+/// evicted); `malloc_trim` returns them. Elsewhere this does nothing.
+fn return_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks and shrinks the allocator's own arenas; it takes no
+    // pointers and is safe to call at any time from any thread.
+    unsafe {
+        nix::libc::malloc_trim(0);
     }
 }
