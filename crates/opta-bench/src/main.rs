@@ -290,14 +290,16 @@ fn soak(rounds: usize, warmup: usize) -> Result<()> {
     Ok(())
 }
 
+/// This process's resident memory in KiB.
+fn rss() -> Result<f64> {
+    resources()?["rssKib"]
+        .as_f64()
+        .context("VmRSS in /proc/self/status")
+}
+
 /// Memory each idle resident session costs: RSS growth over creating `n` sessions (each
 /// with its actor), in KiB per session. The sessions are deleted afterwards.
 async fn resident_session_cost(http: &reqwest::Client, base: &str, n: usize) -> Result<f64> {
-    let rss = || -> Result<f64> {
-        resources()?["rssKib"]
-            .as_f64()
-            .context("VmRSS in /proc/self/status")
-    };
     let before = rss()?;
     for i in 0..n {
         let created = http
@@ -640,11 +642,6 @@ fn memory(sessions: usize, subscribers: usize) -> Result<()> {
     let result = rig.client_rt.block_on(async {
         let base = rig.base.as_str();
         let http = reqwest::Client::new();
-        let rss = || -> Result<f64> {
-            resources()?["rssKib"]
-                .as_f64()
-                .context("VmRSS in /proc/self/status")
-        };
         let idle = rss()?;
         for i in 0..sessions {
             let session =

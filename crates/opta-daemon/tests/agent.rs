@@ -207,16 +207,7 @@ async fn a_write_in_chat_asks_and_a_second_client_allows_it() {
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
     assert_eq!(body["conflict"], true);
     // The call and the decision are counted.
-    let metrics = d
-        .http
-        .get(format!("{}/metrics", d.base))
-        .bearer_auth(&d.token)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = d.prometheus().await;
     for line in [
         "opta_tool_calls_total{tool=\"write_file\",outcome=\"ok\"} 1",
         "opta_permission_decisions_total{decision=\"allow\",decided_by=\"web-tab\"} 1",

@@ -715,16 +715,7 @@ async fn prometheus_metrics_have_every_family_and_move_with_a_turn() {
 async fn a_sessions_channel_is_freed_as_soon_as_its_last_subscriber_leaves() {
     let (_lmx, d) = daemon().await;
     let channels = || async {
-        let text = d
-            .http
-            .get(format!("{}/metrics", d.base))
-            .bearer_auth(&d.token)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = d.prometheus().await;
         text.lines()
             .find(|l| l.starts_with("opta_session_channels "))
             .and_then(|l| l.rsplit(' ').next())

@@ -156,6 +156,19 @@ impl TestDaemon {
         self.request(Method::POST, path, Some(body)).await
     }
 
+    /// The Prometheus text of `GET /metrics`.
+    pub async fn prometheus(&self) -> String {
+        let resp = self
+            .http
+            .get(format!("{}/metrics", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .expect("GET /metrics");
+        assert_eq!(resp.status(), StatusCode::OK, "GET /metrics");
+        resp.text().await.expect("metrics text")
+    }
+
     /// Creates a session (optionally with an id) and returns its id.
     pub async fn create_session(&self, id: Option<&str>) -> String {
         let body = match id {
