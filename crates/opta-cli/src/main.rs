@@ -10,6 +10,7 @@ macro_rules! outln {
     }};
 }
 
+mod bg_cmd;
 mod chat;
 mod config;
 mod daemon_cmd;
@@ -63,6 +64,11 @@ enum Command {
     Sessions {
         #[command(subcommand)]
         action: sessions_cmd::SessionsAction,
+    },
+    /// Background processes: list, start, logs [-f], kill.
+    Bg {
+        #[command(subcommand)]
+        action: bg_cmd::BgAction,
     },
     /// List, load, unload, download and delete models on the inference server.
     Models {
@@ -175,6 +181,7 @@ async fn run(mut cli: Cli, matches: &clap::ArgMatches) -> Result<ExitCode> {
         Command::Do(args) => do_cmd::run(args, &home, &cli.daemon).await,
         Command::Chat(args) => chat::run(args, &home, &cli.daemon).await,
         Command::Sessions { action } => sessions_cmd::sessions(action, &home, &cli.daemon).await,
+        Command::Bg { action } => bg_cmd::bg(action, &home, &cli.daemon).await,
         Command::Models { action, json } => {
             models_cmd::models(action, json, &home, &cli.daemon).await
         }

@@ -1415,3 +1415,61 @@ async fn the_default_mode_setting_applies_to_do_and_tool_lines_show_the_outcome(
             .contains("Mode: chat")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bg_starts_lists_follows_and_kills_background_processes() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let home = Home::new(&lmx.url());
+    let started = home
+        .opta(&[
+            "bg",
+            "start",
+            "--json",
+            "--label",
+            "greeter",
+            "echo hi; sleep 0.3; echo err >&2",
+        ])
+        .await;
+    assert!(started.status.success(), "{}", text(&started.stderr));
+    let process: Value = serde_json::from_slice(&started.stdout).unwrap();
+    let id = process["processId"].as_str().unwrap().to_owned();
+    let logs = home.opta(&["bg", "logs", "-f", &id]).await;
+    assert!(logs.status.success(), "{}", text(&logs.stderr));
+    assert_eq!(text(&logs.stdout), "hi\nerr\n");
+    assert!(
+        text(&logs.stderr).contains("completed (exit code 0)"),
+        "{}",
+        text(&logs.stderr)
+    );
+
+    let sleeper = home.opta(&["bg", "start", "--json", "sleep 60"]).await;
+    let sleeper: Value = serde_json::from_slice(&sleeper.stdout).unwrap();
+    let sleeper_id = sleeper["processId"].as_str().unwrap().to_owned();
+    let list = home.opta(&["bg", "list"]).await;
+    let list = text(&list.stdout);
+    assert!(
+        list.contains("greeter") && list.contains("completed"),
+        "{list}"
+    );
+    assert!(
+        list.contains(&sleeper_id) && list.contains("running"),
+        "{list}"
+    );
+    let killed = home.opta(&["bg", "kill", &sleeper_id]).await;
+    assert_eq!(
+        text(&killed.stdout),
+        format!("sent SIGTERM to {sleeper_id}\n")
+    );
+    let again = home.opta(&["bg", "kill", "--signal", "kill", &id]).await;
+    assert_eq!(
+        text(&again.stdout),
+        format!("{id} is not running (completed)\n")
+    );
+    let missing = home.opta(&["bg", "logs", "proc_missing"]).await;
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(
+        text(&missing.stderr).contains("not found"),
+        "{}",
+        text(&missing.stderr)
+    );
+}

@@ -319,6 +319,90 @@ impl DaemonClient {
         self.post(&path, request).await
     }
 
+    /// `DELETE /v3/sessions/:id/grants`: revokes `grant`, or every grant; the grants left.
+    pub async fn revoke_grants(&self, id: &SessionId, grant: Option<&str>) -> Result<Vec<String>> {
+        let query = grant
+            .map(|g| {
+                format!(
+                    "?grant={}",
+                    opta_protocol::path_escape(g).replace('/', "%2F")
+                )
+            })
+            .unwrap_or_default();
+        let answer: opta_protocol::GrantsResponse = self
+            .send(
+                Method::DELETE,
+                &format!("/v3/sessions/{id}/grants{query}"),
+                None::<&Value>,
+            )
+            .await?;
+        Ok(answer.grants)
+    }
+
+    /// `GET /v3/background`: processes of `session`, or all.
+    pub async fn background_list(
+        &self,
+        session: Option<&SessionId>,
+    ) -> Result<Vec<opta_protocol::BackgroundProcess>> {
+        let query = session
+            .map(|s| format!("?sessionId={s}"))
+            .unwrap_or_default();
+        let answer: opta_protocol::BackgroundListResponse =
+            self.get(&format!("/v3/background{query}")).await?;
+        Ok(answer.processes)
+    }
+
+    /// `POST /v3/background/start`.
+    pub async fn background_start(
+        &self,
+        request: &opta_protocol::StartBackgroundRequest,
+    ) -> Result<opta_protocol::BackgroundProcess> {
+        let answer: opta_protocol::BackgroundProcessResponse =
+            self.post("/v3/background/start", request).await?;
+        Ok(answer.process)
+    }
+
+    /// `GET /v3/background/:pid/status`.
+    pub async fn background_status(
+        &self,
+        process_id: &str,
+    ) -> Result<opta_protocol::BackgroundProcess> {
+        let path = format!(
+            "/v3/background/{}/status",
+            opta_protocol::path_escape(process_id).replace('/', "%2F")
+        );
+        let answer: opta_protocol::BackgroundProcessResponse = self.get(&path).await?;
+        Ok(answer.process)
+    }
+
+    /// `GET /v3/background/:pid/output` after `after_seq` (up to `limit` chunks).
+    pub async fn background_output(
+        &self,
+        process_id: &str,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<opta_protocol::BackgroundOutputResponse> {
+        let path = format!(
+            "/v3/background/{}/output?afterSeq={after_seq}&limit={limit}",
+            opta_protocol::path_escape(process_id).replace('/', "%2F")
+        );
+        self.get(&path).await
+    }
+
+    /// `POST /v3/background/:pid/kill`.
+    pub async fn background_kill(
+        &self,
+        process_id: &str,
+        signal: Option<opta_protocol::KillSignal>,
+    ) -> Result<opta_protocol::KillBackgroundResponse> {
+        let path = format!(
+            "/v3/background/{}/kill",
+            opta_protocol::path_escape(process_id).replace('/', "%2F")
+        );
+        self.post(&path, &opta_protocol::KillBackgroundRequest { signal })
+            .await
+    }
+
     /// `GET /v3/lmx/status`.
     pub async fn lmx_status(&self) -> Result<LmxStatusResponse> {
         self.get("/v3/lmx/status").await

@@ -100,6 +100,7 @@ pub struct RunningDaemon {
     state_path: PathBuf,
     ctx: Arc<DaemonContext>,
     registry: Registry,
+    runner: crate::process::ProcessRunner,
     server: JoinHandle<()>,
     force: CancellationToken,
     _lock: File,
@@ -156,6 +157,7 @@ impl RunningDaemon {
             tool_support: crate::agent::ToolSupport::default(),
         });
         let registry = Registry::spawn(ctx.clone());
+        let runner = crate::process::ProcessRunner::spawn(ctx.clone());
         tokio::spawn(sweep_deltas_periodically(ctx.clone()));
         for id in ctx.store.sessions_with_open_turns().await? {
             match opta_protocol::SessionId::parse(&id) {
@@ -190,6 +192,7 @@ impl RunningDaemon {
         let app = router(AppState {
             ctx: ctx.clone(),
             registry: registry.clone(),
+            runner: runner.clone(),
             token,
         });
         let force = CancellationToken::new();
@@ -209,6 +212,7 @@ impl RunningDaemon {
             state_path,
             ctx,
             registry,
+            runner,
             server,
             force,
             _lock: lock,
@@ -244,6 +248,8 @@ impl RunningDaemon {
         if let Err(e) = self.server.await {
             tracing::error!(error = %e, "server task failed");
         }
+        // Background processes first: their ends are recorded in their sessions.
+        self.runner.shutdown().await;
         self.registry.shutdown().await;
         self.ctx.store.shutdown().await?;
         if let Err(e) = fs::remove_file(&self.state_path) {

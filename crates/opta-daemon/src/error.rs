@@ -25,6 +25,12 @@ pub enum Error {
     /// No permission request with that id in that session.
     #[error("Permission request not found: {0}")]
     PermissionNotFound(String),
+    /// No background process with that id (ended ones are kept 5 minutes).
+    #[error("Background process not found: {0}")]
+    ProcessNotFound(String),
+    /// The daemon-wide limit of running background processes is reached.
+    #[error("{0} background processes are already running (the limit); stop one first")]
+    ProcessLimit(usize),
     /// No session grant with that name.
     #[error("No grant {0:?} in this session")]
     GrantNotFound(String),

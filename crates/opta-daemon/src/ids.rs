@@ -27,6 +27,11 @@ pub fn new_permission_id() -> String {
     format!("perm_{}", random_url_safe(16))
 }
 
+/// `proc_` + 16 url-safe characters.
+pub fn new_process_id() -> String {
+    format!("proc_{}", random_url_safe(16))
+}
+
 /// `s_` + 16 url-safe characters; matches the session id pattern.
 pub fn new_session_id() -> String {
     format!("s_{}", random_url_safe(16))

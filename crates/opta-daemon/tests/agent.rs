@@ -39,11 +39,7 @@ async fn setup() -> (ScriptedLmx, TestDaemon, Dirs) {
 }
 
 async fn session_in(d: &TestDaemon, ws: &Path) -> String {
-    let (status, body) = d
-        .post("/v3/sessions", json!({"metadata": {"workspace": ws}}))
-        .await;
-    assert_eq!(status, StatusCode::CREATED, "{body}");
-    body["sessionId"].as_str().unwrap().to_owned()
+    d.create_session_in(ws).await
 }
 
 async fn submit(

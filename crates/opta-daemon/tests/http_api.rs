@@ -171,25 +171,22 @@ async fn unknown_routes_and_methods_are_json() {
         StatusCode::NOT_FOUND,
         "there is no v1 route: {body}"
     );
-    // The background routes of the contract say they are not available rather than 404.
+    // The background routes answer in JSON: an empty list, a 400 naming the missing field,
+    // 404 for a process that does not exist.
+    let (status, body) = d.get("/v3/background?sessionId=s1").await;
+    assert_eq!((status, body), (StatusCode::OK, json!({"processes": []})));
+    let (status, body) = d.post("/v3/background/start", json!({})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["details"][0]["path"], "sessionId", "{body}");
     for (method, path) in [
-        (Method::GET, "/v3/background?sessionId=s1"),
-        (Method::POST, "/v3/background/start"),
         (Method::GET, "/v3/background/4242/status?sessionId=s1"),
         (Method::GET, "/v3/background/4242/output"),
         (Method::POST, "/v3/background/4242/kill"),
     ] {
         let body = (method == Method::POST).then(|| json!({}));
         let (status, body) = d.request(method, path, body).await;
-        assert_eq!(
-            (status, body),
-            (
-                StatusCode::NOT_IMPLEMENTED,
-                json!({"error": "Background processes: not available in this version of the opta daemon",
-                    "code": "unsupported"})
-            ),
-            "{path}"
-        );
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}: {body}");
+        assert_eq!(body["code"], "process-not-found", "{path}: {body}");
     }
 }
 

@@ -350,3 +350,106 @@ pub struct DaemonState {
     /// Log file.
     pub logs_path: String,
 }
+
+/// `POST /v3/background/start`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StartBackgroundRequest {
+    /// The owning session; its workspace confines `cwd`.
+    pub session_id: SessionId,
+    /// The command line, run with `sh -c`.
+    pub command: String,
+    /// A name for people.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    /// Working directory inside the session's workspace (default: the workspace).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    /// Milliseconds before the process is stopped (default 300,000; 0 = none; at most 24 h).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+}
+
+/// One background process: the answer of start and status.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct BackgroundProcessResponse {
+    /// The process.
+    pub process: crate::events::BackgroundProcess,
+}
+
+/// `GET /v3/background`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct BackgroundListResponse {
+    /// Running and recently ended processes, oldest first.
+    pub processes: Vec<crate::events::BackgroundProcess>,
+}
+
+/// One piece of a background process's output.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct OutputChunk {
+    /// Position in the process's output (1, 2, ...; both streams share it).
+    pub seq: u64,
+    /// Which stream.
+    pub stream: crate::events::OutputStream,
+    /// The text (as read: UTF-8, invalid bytes replaced).
+    pub text: String,
+    /// When it was read.
+    pub ts: String,
+}
+
+/// `GET /v3/background/:pid/output`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackgroundOutputResponse {
+    /// The process.
+    pub process: crate::events::BackgroundProcess,
+    /// Chunks after `afterSeq`, oldest first (older ones may have been dropped: the first
+    /// chunk's seq then jumps).
+    pub chunks: Vec<OutputChunk>,
+    /// The `afterSeq` to ask with next.
+    pub next_seq: u64,
+    /// More chunks wait after these.
+    pub has_more: bool,
+}
+
+/// `POST /v3/background/:pid/kill`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct KillBackgroundRequest {
+    /// `SIGTERM` (default), `SIGKILL` or `SIGINT`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<KillSignal>,
+}
+
+/// A signal a client may send to a background process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum KillSignal {
+    /// Ask it to stop (escalates to SIGKILL after 5 s).
+    #[serde(rename = "SIGTERM")]
+    Term,
+    /// Stop it now.
+    #[serde(rename = "SIGKILL")]
+    Kill,
+    /// Interrupt it, as Ctrl-C would (escalates to SIGKILL after 5 s).
+    #[serde(rename = "SIGINT")]
+    Int,
+}
+
+impl KillSignal {
+    /// The signal's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KillSignal::Term => "SIGTERM",
+            KillSignal::Kill => "SIGKILL",
+            KillSignal::Int => "SIGINT",
+        }
+    }
+}
+
+/// Answer of a kill.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct KillBackgroundResponse {
+    /// True when the process was running and got the signal.
+    pub killed: bool,
+    /// The process.
+    pub process: crate::events::BackgroundProcess,
+}

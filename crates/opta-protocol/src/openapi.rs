@@ -297,54 +297,68 @@ impl Doc {
     }
 
     fn background(&mut self) {
-        let unavailable = || {
-            Answer::Other(
-                501,
-                json!({
-            "description": "background processes are not available in this version",
-            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}}),
-            )
-        };
         let session = ("sessionId", "the owning session", json!({"type": "string"}));
+        let list = self.schema::<BackgroundListResponse>();
         self.route(
             "get",
             "/v3/background",
-            "Background processes (not available yet)",
+            "Background processes (running, and ended in the last 5 minutes), oldest first",
             None,
             std::slice::from_ref(&session),
-            unavailable(),
+            Answer::Json(200, list),
         );
+        let start = self.schema::<StartBackgroundRequest>();
+        let one = self.schema::<BackgroundProcessResponse>();
         self.route(
             "post",
             "/v3/background/start",
-            "Start a background process (not available yet)",
-            None,
+            "Start a background process (`sh -c`, own process group, cwd inside the session's workspace); 409 `process-limit` when 5 run",
+            Some(start),
             &[],
-            unavailable(),
+            Answer::Json(201, one.clone()),
         );
         self.route(
             "get",
             "/v3/background/{pid}/status",
-            "A background process (not available yet)",
+            "A background process (`pid` is the daemon's processId)",
             None,
             &[session],
-            unavailable(),
+            Answer::Json(200, one),
         );
+        let output = self.schema::<BackgroundOutputResponse>();
         self.route(
             "get",
             "/v3/background/{pid}/output",
-            "A background process's output (not available yet)",
+            "A background process's output after `afterSeq` (the last 1 MiB is kept)",
             None,
-            &[],
-            unavailable(),
+            &[
+                (
+                    "afterSeq",
+                    "chunks with a greater seq",
+                    json!({"type": "integer", "minimum": 0, "default": 0}),
+                ),
+                (
+                    "limit",
+                    "at most this many chunks",
+                    json!({"type": "integer", "minimum": 1, "maximum": 500, "default": 200}),
+                ),
+                (
+                    "stream",
+                    "which stream",
+                    json!({"type": "string", "enum": ["both", "stdout", "stderr"], "default": "both"}),
+                ),
+            ],
+            Answer::Json(200, output),
         );
+        let kill = self.schema::<KillBackgroundRequest>();
+        let killed = self.schema::<KillBackgroundResponse>();
         self.route(
             "post",
             "/v3/background/{pid}/kill",
-            "Stop a background process (not available yet)",
-            None,
+            "Signal a background process's group (SIGTERM or SIGINT escalate to SIGKILL after 5 s)",
+            Some(kill),
             &[],
-            unavailable(),
+            Answer::Json(200, killed),
         );
     }
 

@@ -183,6 +183,21 @@ impl TestDaemon {
             .to_owned()
     }
 
+    /// Creates a session whose workspace is `workspace` and returns its id.
+    pub async fn create_session_in(&self, workspace: &std::path::Path) -> String {
+        let (status, snapshot) = self
+            .post(
+                "/v3/sessions",
+                json!({"metadata": {"workspace": workspace}}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "create session: {snapshot}");
+        snapshot["sessionId"]
+            .as_str()
+            .expect("sessionId")
+            .to_owned()
+    }
+
     /// Submits a chat turn for writer `w1` and returns its turn id.
     pub async fn submit(&self, session: &str, content: &str) -> String {
         self.submit_as(session, "w1", content).await

@@ -18,6 +18,8 @@ impl Error {
             Error::SessionNotFound(_) => (StatusCode::NOT_FOUND, "session-not-found"),
             Error::PermissionNotFound(_) => (StatusCode::NOT_FOUND, "permission-not-found"),
             Error::GrantNotFound(_) => (StatusCode::NOT_FOUND, "grant-not-found"),
+            Error::ProcessNotFound(_) => (StatusCode::NOT_FOUND, "process-not-found"),
+            Error::ProcessLimit(_) => (StatusCode::CONFLICT, "process-limit"),
             Error::RouteNotFound(_) => (StatusCode::NOT_FOUND, "not-found"),
             Error::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed"),
             Error::StateConflict { .. } => (StatusCode::CONFLICT, "state-conflict"),

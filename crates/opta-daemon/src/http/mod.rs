@@ -1,6 +1,7 @@
 //! The HTTP edge: router, middleware, and the WebSocket and SSE planes.
 
 mod auth;
+mod background;
 mod cors;
 mod error;
 mod extract;
@@ -33,6 +34,8 @@ pub struct AppState {
     pub ctx: Arc<DaemonContext>,
     /// The session registry.
     pub registry: Registry,
+    /// The background process runner.
+    pub runner: crate::process::ProcessRunner,
     /// The auth token.
     pub token: Arc<str>,
 }
@@ -62,20 +65,11 @@ pub fn router(state: AppState) -> Router {
         .route("/v3/sessions/{id}/grants", delete(routes::revoke_grants))
         .route("/v3/sse/events", get(sse::events))
         .route("/v3/ws", get(ws::connect))
-        .route("/v3/background", get(routes::background_unavailable))
-        .route("/v3/background/start", post(routes::background_unavailable))
-        .route(
-            "/v3/background/{pid}/status",
-            get(routes::background_unavailable),
-        )
-        .route(
-            "/v3/background/{pid}/output",
-            get(routes::background_unavailable),
-        )
-        .route(
-            "/v3/background/{pid}/kill",
-            post(routes::background_unavailable),
-        )
+        .route("/v3/background", get(background::list))
+        .route("/v3/background/start", post(background::start))
+        .route("/v3/background/{pid}/status", get(background::status))
+        .route("/v3/background/{pid}/output", get(background::output))
+        .route("/v3/background/{pid}/kill", post(background::kill))
         .route("/v3/lmx/status", get(lmx::status))
         .route("/v3/lmx/models", get(lmx::models))
         .route("/v3/lmx/memory", get(lmx::memory))

@@ -305,12 +305,6 @@ pub async fn revoke_grants(
     Ok(Json(opta_protocol::GrantsResponse { grants }))
 }
 
-/// The `/v3/background` routes of the contract: background processes come with the agent's
-/// tools, so until then each answers 501 rather than a misleading 404.
-pub async fn background_unavailable() -> Error {
-    Error::NotImplemented("Background processes")
-}
-
 pub async fn not_found(uri: Uri) -> Error {
     Error::RouteNotFound(uri.path().to_owned())
 }

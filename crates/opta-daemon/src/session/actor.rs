@@ -146,6 +146,8 @@ pub(crate) struct SessionActor {
     decided: VecDeque<String>,
     /// The agent's memory of reads; lent to the running turn.
     memory: Option<FileMemory>,
+    /// Background processes of this session still running (it is not evicted meanwhile).
+    processes: HashSet<String>,
 }
 
 impl SessionActor {
@@ -193,6 +195,7 @@ impl SessionActor {
             grants,
             decided: VecDeque::new(),
             memory: Some(FileMemory::default()),
+            processes: HashSet::new(),
             ctx: ctx.clone(),
         };
         ctx.counters.add(Counter::Sessions, 1);
@@ -286,6 +289,23 @@ impl SessionActor {
                     current_seq: self.seq,
                 });
             }
+            SessionCommand::Background {
+                event,
+                process,
+                reply,
+            } => {
+                if let Some((id, running)) = process {
+                    if running {
+                        self.processes.insert(id);
+                    } else {
+                        self.processes.remove(&id);
+                    }
+                }
+                let _ = reply.send(self.emit(&[*event], Vec::new()).await);
+            }
+            SessionCommand::Workspace { reply } => {
+                let _ = reply.send(self.workspace());
+            }
             SessionCommand::SubscriberLeft => {
                 if self.subscribers() == 0 {
                     self.drop_channel();
@@ -323,6 +343,7 @@ impl SessionActor {
                 reply,
             } => {
                 let idle = self.active.is_none()
+                    && self.processes.is_empty()
                     && self.queue.is_empty()
                     && self.owed.is_none()
                     && self.subscribers() == 0

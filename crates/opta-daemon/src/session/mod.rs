@@ -87,6 +87,16 @@ pub(crate) enum SessionCommand {
     Shutdown {
         reply: oneshot::Sender<()>,
     },
+    /// Emit a background process's event; `process` = (id, still running) for status events.
+    Background {
+        event: Box<opta_protocol::Event>,
+        process: Option<(String, bool)>,
+        reply: oneshot::Sender<Result<()>>,
+    },
+    /// The session's workspace.
+    Workspace {
+        reply: oneshot::Sender<Result<crate::agent::Workspace>>,
+    },
     /// A subscriber went away: free the broadcast channel if it was the last.
     SubscriberLeft,
     /// Leave memory if idle since `idle_since_ms`; answers whether it did.
@@ -202,6 +212,27 @@ impl SessionHandle {
 
     pub(crate) async fn delete(&self) -> Result<()> {
         self.ask(|reply| SessionCommand::Delete { reply }).await?
+    }
+
+    /// Records and broadcasts a background process's event (`process`: its id and whether it
+    /// still runs, for status events: a session with a running process is not evicted).
+    pub(crate) async fn background(
+        &self,
+        event: opta_protocol::Event,
+        process: Option<(String, bool)>,
+    ) -> Result<()> {
+        self.ask(|reply| SessionCommand::Background {
+            event: Box::new(event),
+            process,
+            reply,
+        })
+        .await?
+    }
+
+    /// The session's workspace (`metadata.workspace`, else the daemon's).
+    pub async fn workspace(&self) -> Result<crate::agent::Workspace> {
+        self.ask(|reply| SessionCommand::Workspace { reply })
+            .await?
     }
 
     /// Tells the actor a subscriber left (best effort: with a full queue, the actor frees

@@ -65,12 +65,7 @@ impl Registry {
     }
 
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> RegistryCommand) -> Result<T> {
-        let (reply, answer) = oneshot::channel();
-        self.commands
-            .send(make(reply))
-            .await
-            .map_err(|_| Error::ShuttingDown)?;
-        answer.await.map_err(|_| Error::ShuttingDown)
+        crate::actor::ask(&self.commands, make).await
     }
 
     /// Creates a session, or finds the existing one the request names.

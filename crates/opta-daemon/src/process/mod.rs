@@ -1,0 +1,364 @@
+//! Background processes: one runner, owned by the daemon, that starts commands in their own
+//! process groups, keeps their output (per process, capped), reports them to their session
+//! as `background.output` / `background.status` events, stops them on request, on timeout
+//! and at shutdown, and never leaves a group behind.
+//!
+//! The runner is an actor: it owns the table of processes. Each process also has a monitor
+//! task (`monitor.rs`) that owns the child: it reads its output, numbers the chunks, sends
+//! each to the runner (for the output route) and to the session (as an event, awaited, so a
+//! process's events are in order), handles kill and timeout escalation, and reports the end.
+
+mod monitor;
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use opta_protocol::{
+    BackgroundOutputResponse, BackgroundProcess, KillBackgroundResponse, KillSignal, OutputChunk,
+    OutputStream, ProcessState, SessionId,
+};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::context::DaemonContext;
+use crate::error::{Error, Result};
+use crate::session::SessionHandle;
+
+/// Running background processes allowed daemon-wide.
+pub const MAX_RUNNING: usize = 5;
+/// Output kept per process; the oldest chunks go first.
+pub const OUTPUT_CAP_BYTES: usize = 1024 * 1024;
+/// Timeout of a process started without one.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
+/// The longest timeout a process may have.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+/// How long an ended process stays readable.
+pub const KEEP_ENDED: Duration = Duration::from_secs(300);
+
+/// What to start.
+pub struct StartSpec {
+    /// The owning session (its events go there).
+    pub session: SessionHandle,
+    /// Its id.
+    pub session_id: SessionId,
+    /// `sh -c` command line.
+    pub command: String,
+    /// A name for people.
+    pub label: Option<String>,
+    /// The working directory, already confined to the workspace.
+    pub cwd: PathBuf,
+    /// `None`: no timeout.
+    pub timeout: Option<Duration>,
+}
+
+enum RunnerCommand {
+    Start {
+        spec: StartSpec,
+        reply: oneshot::Sender<Result<BackgroundProcess>>,
+    },
+    List {
+        session: Option<SessionId>,
+        reply: oneshot::Sender<Vec<BackgroundProcess>>,
+    },
+    Status {
+        id: String,
+        reply: oneshot::Sender<Result<BackgroundProcess>>,
+    },
+    Output {
+        id: String,
+        after: u64,
+        limit: usize,
+        stream: Option<OutputStream>,
+        reply: oneshot::Sender<Result<BackgroundOutputResponse>>,
+    },
+    Kill {
+        id: String,
+        signal: KillSignal,
+        reply: oneshot::Sender<Result<KillBackgroundResponse>>,
+    },
+    /// From a monitor: a chunk read.
+    Chunk {
+        id: String,
+        chunk: OutputChunk,
+    },
+    /// From a monitor: the process ended (its final record).
+    Ended {
+        process: BackgroundProcess,
+    },
+    Shutdown {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+/// Address of the runner; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct ProcessRunner {
+    commands: mpsc::Sender<RunnerCommand>,
+}
+
+struct Proc {
+    info: BackgroundProcess,
+    started: Instant,
+    ended: Option<Instant>,
+    chunks: VecDeque<OutputChunk>,
+    bytes: usize,
+    control: mpsc::Sender<KillSignal>,
+    monitor: tokio::task::JoinHandle<()>,
+}
+
+struct Runner {
+    ctx: Arc<DaemonContext>,
+    procs: HashMap<String, Proc>,
+    tx: mpsc::Sender<RunnerCommand>,
+}
+
+impl ProcessRunner {
+    /// Starts the runner.
+    pub fn spawn(ctx: Arc<DaemonContext>) -> Self {
+        let (tx, rx) = mpsc::channel(1024);
+        let runner = Runner {
+            ctx,
+            procs: HashMap::new(),
+            tx: tx.clone(),
+        };
+        tokio::spawn(runner.run(rx));
+        Self { commands: tx }
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> RunnerCommand) -> Result<T> {
+        crate::actor::ask(&self.commands, make).await
+    }
+
+    /// Starts a process; 409 when [`MAX_RUNNING`] already run.
+    pub async fn start(&self, spec: StartSpec) -> Result<BackgroundProcess> {
+        self.ask(|reply| RunnerCommand::Start { spec, reply })
+            .await?
+    }
+
+    /// Processes, of one session or all, oldest first.
+    pub async fn list(&self, session: Option<SessionId>) -> Result<Vec<BackgroundProcess>> {
+        self.ask(|reply| RunnerCommand::List { session, reply })
+            .await
+    }
+
+    /// One process.
+    pub async fn status(&self, id: String) -> Result<BackgroundProcess> {
+        self.ask(|reply| RunnerCommand::Status { id, reply })
+            .await?
+    }
+
+    /// Output chunks after `after`.
+    pub async fn output(
+        &self,
+        id: String,
+        after: u64,
+        limit: usize,
+        stream: Option<OutputStream>,
+    ) -> Result<BackgroundOutputResponse> {
+        self.ask(|reply| RunnerCommand::Output {
+            id,
+            after,
+            limit,
+            stream,
+            reply,
+        })
+        .await?
+    }
+
+    /// Sends `signal` to the process's group (escalating to SIGKILL after 5 s).
+    pub async fn kill(&self, id: String, signal: KillSignal) -> Result<KillBackgroundResponse> {
+        self.ask(|reply| RunnerCommand::Kill { id, signal, reply })
+            .await?
+    }
+
+    /// Stops every running process (SIGTERM, then SIGKILL) and waits for their ends to be
+    /// reported (bounded).
+    pub async fn shutdown(&self) {
+        let _ = self.ask(|reply| RunnerCommand::Shutdown { reply }).await;
+    }
+}
+
+impl Runner {
+    async fn run(mut self, mut commands: mpsc::Receiver<RunnerCommand>) {
+        let mut sweep = tokio::time::interval(Duration::from_secs(30));
+        loop {
+            let command = tokio::select! {
+                command = commands.recv() => match command {
+                    Some(c) => c,
+                    None => return,
+                },
+                _ = sweep.tick() => {
+                    self.procs.retain(|_, p| p.ended.is_none_or(|t| t.elapsed() < KEEP_ENDED));
+                    continue;
+                }
+            };
+            match command {
+                RunnerCommand::Start { spec, reply } => {
+                    let _ = reply.send(self.start(spec));
+                }
+                RunnerCommand::List { session, reply } => {
+                    let mut list: Vec<&Proc> = self
+                        .procs
+                        .values()
+                        .filter(|p| session.as_ref().is_none_or(|s| *s == p.info.session_id))
+                        .collect();
+                    list.sort_by_key(|p| p.started);
+                    let _ = reply.send(list.into_iter().map(Proc::now).collect());
+                }
+                RunnerCommand::Status { id, reply } => {
+                    let _ = reply.send(self.find(&id).map(Proc::now));
+                }
+                RunnerCommand::Output {
+                    id,
+                    after,
+                    limit,
+                    stream,
+                    reply,
+                } => {
+                    let _ = reply.send(self.find(&id).map(|p| p.output(after, limit, stream)));
+                }
+                RunnerCommand::Kill { id, signal, reply } => {
+                    let answer = match self.find(&id) {
+                        Ok(p) => {
+                            let running = p.info.state == ProcessState::Running;
+                            let killed = running && p.control.try_send(signal).is_ok();
+                            Ok(KillBackgroundResponse {
+                                killed,
+                                process: p.now(),
+                            })
+                        }
+                        Err(e) => Err(e),
+                    };
+                    let _ = reply.send(answer);
+                }
+                RunnerCommand::Chunk { id, chunk } => {
+                    if let Some(p) = self.procs.get_mut(&id) {
+                        p.keep(chunk);
+                    }
+                }
+                RunnerCommand::Ended { process } => {
+                    if let Some(p) = self.procs.get_mut(&process.process_id) {
+                        p.info = process;
+                        p.ended = Some(Instant::now());
+                    }
+                }
+                RunnerCommand::Shutdown { reply } => {
+                    self.shutdown(&mut commands).await;
+                    let _ = reply.send(());
+                    return;
+                }
+            }
+        }
+    }
+
+    fn find(&self, id: &str) -> Result<&Proc> {
+        self.procs
+            .get(id)
+            .ok_or_else(|| Error::ProcessNotFound(id.to_owned()))
+    }
+
+    fn start(&mut self, spec: StartSpec) -> Result<BackgroundProcess> {
+        let running = self
+            .procs
+            .values()
+            .filter(|p| p.info.state == ProcessState::Running)
+            .count();
+        if running >= MAX_RUNNING {
+            return Err(Error::ProcessLimit(MAX_RUNNING));
+        }
+        let id = crate::ids::new_process_id();
+        let started = monitor::spawn(&id, &spec, self.tx.clone(), &self.ctx)?;
+        let info = started.info.clone();
+        self.procs.insert(
+            id,
+            Proc {
+                info: started.info,
+                started: Instant::now(),
+                ended: None,
+                chunks: VecDeque::new(),
+                bytes: 0,
+                control: started.control,
+                monitor: started.monitor,
+            },
+        );
+        Ok(info)
+    }
+
+    /// Terminates every running group, then waits (bounded) for the monitors to report.
+    async fn shutdown(&mut self, commands: &mut mpsc::Receiver<RunnerCommand>) {
+        for p in self.procs.values() {
+            if p.info.state == ProcessState::Running {
+                let _ = p.control.try_send(KillSignal::Term);
+            }
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(8);
+        let mut monitors: Vec<_> = self
+            .procs
+            .values_mut()
+            .map(|p| std::mem::replace(&mut p.monitor, tokio::spawn(async {})))
+            .collect();
+        // Monitors send their chunks and ends here while they finish: keep taking them.
+        let all = futures_util::future::join_all(monitors.iter_mut());
+        tokio::pin!(all);
+        loop {
+            tokio::select! {
+                _ = &mut all => break,
+                command = commands.recv() => {
+                    if let Some(RunnerCommand::Ended { process }) = command
+                        && let Some(p) = self.procs.get_mut(&process.process_id)
+                    {
+                        p.info = process;
+                    }
+                }
+                () = tokio::time::sleep_until(deadline) => {
+                    tracing::warn!("background processes did not report their end in time");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+impl Proc {
+    /// The record with its runtime as of now.
+    fn now(&self) -> BackgroundProcess {
+        let mut info = self.info.clone();
+        if info.state == ProcessState::Running {
+            info.runtime_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        }
+        info
+    }
+
+    fn keep(&mut self, chunk: OutputChunk) {
+        self.bytes += chunk.text.len();
+        self.chunks.push_back(chunk);
+        while self.bytes > OUTPUT_CAP_BYTES {
+            match self.chunks.pop_front() {
+                Some(old) => self.bytes -= old.text.len(),
+                None => break,
+            }
+        }
+    }
+
+    fn output(
+        &self,
+        after: u64,
+        limit: usize,
+        stream: Option<OutputStream>,
+    ) -> BackgroundOutputResponse {
+        let mut matching = self
+            .chunks
+            .iter()
+            .filter(|c| c.seq > after && stream.is_none_or(|s| s == c.stream));
+        let chunks: Vec<OutputChunk> = matching.by_ref().take(limit).cloned().collect();
+        let has_more = matching.next().is_some();
+        let next_seq = chunks.last().map_or(after, |c| c.seq);
+        BackgroundOutputResponse {
+            process: self.now(),
+            chunks,
+            next_seq,
+            has_more,
+        }
+    }
+}

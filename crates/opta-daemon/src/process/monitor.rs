@@ -1,0 +1,271 @@
+//! One background process's monitor: it owns the child, reads its output, stops it on
+//! request or timeout (the whole group, escalating to SIGKILL), and reports every step.
+
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use opta_protocol::{
+    BackgroundOutput, BackgroundProcess, BackgroundStatus, Event, KillSignal, OutputChunk,
+    OutputStream, ProcessState,
+};
+use tokio::io::AsyncReadExt as _;
+use tokio::sync::mpsc;
+
+use super::{RunnerCommand, StartSpec};
+use crate::context::DaemonContext;
+use crate::error::{Error, Result};
+use crate::ids::now_iso;
+use crate::session::SessionHandle;
+
+/// After SIGTERM or SIGINT, the group gets this long before SIGKILL.
+const KILL_GRACE: Duration = Duration::from_secs(5);
+/// After a timeout's SIGTERM, the group gets this long before SIGKILL.
+const TIMEOUT_GRACE: Duration = Duration::from_secs(3);
+/// Bytes read at a time: one chunk (one event) per read.
+const READ_SIZE: usize = 8 * 1024;
+
+pub(super) struct Started {
+    pub info: BackgroundProcess,
+    pub control: mpsc::Sender<KillSignal>,
+    pub monitor: tokio::task::JoinHandle<()>,
+}
+
+/// Starts `sh -c` in its own process group and its monitor.
+pub(super) fn spawn(
+    id: &str,
+    spec: &StartSpec,
+    runner: mpsc::Sender<RunnerCommand>,
+    ctx: &Arc<DaemonContext>,
+) -> Result<Started> {
+    let mut command = tokio::process::Command::new("sh");
+    command
+        .arg("-c")
+        .arg(&spec.command)
+        .current_dir(&spec.cwd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    for name in &ctx.agent.command.env_remove {
+        command.env_remove(name);
+    }
+    let mut child = command
+        .spawn()
+        .map_err(|e| Error::Internal(format!("could not start sh: {e}")))?;
+    let pid = child.id().unwrap_or(0);
+    let info = BackgroundProcess {
+        process_id: id.to_owned(),
+        session_id: spec.session_id.clone(),
+        pid,
+        command: spec.command.clone(),
+        label: spec.label.clone(),
+        cwd: spec.cwd.display().to_string(),
+        state: ProcessState::Running,
+        exit_code: None,
+        started_at: now_iso(),
+        ended_at: None,
+        runtime_ms: 0,
+        timeout_ms: spec
+            .timeout
+            .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+    };
+    let (control, control_rx) = mpsc::channel(4);
+    let (chunks_tx, chunks) = mpsc::channel(64);
+    if let Some(out) = child.stdout.take() {
+        tokio::spawn(read_stream(out, OutputStream::Stdout, chunks_tx.clone()));
+    }
+    if let Some(err) = child.stderr.take() {
+        tokio::spawn(read_stream(err, OutputStream::Stderr, chunks_tx));
+    }
+    let monitor = Monitor {
+        info: info.clone(),
+        group: i32::try_from(pid)
+            .ok()
+            .filter(|p| *p > 0)
+            .map(Pid::from_raw),
+        session: spec.session.clone(),
+        runner,
+        seq: 0,
+        started: std::time::Instant::now(),
+    };
+    let task = tokio::spawn(monitor.run(child, chunks, control_rx, spec.timeout));
+    Ok(Started {
+        info,
+        control,
+        monitor: task,
+    })
+}
+
+async fn read_stream(
+    mut reader: impl tokio::io::AsyncRead + Unpin,
+    stream: OutputStream,
+    chunks: mpsc::Sender<(OutputStream, String)>,
+) {
+    let mut buf = vec![0u8; READ_SIZE];
+    loop {
+        match reader.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                if chunks.send((stream, text)).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+struct Monitor {
+    info: BackgroundProcess,
+    group: Option<Pid>,
+    session: SessionHandle,
+    runner: mpsc::Sender<RunnerCommand>,
+    seq: u64,
+    started: std::time::Instant,
+}
+
+/// Resolves at `at`; never without one.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Monitor {
+    fn signal(&self, signal: Signal) {
+        if let Some(group) = self.group {
+            let _ = killpg(group, signal);
+        }
+    }
+
+    async fn run(
+        mut self,
+        mut child: tokio::process::Child,
+        mut chunks: mpsc::Receiver<(OutputStream, String)>,
+        mut control: mpsc::Receiver<KillSignal>,
+        timeout: Option<Duration>,
+    ) {
+        self.status("started", None, None).await;
+        let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+        let mut ending: Option<(ProcessState, &'static str, String)> = None;
+        let mut escalate_at: Option<tokio::time::Instant> = None;
+        let mut reading = true;
+        let exit = loop {
+            tokio::select! {
+                biased;
+                chunk = chunks.recv(), if reading => match chunk {
+                    Some((stream, text)) => self.chunk(stream, text).await,
+                    None => reading = false,
+                },
+                status = child.wait() => break status.ok(),
+                Some(signal) = control.recv() => {
+                    let sig = match signal {
+                        KillSignal::Term => Signal::SIGTERM,
+                        KillSignal::Kill => Signal::SIGKILL,
+                        KillSignal::Int => Signal::SIGINT,
+                    };
+                    self.signal(sig);
+                    if ending.is_none() {
+                        ending = Some((ProcessState::Killed, "killed", signal.as_str().to_owned()));
+                    }
+                    if sig != Signal::SIGKILL && escalate_at.is_none() {
+                        escalate_at = Some(tokio::time::Instant::now() + KILL_GRACE);
+                    }
+                }
+                () = sleep_until(deadline), if ending.is_none() => {
+                    self.signal(Signal::SIGTERM);
+                    ending = Some((ProcessState::Timeout, "timeout", "SIGTERM".to_owned()));
+                    escalate_at = Some(tokio::time::Instant::now() + TIMEOUT_GRACE);
+                }
+                () = sleep_until(escalate_at) => {
+                    self.signal(Signal::SIGKILL);
+                    escalate_at = None;
+                    if let Some((_, _, signal)) = &mut ending {
+                        *signal = "SIGKILL".to_owned();
+                    }
+                }
+            }
+        };
+        // The process is gone; whatever it started in its group goes with it, and its output
+        // still in the pipes is read (bounded: a pipe held open elsewhere cannot stall us).
+        self.signal(Signal::SIGKILL);
+        let drain = async {
+            while let Some((stream, text)) = chunks.recv().await {
+                self.chunk(stream, text).await;
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
+        let code = exit.and_then(|s| s.code());
+        let (state, reason, signal) = match ending {
+            Some((state, reason, signal)) => (state, reason, Some(signal)),
+            None if exit.is_some_and(|s| s.success()) => (ProcessState::Completed, "exited", None),
+            None => (ProcessState::Failed, "exited", None),
+        };
+        self.info.state = state;
+        self.info.exit_code = code;
+        self.info.ended_at = Some(now_iso());
+        self.info.runtime_ms =
+            u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let _ = self
+            .runner
+            .send(RunnerCommand::Ended {
+                process: self.info.clone(),
+            })
+            .await;
+        self.status(reason, Some(ProcessState::Running), signal)
+            .await;
+    }
+
+    async fn chunk(&mut self, stream: OutputStream, text: String) {
+        self.seq += 1;
+        let ts = now_iso();
+        let _ = self
+            .runner
+            .send(RunnerCommand::Chunk {
+                id: self.info.process_id.clone(),
+                chunk: OutputChunk {
+                    seq: self.seq,
+                    stream,
+                    text: text.clone(),
+                    ts: ts.clone(),
+                },
+            })
+            .await;
+        let event = Event::BackgroundOutput(BackgroundOutput {
+            process_id: self.info.process_id.clone(),
+            session_id: self.info.session_id.clone(),
+            pid: self.info.pid,
+            seq: self.seq,
+            ts,
+            stream,
+            text,
+        });
+        if let Err(e) = self.session.background(event, None).await {
+            tracing::debug!(process = %self.info.process_id, error = %e, "output not recorded");
+        }
+    }
+
+    async fn status(
+        &mut self,
+        reason: &str,
+        previous: Option<ProcessState>,
+        signal: Option<String>,
+    ) {
+        let running = self.info.state == ProcessState::Running;
+        let event = Event::BackgroundStatus(BackgroundStatus {
+            process: self.info.clone(),
+            reason: reason.to_owned(),
+            previous_state: previous,
+            signal,
+        });
+        let process = (self.info.process_id.clone(), running);
+        if let Err(e) = self.session.background(event, Some(process)).await {
+            tracing::warn!(process = %self.info.process_id, error = %e, "status not recorded");
+        }
+    }
+}

@@ -1,0 +1,294 @@
+//! Background processes end to end: real processes started over HTTP, their output read by
+//! seq, limits, kill escalation, timeouts, shutdown, and their events in the session.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure report
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use opta_test_support::{ScriptedLmx, TestDaemon};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+async fn session_in(d: &TestDaemon, ws: &Path) -> String {
+    d.create_session_in(ws).await
+}
+
+async fn start(d: &TestDaemon, session: &str, command: &str, extra: Value) -> Value {
+    let mut body = json!({"sessionId": session, "command": command});
+    if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+        b.extend(e.clone());
+    }
+    let (status, answer) = d.post("/v3/background/start", body).await;
+    assert_eq!(status, StatusCode::CREATED, "{answer}");
+    answer["process"].clone()
+}
+
+/// Polls the process until `done` holds (bounded).
+async fn wait_for(d: &TestDaemon, id: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, body) = d.get(&format!("/v3/background/{id}/status")).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        if done(&body["process"]) {
+            return body["process"].clone();
+        }
+        assert!(Instant::now() < deadline, "never reached: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn group_alive(pgid: u64) -> bool {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(pgid).unwrap());
+    // Zombies (exited, not yet reaped by whoever inherited them) count as gone.
+    match nix::sys::signal::killpg(pid, None) {
+        Err(_) => false,
+        Ok(()) => std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
+            std::fs::read_to_string(e.path().join("stat")).is_ok_and(|stat| {
+                let fields: Vec<&str> = stat
+                    .rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .split_whitespace()
+                    .collect();
+                fields.first() != Some(&"Z") && fields.get(2) == Some(&pgid.to_string().as_str())
+            })
+        }),
+    }
+}
+
+#[tokio::test]
+async fn output_is_read_by_seq_across_both_streams_and_events_reach_the_session() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let d = TestDaemon::start(&lmx.url()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let s = session_in(&d, &dir.path().canonicalize().unwrap()).await;
+    let mut ws = d.ws(&s, u64::MAX).await;
+    let process = start(
+        &d,
+        &s,
+        "echo one; sleep 0.2; echo two >&2; sleep 0.2; echo three; exit 3",
+        json!({"label": "counter"}),
+    )
+    .await;
+    let id = process["processId"].as_str().unwrap().to_owned();
+    assert!(id.starts_with("proc_"));
+    assert_eq!(process["state"], "running");
+    assert_eq!(process["label"], "counter");
+    let (_, list) = d.get(&format!("/v3/background?sessionId={s}")).await;
+    assert_eq!(list["processes"][0]["processId"], id.as_str());
+
+    let ended = wait_for(&d, &id, |p| p["state"] != "running").await;
+    assert_eq!(ended["state"], "failed");
+    assert_eq!(ended["exitCode"], 3);
+    assert!(ended["endedAt"].is_string());
+
+    let (status, all) = d.get(&format!("/v3/background/{id}/output")).await;
+    assert_eq!(status, StatusCode::OK, "{all}");
+    let text: Vec<(&str, &str)> = all["chunks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["stream"].as_str().unwrap(), c["text"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        text,
+        [
+            ("stdout", "one\n"),
+            ("stderr", "two\n"),
+            ("stdout", "three\n")
+        ]
+    );
+    assert_eq!(all["nextSeq"], 3);
+    assert_eq!(all["hasMore"], false);
+    // Incrementally: after seq 1, one at a time, one stream.
+    let (_, page) = d
+        .get(&format!("/v3/background/{id}/output?afterSeq=1&limit=1"))
+        .await;
+    assert_eq!(page["chunks"][0]["seq"], 2);
+    assert_eq!(
+        (page["nextSeq"].as_u64(), page["hasMore"].as_bool()),
+        (Some(2), Some(true))
+    );
+    let (_, stdout) = d
+        .get(&format!("/v3/background/{id}/output?stream=stdout"))
+        .await;
+    assert_eq!(stdout["chunks"].as_array().unwrap().len(), 2);
+    let (status, _) = d.get(&format!("/v3/background/{id}/output?limit=0")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+
+    // The session saw it all as events, in order.
+    let events = ws
+        .envelopes_until(|e| {
+            e["event"] == "background.status" && e["payload"]["process"]["state"] != "running"
+        })
+        .await;
+    let names: Vec<&str> = events
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "background.status",
+            "background.output",
+            "background.output",
+            "background.output",
+            "background.status"
+        ]
+    );
+    assert_eq!(events[0]["payload"]["reason"], "started");
+    assert_eq!(events[4]["payload"]["previousState"], "running");
+    assert_eq!(events[2]["payload"]["stream"], "stderr");
+    let (status, _) = d.get("/v3/background/proc_nope/status").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn five_run_at_most_and_a_kill_escalates_and_leaves_no_process_of_the_group() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let d = TestDaemon::start(&lmx.url()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let s = session_in(&d, &dir.path().canonicalize().unwrap()).await;
+    // Each ignores SIGTERM (the disposition is inherited by its child too).
+    let stubborn = "trap '' TERM; sleep 60 & sleep 60; wait";
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        let p = start(&d, &s, stubborn, json!({})).await;
+        ids.push((
+            p["processId"].as_str().unwrap().to_owned(),
+            p["pid"].as_u64().unwrap(),
+        ));
+    }
+    let (status, body) = d
+        .post(
+            "/v3/background/start",
+            json!({"sessionId": s, "command": "true"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["code"], "process-limit");
+
+    let (id, pgid) = ids[0].clone();
+    let killed_at = Instant::now();
+    let (status, answer) = d
+        .post(&format!("/v3/background/{id}/kill"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["killed"], true);
+    let ended = wait_for(&d, &id, |p| p["state"] != "running").await;
+    assert_eq!(ended["state"], "killed");
+    let took = killed_at.elapsed();
+    assert!(
+        took >= Duration::from_secs(4),
+        "SIGTERM was ignored, so SIGKILL came after 5 s: {took:?}"
+    );
+    assert!(!group_alive(pgid), "the group survived the kill");
+    // A kill of an ended process changes nothing.
+    let (_, again) = d
+        .post(
+            &format!("/v3/background/{id}/kill"),
+            json!({"signal": "SIGKILL"}),
+        )
+        .await;
+    assert_eq!(again["killed"], false);
+    // SIGKILL at once for the rest.
+    for (id, pgid) in &ids[1..] {
+        d.post(
+            &format!("/v3/background/{id}/kill"),
+            json!({"signal": "SIGKILL"}),
+        )
+        .await;
+        wait_for(&d, id, |p| p["state"] == "killed").await;
+        assert!(!group_alive(*pgid));
+    }
+    // A slot is free again.
+    start(&d, &s, "true", json!({})).await;
+}
+
+#[tokio::test]
+async fn a_timeout_stops_the_group_and_shutdown_stops_the_rest() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let d = TestDaemon::start(&lmx.url()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let s = session_in(&d, &dir.path().canonicalize().unwrap()).await;
+    let timed = start(
+        &d,
+        &s,
+        "sleep 60 & sleep 60; wait",
+        json!({"timeoutMs": 300}),
+    )
+    .await;
+    let id = timed["processId"].as_str().unwrap().to_owned();
+    assert_eq!(timed["timeoutMs"], 300);
+    let ended = wait_for(&d, &id, |p| p["state"] != "running").await;
+    assert_eq!(ended["state"], "timeout");
+    assert!(!group_alive(timed["pid"].as_u64().unwrap()));
+
+    // cwd is confined to the workspace; a bad timeout is refused.
+    let (status, body) = d
+        .post(
+            "/v3/background/start",
+            json!({"sessionId": s, "command": "pwd", "cwd": "../"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let (status, _) = d
+        .post(
+            "/v3/background/start",
+            json!({"sessionId": s, "command": "pwd", "timeoutMs": 90_000_000}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+
+    // A running process keeps its session resident, and shutdown ends its group.
+    let long = start(&d, &s, "sleep 60 & sleep 60; wait", json!({"timeoutMs": 0})).await;
+    assert!(long["timeoutMs"].is_null());
+    let pgid = long["pid"].as_u64().unwrap();
+    assert!(group_alive(pgid));
+    d.stop().await;
+    assert!(!group_alive(pgid), "shutdown left the group running");
+}
+
+#[tokio::test]
+async fn a_flood_of_output_keeps_the_last_mebibyte() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let d = TestDaemon::start(&lmx.url()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let s = session_in(&d, &dir.path().canonicalize().unwrap()).await;
+    let p = start(
+        &d,
+        &s,
+        "head -c 5242880 /dev/zero | tr '\\0' a; echo END",
+        json!({}),
+    )
+    .await;
+    let id = p["processId"].as_str().unwrap().to_owned();
+    wait_for(&d, &id, |p| p["state"] == "completed").await;
+    let mut after = 0;
+    let mut kept = 0usize;
+    let mut first = None;
+    let mut last_text = String::new();
+    loop {
+        let (_, page) = d
+            .get(&format!(
+                "/v3/background/{id}/output?afterSeq={after}&limit=500"
+            ))
+            .await;
+        for chunk in page["chunks"].as_array().unwrap() {
+            first.get_or_insert(chunk["seq"].as_u64().unwrap());
+            kept += chunk["text"].as_str().unwrap().len();
+            last_text = chunk["text"].as_str().unwrap().to_owned();
+        }
+        after = page["nextSeq"].as_u64().unwrap();
+        if page["hasMore"] == false {
+            break;
+        }
+    }
+    assert!(kept <= 1024 * 1024, "{kept} bytes kept");
+    assert!(kept > 900 * 1024, "{kept} bytes kept");
+    assert!(
+        first.unwrap() > 1,
+        "the oldest chunks were dropped, and the seq says so"
+    );
+    assert!(last_text.ends_with("END\n"), "the newest output is kept");
+}
