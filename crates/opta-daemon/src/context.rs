@@ -166,6 +166,8 @@ pub struct DaemonContext {
     pub default_workspace: crate::agent::Workspace,
     /// Models whose server refused `tools`.
     pub tool_support: crate::agent::ToolSupport,
+    /// The background process runner.
+    pub runner: crate::process::ProcessRunner,
 }
 
 impl DaemonContext {

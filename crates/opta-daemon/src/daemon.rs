@@ -140,6 +140,7 @@ impl RunningDaemon {
         };
         let default_workspace = crate::agent::Workspace::new(&workspace_dir)
             .map_err(|e| Error::Config(format!("--workspace: {e}")))?;
+        let (runner, runner_inbox) = crate::process::ProcessRunner::channel();
         let ctx = Arc::new(DaemonContext {
             daemon_id: new_daemon_id(),
             store,
@@ -155,9 +156,11 @@ impl RunningDaemon {
             agent: config.agent.clone(),
             default_workspace,
             tool_support: crate::agent::ToolSupport::default(),
+            runner,
         });
         let registry = Registry::spawn(ctx.clone());
-        let runner = crate::process::ProcessRunner::spawn(ctx.clone());
+        runner_inbox.start(ctx.clone());
+        let runner = ctx.runner.clone();
         tokio::spawn(sweep_deltas_periodically(ctx.clone()));
         for id in ctx.store.sessions_with_open_turns().await? {
             match opta_protocol::SessionId::parse(&id) {
@@ -192,7 +195,6 @@ impl RunningDaemon {
         let app = router(AppState {
             ctx: ctx.clone(),
             registry: registry.clone(),
-            runner: runner.clone(),
             token,
         });
         let force = CancellationToken::new();

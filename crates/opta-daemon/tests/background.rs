@@ -292,3 +292,66 @@ async fn a_flood_of_output_keeps_the_last_mebibyte() {
     );
     assert!(last_text.ends_with("END\n"), "the newest output is kept");
 }
+
+#[tokio::test]
+async fn an_agent_turn_starts_a_server_reads_its_output_and_stops_it() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let d = TestDaemon::start(&lmx.url()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let s = session_in(&d, &dir.path().canonicalize().unwrap()).await;
+    lmx.set_waits_for_replies(true);
+    lmx.push(opta_test_support::Reply::tool_call(
+        "bg_start",
+        json!({"command": "echo listening on 8080; sleep 60", "label": "server"}),
+    ));
+    let mut ws = d.ws(&s, u64::MAX).await;
+    let (status, body) = d
+        .post(
+            &format!("/v3/sessions/{s}/turns"),
+            json!({"clientId": "t", "writerId": "w", "content": "start the server",
+                   "mode": "do", "overrides": {"dangerous": true}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let turn = body["turnId"].as_str().unwrap().to_owned();
+    let started = ws.envelopes_until(|e| e["event"] == "tool.end").await;
+    let end = &started.last().unwrap()["payload"];
+    assert_eq!(end["result"]["ok"], true, "{end}");
+    // It runs, in the daemon's list, owned by the session.
+    let (_, list) = d.get(&format!("/v3/background?sessionId={s}")).await;
+    let process = list["processes"][0].clone();
+    assert_eq!(process["state"], "running");
+    assert_eq!(process["label"], "server");
+    let id = process["processId"].as_str().unwrap().to_owned();
+    assert!(end["result"]["output"].as_str().unwrap().contains(&id));
+    let pgid = process["pid"].as_u64().unwrap();
+    // Then the model reads its output and stops it.
+    lmx.push(opta_test_support::Reply::tool_call(
+        "bg_output",
+        json!({"processId": id}),
+    ));
+    lmx.push(opta_test_support::Reply::tool_call(
+        "bg_kill",
+        json!({"processId": id}),
+    ));
+    lmx.push(opta_test_support::Reply::chunks([
+        "The server said it listens on 8080.",
+    ]));
+    let rest = ws
+        .envelopes_until(opta_test_support::is_terminal_of(&turn))
+        .await;
+    let ends: Vec<&Value> = rest.iter().filter(|e| e["event"] == "tool.end").collect();
+    assert_eq!(ends.len(), 2);
+    let output = ends[0]["payload"]["result"]["output"].as_str().unwrap();
+    assert!(output.contains("listening on 8080"), "{output}");
+    assert!(
+        ends[1]["payload"]["result"]["output"]
+            .as_str()
+            .unwrap()
+            .contains("stopping")
+    );
+    assert_eq!(rest.last().unwrap()["event"], "turn.done");
+    let ended = wait_for(&d, &id, |p| p["state"] != "running").await;
+    assert_eq!(ended["state"], "killed");
+    assert!(!group_alive(pgid));
+}

@@ -235,6 +235,10 @@ struct Shared {
     streams_finished: AtomicUsize,
     dropped: Notify,
     chat_seen: Notify,
+    /// A reply was pushed.
+    pushed: Notify,
+    /// Requests that find no reply wait for one (see `set_waits_for_replies`).
+    waits_for_replies: std::sync::atomic::AtomicBool,
 }
 
 /// A running scripted server; stops when dropped.
@@ -316,6 +320,15 @@ impl ScriptedLmx {
     /// Queues a reply for the next chat request.
     pub fn push(&self, reply: Reply) {
         lock(&self.shared.replies).push_back(reply);
+        self.shared.pushed.notify_waiters();
+    }
+
+    /// With `true`, a chat request that finds no queued reply waits for the next [`push`]
+    /// instead of echoing (for replies that depend on what the daemon did meanwhile).
+    ///
+    /// [`push`]: Self::push
+    pub fn set_waits_for_replies(&self, waits: bool) {
+        self.shared.waits_for_replies.store(waits, Ordering::SeqCst);
     }
 
     /// Delay before each chunk of echo replies.
@@ -488,6 +501,13 @@ async fn chat(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
             axum::Json(json!({"error": {"message": message}})),
         )
             .into_response();
+    }
+    while shared.waits_for_replies.load(Ordering::SeqCst) && lock(&shared.replies).is_empty() {
+        let pushed = shared.pushed.notified();
+        if !lock(&shared.replies).is_empty() {
+            break;
+        }
+        pushed.await;
     }
     let reply = lock(&shared.replies).pop_front().unwrap_or_else(|| {
         let last_user = request["messages"]

@@ -128,6 +128,8 @@ pub(crate) struct TurnPlan {
     pub workspace: Workspace,
     /// The session's memory of reads, handed back in `Finished`.
     pub memory: FileMemory,
+    /// The session itself (background processes started by the turn report to it).
+    pub session: Option<crate::session::SessionHandle>,
 }
 
 /// Runs the turn and reports every step to the actor, the end included.
@@ -152,6 +154,7 @@ pub(crate) async fn run_turn(
         turn_no,
         updates: &updates,
         memory: FileMemory::default(),
+        session: None,
     };
     let TurnPlan {
         model,
@@ -160,8 +163,10 @@ pub(crate) async fn run_turn(
         overrides,
         workspace,
         memory,
+        session,
     } = plan;
     turn.memory = memory;
+    turn.session = session;
     let result = turn
         .drive(&model, history, mode, overrides.as_ref(), &workspace)
         .await;
@@ -204,6 +209,7 @@ struct Turn<'a> {
     turn_no: u64,
     updates: &'a mpsc::Sender<TurnUpdate>,
     memory: FileMemory,
+    session: Option<crate::session::SessionHandle>,
 }
 
 impl Turn<'_> {
@@ -546,7 +552,20 @@ impl Turn<'_> {
                 );
             }
         };
-        match tools::prepare(spec, args, workspace, &mut self.memory).await {
+        let ctx = self.ctx;
+        let (updates, turn_no) = (self.updates, self.turn_no);
+        let session = self.session.clone();
+        let mut env = tools::ToolEnv {
+            workspace,
+            memory: &mut self.memory,
+            background: session
+                .as_ref()
+                .map(|session| tools::background::Background {
+                    runner: &ctx.runner,
+                    session,
+                }),
+        };
+        match tools::prepare(spec, args, &mut env).await {
             Prepared::Finished(result) => (result, Some("mode".to_owned())),
             Prepared::Change {
                 summary,
@@ -570,12 +589,14 @@ impl Turn<'_> {
                                 grant_scope.as_deref(),
                             ),
                         };
-                        self.send(TurnUpdate::Permission {
-                            turn_no: self.turn_no,
-                            ask,
-                            reply,
-                        })
-                        .await;
+                        // The actor being gone answers below (the reply is dropped).
+                        let _ = updates
+                            .send(TurnUpdate::Permission {
+                                turn_no,
+                                ask,
+                                reply,
+                            })
+                            .await;
                         let verdict = answer.await.unwrap_or(Verdict {
                             allowed: false,
                             by: "daemon".to_owned(),
@@ -586,8 +607,7 @@ impl Turn<'_> {
                         verdict.by
                     }
                 };
-                let limits = &self.ctx.agent.command;
-                let result = tools::apply(change, workspace, &mut self.memory, limits).await;
+                let result = tools::apply(change, &mut env, &ctx.agent.command).await;
                 (result, Some(approved_by))
             }
         }

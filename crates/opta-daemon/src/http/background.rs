@@ -34,7 +34,7 @@ pub async fn list(
         .map(|s| session_id(s, "query.sessionId"))
         .transpose()?;
     Ok(Json(BackgroundListResponse {
-        processes: state.runner.list(session).await?,
+        processes: state.ctx.runner.list(session).await?,
     }))
 }
 
@@ -65,6 +65,7 @@ pub async fn start(
         return Err(Error::invalid("cwd", "is not a directory"));
     }
     let process = state
+        .ctx
         .runner
         .start(StartSpec {
             session: handle,
@@ -86,7 +87,7 @@ pub async fn status(
     ApiPath(id): ApiPath<String>,
     ApiQuery(query): ApiQuery<SessionQuery>,
 ) -> Result<Json<BackgroundProcessResponse>> {
-    let process = state.runner.status(id.clone()).await?;
+    let process = state.ctx.runner.status(id.clone()).await?;
     if let Some(session) = query.session_id
         && session != process.session_id.as_str()
     {
@@ -124,6 +125,7 @@ pub async fn output(
         }
     };
     let answer = state
+        .ctx
         .runner
         .output(id, query.after_seq.unwrap_or(0), limit, stream)
         .await?;
@@ -136,5 +138,5 @@ pub async fn kill(
     ApiJson(request): ApiJson<KillBackgroundRequest>,
 ) -> Result<Json<KillBackgroundResponse>> {
     let signal = request.signal.unwrap_or(KillSignal::Term);
-    Ok(Json(state.runner.kill(id, signal).await?))
+    Ok(Json(state.ctx.runner.kill(id, signal).await?))
 }

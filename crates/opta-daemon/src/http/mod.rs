@@ -34,8 +34,6 @@ pub struct AppState {
     pub ctx: Arc<DaemonContext>,
     /// The session registry.
     pub registry: Registry,
-    /// The background process runner.
-    pub runner: crate::process::ProcessRunner,
     /// The auth token.
     pub token: Arc<str>,
 }

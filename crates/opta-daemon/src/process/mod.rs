@@ -113,17 +113,41 @@ struct Runner {
     tx: mpsc::Sender<RunnerCommand>,
 }
 
-impl ProcessRunner {
-    /// Starts the runner.
-    pub fn spawn(ctx: Arc<DaemonContext>) -> Self {
-        let (tx, rx) = mpsc::channel(1024);
+/// The runner's inbox, until [`RunnerInbox::start`] gives it its actor (the runner's handle
+/// lives in the daemon context, which the actor needs in turn).
+pub struct RunnerInbox {
+    rx: mpsc::Receiver<RunnerCommand>,
+    tx: mpsc::Sender<RunnerCommand>,
+}
+
+impl std::fmt::Debug for RunnerInbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RunnerInbox")
+    }
+}
+
+impl RunnerInbox {
+    /// Starts the runner's actor.
+    pub fn start(self, ctx: Arc<DaemonContext>) {
         let runner = Runner {
             ctx,
             procs: HashMap::new(),
-            tx: tx.clone(),
+            tx: self.tx,
         };
-        tokio::spawn(runner.run(rx));
-        Self { commands: tx }
+        tokio::spawn(runner.run(self.rx));
+    }
+}
+
+impl ProcessRunner {
+    /// The runner's handle and its inbox; nothing runs before [`RunnerInbox::start`].
+    pub fn channel() -> (Self, RunnerInbox) {
+        let (tx, rx) = mpsc::channel(1024);
+        (
+            Self {
+                commands: tx.clone(),
+            },
+            RunnerInbox { rx, tx },
+        )
     }
 
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> RunnerCommand) -> Result<T> {

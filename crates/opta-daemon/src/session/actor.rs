@@ -148,6 +148,9 @@ pub(crate) struct SessionActor {
     memory: Option<FileMemory>,
     /// Background processes of this session still running (it is not evicted meanwhile).
     processes: HashSet<String>,
+    /// Its own address, without keeping its channel open: lent to turns (their background
+    /// processes report to this session).
+    own: mpsc::WeakSender<SessionCommand>,
 }
 
 impl SessionActor {
@@ -196,6 +199,7 @@ impl SessionActor {
             decided: VecDeque::new(),
             memory: Some(FileMemory::default()),
             processes: HashSet::new(),
+            own: commands_tx.downgrade(),
             ctx: ctx.clone(),
         };
         ctx.counters.add(Counter::Sessions, 1);
@@ -746,6 +750,11 @@ impl SessionActor {
             // A turn whose task died took the memory with it: start afresh (the model reads
             // again before it writes).
             memory: self.memory.take().unwrap_or_default(),
+            session: self.own.upgrade().map(|commands| SessionHandle {
+                id: self.id.clone(),
+                commands,
+                touched: self.touched.clone(),
+            }),
         };
         let task = tokio::spawn(run_turn(
             self.ctx.clone(),

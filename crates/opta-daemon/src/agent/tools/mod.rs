@@ -3,6 +3,7 @@
 //! generated from each argument type) and turns a call into either a result or a change that
 //! needs approval first.
 
+pub mod background;
 pub mod command;
 pub mod files;
 pub mod search;
@@ -96,6 +97,32 @@ pub const TOOLS: &[ToolSpec] = &[
                       respected); answers path:line: text.",
         kind: ToolKind::Read,
         schema: schema_of::<search::SearchFilesArgs>,
+    },
+    ToolSpec {
+        name: "bg_start",
+        description: "Start a long-running command (a dev server, a watcher) in the \
+                      background in the workspace; answers its process id.",
+        kind: ToolKind::Command,
+        schema: schema_of::<background::BgStartArgs>,
+    },
+    ToolSpec {
+        name: "bg_status",
+        description: "The state of a background process you started.",
+        kind: ToolKind::Read,
+        schema: schema_of::<background::BgStatusArgs>,
+    },
+    ToolSpec {
+        name: "bg_output",
+        description: "New output of a background process (stdout and stderr as they came); \
+                      pass the afterSeq the previous call gave to read on.",
+        kind: ToolKind::Read,
+        schema: schema_of::<background::BgOutputArgs>,
+    },
+    ToolSpec {
+        name: "bg_kill",
+        description: "Stop a background process you started, and everything it started.",
+        kind: ToolKind::Command,
+        schema: schema_of::<background::BgKillArgs>,
     },
     ToolSpec {
         name: "run_command",
@@ -241,6 +268,20 @@ pub enum Change {
     },
     /// Run a shell command.
     Command(command::RunCommandArgs),
+    /// Start a background process.
+    BackgroundStart(background::BgStartArgs),
+    /// Stop a background process.
+    BackgroundKill(background::BgKillArgs),
+}
+
+/// What a tool call works with.
+pub struct ToolEnv<'a> {
+    /// The session's workspace.
+    pub workspace: &'a Workspace,
+    /// The session's memory of reads.
+    pub memory: &'a mut FileMemory,
+    /// The runner and the session, for the background tools (absent: they are unavailable).
+    pub background: Option<background::Background<'a>>,
 }
 
 /// A call turned into what happens next.
@@ -287,15 +328,11 @@ pub fn parse_args<T: DeserializeOwned>(tool: &ToolSpec, args: &Value) -> Result<
 
 /// Validates a call and, for read-only tools, runs it; writes and commands come back as a
 /// [`Change`] to approve.
-pub async fn prepare(
-    tool: &ToolSpec,
-    args: &Value,
-    workspace: &Workspace,
-    memory: &mut FileMemory,
-) -> Prepared {
+pub async fn prepare(tool: &ToolSpec, args: &Value, env: &mut ToolEnv<'_>) -> Prepared {
+    let workspace = env.workspace;
     let result = match tool.name {
         "read_file" => match parse_args(tool, args) {
-            Ok(a) => files::read_file(workspace, memory, a).await,
+            Ok(a) => files::read_file(workspace, env.memory, a).await,
             Err(e) => Err(e),
         },
         "list_dir" => match parse_args(tool, args) {
@@ -311,23 +348,44 @@ pub async fn prepare(
             Err(e) => Err(e),
         },
         "write_file" => match parse_args(tool, args) {
-            Ok(a) => return files::prepare_write(workspace, memory, a).await,
+            Ok(a) => return files::prepare_write(workspace, env.memory, a).await,
             Err(e) => Err(e),
         },
         "edit_file" => match parse_args::<files::EditFileArgs>(tool, args) {
             Ok(a) => {
                 let edits = vec![a.edit()];
-                return files::prepare_edits(workspace, memory, &a.path, edits).await;
+                return files::prepare_edits(workspace, env.memory, &a.path, edits).await;
             }
             Err(e) => Err(e),
         },
         "multi_edit" => match parse_args::<files::MultiEditArgs>(tool, args) {
-            Ok(a) => return files::prepare_edits(workspace, memory, &a.path, a.edits).await,
+            Ok(a) => return files::prepare_edits(workspace, env.memory, &a.path, a.edits).await,
             Err(e) => Err(e),
         },
         "run_command" => match parse_args(tool, args) {
             Ok(a) => return command::prepare(a),
             Err(e) => Err(e),
+        },
+        "bg_start" | "bg_kill" | "bg_status" | "bg_output" if env.background.is_none() => {
+            Err("background processes are not available to this turn".to_owned())
+        }
+        "bg_start" => match parse_args(tool, args) {
+            Ok(a) => return background::prepare_start(a),
+            Err(e) => Err(e),
+        },
+        "bg_kill" => match parse_args(tool, args) {
+            Ok(a) => return background::prepare_kill(a),
+            Err(e) => Err(e),
+        },
+        "bg_status" => match (parse_args(tool, args), &env.background) {
+            (Ok(a), Some(bg)) => background::status(bg, a).await,
+            (Err(e), _) => Err(e),
+            (Ok(_), None) => Err("background processes are not available".to_owned()),
+        },
+        "bg_output" => match (parse_args(tool, args), &env.background) {
+            (Ok(a), Some(bg)) => background::output(bg, a).await,
+            (Err(e), _) => Err(e),
+            (Ok(_), None) => Err("background processes are not available".to_owned()),
         },
         other => Err(format!(
             "no tool is called {other:?}; the tools are {}",
@@ -337,22 +395,30 @@ pub async fn prepare(
     Prepared::Finished(result)
 }
 
-/// Makes an approved change. `env_remove` names variables the command must not see.
+/// Makes an approved change.
 pub async fn apply(
     change: Change,
-    workspace: &Workspace,
-    memory: &mut FileMemory,
+    env: &mut ToolEnv<'_>,
     limits: &command::CommandLimits,
 ) -> Result<String, String> {
-    memory.clear_cache();
+    env.memory.clear_cache();
+    let workspace = env.workspace;
     match change {
         Change::Write { path, content } => {
             let shown = workspace.display(&path);
             let result = files::write(&path, &content).await;
-            memory.saw(&path);
+            env.memory.saw(&path);
             result.map(|()| format!("wrote {} bytes to {shown}", content.len()))
         }
         Change::Command(args) => command::run(workspace, args, limits).await,
+        Change::BackgroundStart(args) => match &env.background {
+            Some(bg) => background::start(bg, workspace, args).await,
+            None => Err("background processes are not available".to_owned()),
+        },
+        Change::BackgroundKill(args) => match &env.background {
+            Some(bg) => background::kill(bg, args).await,
+            None => Err("background processes are not available".to_owned()),
+        },
     }
 }
 
