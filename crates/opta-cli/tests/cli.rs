@@ -1473,3 +1473,56 @@ async fn bg_starts_lists_follows_and_kills_background_processes() {
         text(&missing.stderr)
     );
 }
+
+/// Whether any live (not zombie) process is in group `pgid`.
+fn group_alive(pgid: u64) -> bool {
+    std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
+        std::fs::read_to_string(e.path().join("stat")).is_ok_and(|stat| {
+            let fields: Vec<&str> = stat
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .split_whitespace()
+                .collect();
+            fields.first() != Some(&"Z") && fields.get(2) == Some(&pgid.to_string().as_str())
+        })
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_background_group_left_by_a_killed_daemon_is_stopped_and_reported_at_restart() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let home = Home::new(&lmx.url());
+    let started = home
+        .opta(&["bg", "start", "--json", "sleep 60 & sleep 60; wait"])
+        .await;
+    assert!(started.status.success(), "{}", text(&started.stderr));
+    let process: Value = serde_json::from_slice(&started.stdout).unwrap();
+    let pgid = process["pid"].as_u64().unwrap();
+    let session = process["sessionId"].as_str().unwrap().to_owned();
+    assert!(group_alive(pgid));
+    let daemon_pid = home.state().unwrap()["pid"].as_u64().unwrap().to_string();
+    let status = Command::new("kill")
+        .args(["-9", &daemon_pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // kill -9 leaves the group running: nothing of the daemon could stop it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        group_alive(pgid),
+        "the group should outlive the daemon's kill -9"
+    );
+    let restarted = home.opta(&["daemon", "start"]).await;
+    assert!(restarted.status.success(), "{}", text(&restarted.stderr));
+    assert!(!group_alive(pgid), "the restart did not stop the old group");
+    let events = home.opta(&["sessions", "events", &session, "--json"]).await;
+    let last: Value = text(&events.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .rfind(|e| e["event"] == "background.status")
+        .unwrap();
+    assert_eq!(last["payload"]["reason"], "daemon-restart", "{last}");
+    assert_eq!(last["payload"]["process"]["state"], "killed", "{last}");
+    assert_eq!(last["payload"]["previousState"], "running", "{last}");
+}

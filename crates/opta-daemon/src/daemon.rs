@@ -161,6 +161,7 @@ impl RunningDaemon {
         let registry = Registry::spawn(ctx.clone());
         runner_inbox.start(ctx.clone());
         let runner = ctx.runner.clone();
+        crate::process::recover(&ctx, &registry).await?;
         tokio::spawn(sweep_deltas_periodically(ctx.clone()));
         for id in ctx.store.sessions_with_open_turns().await? {
             match opta_protocol::SessionId::parse(&id) {

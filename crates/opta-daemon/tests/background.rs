@@ -355,3 +355,20 @@ async fn an_agent_turn_starts_a_server_reads_its_output_and_stops_it() {
     assert_eq!(ended["state"], "killed");
     assert!(!group_alive(pgid));
 }
+
+#[tokio::test]
+async fn deleting_a_session_stops_its_processes() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let d = TestDaemon::start(&lmx.url()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let s = session_in(&d, &dir.path().canonicalize().unwrap()).await;
+    let p = start(&d, &s, "sleep 60 & sleep 60; wait", json!({})).await;
+    let pgid = p["pid"].as_u64().unwrap();
+    let (status, _) = d
+        .request(reqwest::Method::DELETE, &format!("/v3/sessions/{s}"), None)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let id = p["processId"].as_str().unwrap().to_owned();
+    wait_for(&d, &id, |p| p["state"] == "killed").await;
+    assert!(!group_alive(pgid));
+}

@@ -23,7 +23,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::context::DaemonContext;
 use crate::error::{Error, Result};
-use crate::session::SessionHandle;
+use crate::session::{Registry, SessionHandle};
+use crate::store::WriteOp;
 
 /// Running background processes allowed daemon-wide.
 pub const MAX_RUNNING: usize = 5;
@@ -219,7 +220,7 @@ impl Runner {
             };
             match command {
                 RunnerCommand::Start { spec, reply } => {
-                    let _ = reply.send(self.start(spec));
+                    let _ = reply.send(self.start(spec).await);
                 }
                 RunnerCommand::List { session, reply } => {
                     let mut list: Vec<&Proc> = self
@@ -262,6 +263,12 @@ impl Runner {
                     }
                 }
                 RunnerCommand::Ended { process } => {
+                    let ended = WriteOp::EndProcess {
+                        process_id: process.process_id.clone(),
+                    };
+                    if let Err(e) = self.ctx.store.write(vec![ended]).await {
+                        tracing::warn!(error = %e, "could not record a background process's end");
+                    }
                     if let Some(p) = self.procs.get_mut(&process.process_id) {
                         p.info = process;
                         p.ended = Some(Instant::now());
@@ -282,7 +289,7 @@ impl Runner {
             .ok_or_else(|| Error::ProcessNotFound(id.to_owned()))
     }
 
-    fn start(&mut self, spec: StartSpec) -> Result<BackgroundProcess> {
+    async fn start(&mut self, spec: StartSpec) -> Result<BackgroundProcess> {
         let running = self
             .procs
             .values()
@@ -294,6 +301,20 @@ impl Runner {
         let id = crate::ids::new_process_id();
         let started = monitor::spawn(&id, &spec, self.tx.clone(), &self.ctx)?;
         let info = started.info.clone();
+        // Recorded, so a daemon killed with -9 finds the group at its next start.
+        let record = WriteOp::InsertProcess {
+            process_id: id.clone(),
+            session_id: info.session_id.to_string(),
+            pgid: i64::from(info.pid),
+            start_ticks: monitor::start_ticks(info.pid).unwrap_or(0),
+            record: serde_json::to_string(&info)
+                .map_err(|e| Error::Internal(format!("process record: {e}")))?,
+        };
+        if let Err(e) = self.ctx.store.write(vec![record]).await {
+            // Unrecorded, it could outlive a crash unnoticed: it does not run at all.
+            let _ = started.control.try_send(KillSignal::Kill);
+            return Err(e);
+        }
         self.procs.insert(
             id,
             Proc {
@@ -385,4 +406,55 @@ impl Proc {
             has_more,
         }
     }
+}
+
+/// At start: stops the groups of background processes a previous run of the daemon started
+/// and never saw end (it was killed with -9, or the machine lost power), and reports each to
+/// its session as `killed` with reason `daemon-restart`. A group is signalled only when its
+/// leader's start time proves it is still that process (a pid may have been reused).
+pub async fn recover(ctx: &DaemonContext, registry: &Registry) -> Result<()> {
+    for (id, session, pgid, ticks, record) in ctx.store.unended_processes().await? {
+        let still_ours = u32::try_from(pgid)
+            .ok()
+            .and_then(monitor::start_ticks)
+            .is_some_and(|now| now == ticks && ticks != 0);
+        if still_ours && let Ok(pgid) = i32::try_from(pgid) {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pgid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        ctx.store
+            .write(vec![WriteOp::EndProcess {
+                process_id: id.clone(),
+            }])
+            .await?;
+        let Ok(mut process) = serde_json::from_str::<BackgroundProcess>(&record) else {
+            tracing::warn!(process = %id, "unreadable process record");
+            continue;
+        };
+        process.state = ProcessState::Killed;
+        process.ended_at = Some(crate::ids::now_iso());
+        let event = opta_protocol::Event::BackgroundStatus(opta_protocol::BackgroundStatus {
+            process,
+            reason: "daemon-restart".to_owned(),
+            previous_state: Some(ProcessState::Running),
+            signal: still_ours.then(|| "SIGKILL".to_owned()),
+        });
+        let Ok(session_id) = SessionId::parse(&session) else {
+            continue;
+        };
+        match registry.get(session_id).await {
+            Ok(handle) => {
+                if let Err(e) = handle.background(event, Some((id.clone(), false))).await {
+                    tracing::warn!(process = %id, error = %e, "could not report a process the restart stopped");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(process = %id, error = %e, "the session of a stopped process is gone")
+            }
+        }
+        tracing::info!(process = %id, killed = still_ours, "background process of the previous run stopped");
+    }
+    Ok(())
 }

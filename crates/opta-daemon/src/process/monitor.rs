@@ -269,3 +269,12 @@ impl Monitor {
         }
     }
 }
+
+/// The kernel's start time of `pid` in clock ticks since boot (`/proc/PID/stat` field 22),
+/// which tells a process from a later one that reused its pid.
+pub(crate) fn start_ticks(pid: u32) -> Option<i64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: count from its end.
+    let after_name = stat.rsplit_once(')')?.1;
+    after_name.split_whitespace().nth(19)?.parse().ok()
+}

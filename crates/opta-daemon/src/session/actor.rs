@@ -1548,6 +1548,14 @@ impl SessionActor {
     }
 
     async fn delete(&mut self) -> Result<()> {
+        // Its background processes go with it.
+        for id in std::mem::take(&mut self.processes) {
+            let _ = self
+                .ctx
+                .runner
+                .kill(id, opta_protocol::KillSignal::Kill)
+                .await;
+        }
         let removed = self.take_queued(|_| true);
         let active_hit = self.active.is_some();
         let cancelled = removed.len() + usize::from(active_hit);

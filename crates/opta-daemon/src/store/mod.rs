@@ -127,6 +127,25 @@ pub enum WriteOp {
     InsertSession(SessionRow),
     /// Overwrite a session's metadata row (its grants excepted).
     UpdateSession(SessionRow),
+    /// Record a started background process (its group and the kernel's start time of its
+    /// leader, which tell a later run whether that group is still ours to kill).
+    InsertProcess {
+        /// `proc_...`.
+        process_id: String,
+        /// Owning session.
+        session_id: String,
+        /// Process group (= the leader's pid).
+        pgid: i64,
+        /// The leader's start time in clock ticks since boot (`/proc/PID/stat` field 22).
+        start_ticks: i64,
+        /// The `BackgroundProcess` JSON at start.
+        record: String,
+    },
+    /// Mark a background process ended.
+    EndProcess {
+        /// `proc_...`.
+        process_id: String,
+    },
     /// Replace a session's grants (a JSON array).
     SetGrants {
         /// Session id.

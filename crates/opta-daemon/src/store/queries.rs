@@ -303,6 +303,23 @@ impl Store {
         .await
     }
 
+    /// Background processes a previous run started and never saw end:
+    /// `(process_id, session_id, pgid, start_ticks, record JSON)`.
+    pub async fn unended_processes(&self) -> Result<Vec<(String, String, i64, i64, String)>> {
+        self.read(|conn| {
+            Ok(conn
+                .prepare_cached(
+                    "SELECT process_id, session_id, pgid, start_ticks, record
+                     FROM processes WHERE ended = 0",
+                )?
+                .query_map([], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+
     /// Up to `limit` finished turns not yet swept that finished at or before
     /// `finished_before`, oldest first: `(session_id, turn_id, queued_seq)`.
     pub async fn turns_to_sweep(

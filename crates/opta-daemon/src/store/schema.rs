@@ -67,6 +67,17 @@ const MIGRATIONS: &[&str] = &[
     "
     ALTER TABLE sessions ADD COLUMN grants TEXT;
     ",
+    "
+    CREATE TABLE processes (
+        process_id  TEXT PRIMARY KEY,
+        session_id  TEXT NOT NULL,
+        pgid        INTEGER NOT NULL,
+        start_ticks INTEGER NOT NULL,
+        record      TEXT NOT NULL,
+        ended       INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX processes_running ON processes (ended) WHERE ended = 0;
+    ",
 ];
 
 /// Applies the migrations the database has not seen yet, each in its own transaction.

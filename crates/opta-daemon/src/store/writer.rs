@@ -170,6 +170,23 @@ fn apply(conn: &Connection, op: &WriteOp) -> Result<()> {
                 row.tool_call_count
             ])?;
         }
+        WriteOp::InsertProcess {
+            process_id,
+            session_id,
+            pgid,
+            start_ticks,
+            record,
+        } => {
+            conn.prepare_cached(
+                "INSERT OR REPLACE INTO processes (process_id, session_id, pgid, start_ticks, record)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![process_id, session_id, pgid, start_ticks, record])?;
+        }
+        WriteOp::EndProcess { process_id } => {
+            conn.prepare_cached("UPDATE processes SET ended = 1 WHERE process_id = ?1")?
+                .execute(params![process_id])?;
+        }
         WriteOp::SetGrants { session_id, grants } => {
             conn.prepare_cached("UPDATE sessions SET grants = ?2 WHERE id = ?1")?
                 .execute(params![session_id.as_ref(), grants])?;
@@ -286,6 +303,7 @@ fn apply(conn: &Connection, op: &WriteOp) -> Result<()> {
                 "DELETE FROM events WHERE session_id = ?1",
                 "DELETE FROM messages WHERE session_id = ?1",
                 "DELETE FROM turns WHERE session_id = ?1",
+                "DELETE FROM processes WHERE session_id = ?1",
                 "DELETE FROM sessions WHERE id = ?1",
             ] {
                 conn.prepare_cached(sql)?.execute(params![session_id])?;
