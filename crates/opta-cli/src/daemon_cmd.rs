@@ -265,6 +265,12 @@ fn agent_config(args: &DaemonArgs) -> Result<opta_daemon::agent::AgentConfig> {
         },
         system_prompt,
         workspace,
+        sandbox_writes: args
+            .sandbox_write
+            .iter()
+            .map(std::path::absolute)
+            .collect::<std::io::Result<_>>()
+            .context("--sandbox-write")?,
     })
 }
 

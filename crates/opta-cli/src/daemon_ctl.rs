@@ -120,6 +120,15 @@ pub struct DaemonArgs {
     /// Workspace of sessions created without one (default: the daemon's working directory).
     #[arg(long, env = "OPTA_WORKSPACE", global = true)]
     pub workspace: Option<PathBuf>,
+    /// Where sandboxed commands may write besides the workspace and the temporary directory
+    /// (repeatable, e.g. `--sandbox-write ~/.cargo`).
+    #[arg(
+        long = "sandbox-write",
+        env = "OPTA_SANDBOX_WRITE",
+        value_delimiter = ':',
+        global = true
+    )]
+    pub sandbox_write: Vec<PathBuf>,
     /// Mode of `do` and `chat` turns when `--mode` is not given (else `do` for do, `chat` for
     /// chat). A client setting: the daemon does not use it.
     #[arg(long, env = "OPTA_DEFAULT_MODE", global = true, value_parser = crate::do_cmd::parse_mode)]
@@ -164,6 +173,10 @@ impl DaemonArgs {
             "--max-command-secs".into(),
             self.max_command_secs.to_string(),
         ];
+        for path in &self.sandbox_write {
+            args.push("--sandbox-write".into());
+            args.push(path.display().to_string());
+        }
         for (flag, path) in [
             ("--system-prompt-file", &self.system_prompt_file),
             ("--workspace", &self.workspace),

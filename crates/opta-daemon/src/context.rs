@@ -168,6 +168,8 @@ pub struct DaemonContext {
     pub tool_support: crate::agent::ToolSupport,
     /// The background process runner.
     pub runner: crate::process::ProcessRunner,
+    /// The sandbox commands run in.
+    pub sandbox: crate::process::sandbox::Sandbox,
 }
 
 impl DaemonContext {

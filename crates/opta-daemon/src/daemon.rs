@@ -157,6 +157,10 @@ impl RunningDaemon {
             default_workspace,
             tool_support: crate::agent::ToolSupport::default(),
             runner,
+            sandbox: crate::process::sandbox::Sandbox::probe(
+                &config.home,
+                config.agent.sandbox_writes.clone(),
+            ),
         });
         let registry = Registry::spawn(ctx.clone());
         runner_inbox.start(ctx.clone());

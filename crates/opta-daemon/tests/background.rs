@@ -372,3 +372,82 @@ async fn deleting_a_session_stops_its_processes() {
     wait_for(&d, &id, |p| p["state"] == "killed").await;
     assert!(!group_alive(pgid));
 }
+
+/// Whether the kernel offers Landlock, asked directly (`landlock_create_ruleset` with the
+/// version flag), not through the daemon.
+fn kernel_has_landlock() -> bool {
+    const SYS_LANDLOCK_CREATE_RULESET: nix::libc::c_long = 444;
+    const LANDLOCK_CREATE_RULESET_VERSION: u32 = 1;
+    // SAFETY: with a null attribute, size 0 and the version flag, the call only answers the
+    // ABI version; it reads and writes no memory.
+    let abi = unsafe {
+        nix::libc::syscall(
+            SYS_LANDLOCK_CREATE_RULESET,
+            std::ptr::null::<u8>(),
+            0usize,
+            LANDLOCK_CREATE_RULESET_VERSION,
+        )
+    };
+    abi > 0
+}
+
+#[tokio::test]
+async fn sandboxed_commands_write_only_in_the_workspace_and_cannot_read_the_daemons_home() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let d = TestDaemon::start(&lmx.url()).await;
+    let (_, health) = d.get("/v3/health").await;
+    let landlock = kernel_has_landlock();
+    assert_eq!(
+        health["sandbox"],
+        if landlock { "landlock" } else { "none" },
+        "the health field is true to the kernel"
+    );
+    if !landlock {
+        eprintln!("this kernel has no Landlock: the confinement itself is not exercised");
+        return;
+    }
+    let base = tempfile::tempdir().unwrap();
+    let root = base.path().canonicalize().unwrap();
+    let ws = root.join("ws");
+    // Outside the workspace and outside the temporary directory (which commands may use).
+    let away = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let outside = away.path().canonicalize().unwrap().join("outside");
+    std::fs::create_dir_all(&ws).unwrap();
+    std::fs::create_dir_all(&outside).unwrap();
+    let s = session_in(&d, &ws).await;
+    let state = d.home().join("daemon/state.json");
+    assert!(state.exists());
+    let script = format!(
+        "echo inside > made.txt && echo wrote-inside; \
+         echo outside > {out}/escaped.txt || echo write-outside-refused; \
+         cat {state} > /dev/null || echo state-unreadable; \
+         cat /etc/hostname > /dev/null && echo reads-elsewhere",
+        out = outside.display(),
+        state = state.display()
+    );
+    let p = start(&d, &s, &script, json!({})).await;
+    let id = p["processId"].as_str().unwrap().to_owned();
+    wait_for(&d, &id, |p| p["state"] != "running").await;
+    let (_, out) = d
+        .get(&format!("/v3/background/{id}/output?stream=stdout"))
+        .await;
+    let stdout: String = out["chunks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["text"].as_str().unwrap())
+        .collect();
+    for line in [
+        "wrote-inside",
+        "write-outside-refused",
+        "state-unreadable",
+        "reads-elsewhere",
+    ] {
+        assert!(stdout.contains(line), "{line} missing from {stdout:?}");
+    }
+    assert_eq!(
+        std::fs::read_to_string(ws.join("made.txt")).unwrap(),
+        "inside\n"
+    );
+    assert!(!outside.join("escaped.txt").exists());
+}

@@ -79,6 +79,9 @@ pub struct V3HealthResponse {
     pub contract: Contract,
     /// Live figures.
     pub runtime: RuntimeStats,
+    /// How commands are confined: `landlock`, or `none` where the kernel cannot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<String>,
 }
 
 /// `GET /v3/metrics`.

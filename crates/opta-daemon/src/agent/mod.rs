@@ -32,6 +32,9 @@ pub struct AgentConfig {
     /// Workspace of sessions created without one (`--workspace`; default the daemon's
     /// working directory).
     pub workspace: Option<PathBuf>,
+    /// Where sandboxed commands may write besides the workspace and the temporary directory
+    /// (`--sandbox-write`).
+    pub sandbox_writes: Vec<PathBuf>,
 }
 
 impl Default for AgentConfig {
@@ -42,6 +45,7 @@ impl Default for AgentConfig {
             command: tools::command::CommandLimits::default(),
             system_prompt: None,
             workspace: None,
+            sandbox_writes: Vec::new(),
         }
     }
 }

@@ -555,6 +555,7 @@ impl Turn<'_> {
         let ctx = self.ctx;
         let (updates, turn_no) = (self.updates, self.turn_no);
         let session = self.session.clone();
+        let dangerous = overrides.and_then(|o| o.dangerous).unwrap_or(false);
         let mut env = tools::ToolEnv {
             workspace,
             memory: &mut self.memory,
@@ -563,7 +564,9 @@ impl Turn<'_> {
                 .map(|session| tools::background::Background {
                     runner: &ctx.runner,
                     session,
+                    sandboxed: !dangerous,
                 }),
+            sandbox: (!dangerous).then_some(&ctx.sandbox),
         };
         match tools::prepare(spec, args, &mut env).await {
             Prepared::Finished(result) => (result, Some("mode".to_owned())),

@@ -73,7 +73,9 @@ pub async fn start(
             command: request.command,
             label: request.label,
             cwd,
+            workspace: workspace.root().to_owned(),
             timeout,
+            sandboxed: true,
         })
         .await?;
     Ok((

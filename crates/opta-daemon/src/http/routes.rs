@@ -41,6 +41,7 @@ pub async fn v3_health(State(state): State<AppState>) -> Json<V3HealthResponse> 
         daemon_id: state.ctx.daemon_id.clone(),
         contract: Contract::current(),
         runtime: state.ctx.counters.snapshot(),
+        sandbox: Some(state.ctx.sandbox.kind().to_owned()),
     })
 }
 

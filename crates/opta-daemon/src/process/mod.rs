@@ -9,6 +9,7 @@
 //! process's events are in order), handles kill and timeout escalation, and reports the end.
 
 mod monitor;
+pub mod sandbox;
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
@@ -49,8 +50,12 @@ pub struct StartSpec {
     pub label: Option<String>,
     /// The working directory, already confined to the workspace.
     pub cwd: PathBuf,
+    /// The session's workspace (where a sandboxed process may write).
+    pub workspace: PathBuf,
     /// `None`: no timeout.
     pub timeout: Option<Duration>,
+    /// Run under the sandbox (false only for `dangerous` turns).
+    pub sandboxed: bool,
 }
 
 enum RunnerCommand {
@@ -299,7 +304,7 @@ impl Runner {
             return Err(Error::ProcessLimit(MAX_RUNNING));
         }
         let id = crate::ids::new_process_id();
-        let started = monitor::spawn(&id, &spec, self.tx.clone(), &self.ctx)?;
+        let started = monitor::spawn(&id, &spec, self.tx.clone(), &self.ctx).await?;
         let info = started.info.clone();
         // Recorded, so a daemon killed with -9 finds the group at its next start.
         let record = WriteOp::InsertProcess {

@@ -34,7 +34,7 @@ pub(super) struct Started {
 }
 
 /// Starts `sh -c` in its own process group and its monitor.
-pub(super) fn spawn(
+pub(super) async fn spawn(
     id: &str,
     spec: &StartSpec,
     runner: mpsc::Sender<RunnerCommand>,
@@ -53,9 +53,12 @@ pub(super) fn spawn(
     for name in &ctx.agent.command.env_remove {
         command.env_remove(name);
     }
-    let mut child = command
-        .spawn()
-        .map_err(|e| Error::Internal(format!("could not start sh: {e}")))?;
+    let spawned = if spec.sandboxed {
+        ctx.sandbox.spawn(command, &spec.workspace).await
+    } else {
+        command.spawn()
+    };
+    let mut child = spawned.map_err(|e| Error::Internal(format!("could not start sh: {e}")))?;
     let pid = child.id().unwrap_or(0);
     let info = BackgroundProcess {
         process_id: id.to_owned(),

@@ -68,6 +68,8 @@ pub struct Background<'a> {
     pub runner: &'a ProcessRunner,
     /// The session (its processes only).
     pub session: &'a SessionHandle,
+    /// Start them under the sandbox (false for `dangerous` turns).
+    pub sandboxed: bool,
 }
 
 /// Output text returned per `bg_output` call at most.
@@ -139,7 +141,9 @@ pub async fn start(
             command: args.command.trim().to_owned(),
             label: args.label,
             cwd,
+            workspace: workspace.root().to_owned(),
             timeout,
+            sandboxed: bg.sandboxed,
         })
         .await
         .map_err(|e| e.to_string())?;

@@ -123,6 +123,7 @@ pub async fn run(
     workspace: &Workspace,
     args: RunCommandArgs,
     limits: &CommandLimits,
+    sandbox: Option<&crate::process::sandbox::Sandbox>,
 ) -> Result<String, String> {
     let timeout = args
         .timeout_secs
@@ -142,9 +143,11 @@ pub async fn run(
     for name in &limits.env_remove {
         command.env_remove(name);
     }
-    let mut child = command
-        .spawn()
-        .map_err(|e| format!("could not start sh: {e}"))?;
+    let spawned = match sandbox {
+        Some(sandbox) => sandbox.spawn(command, workspace.root()).await,
+        None => command.spawn(),
+    };
+    let mut child = spawned.map_err(|e| format!("could not start sh: {e}"))?;
     let mut guard = GroupGuard {
         pgid: child
             .id()
@@ -284,12 +287,12 @@ mod tests {
             command: c.into(),
             timeout_secs: None,
         };
-        let out = run(&ws, args("seq 1 100000"), &limits).await.unwrap();
+        let out = run(&ws, args("seq 1 100000"), &limits, None).await.unwrap();
         assert!(out.starts_with("exit code 0"), "{out}");
         assert!(out.contains("bytes cut"), "{out}");
         assert!(out.contains("\n100000"), "{out}");
         assert!(out.len() < 1300, "{}", out.len());
-        let err = run(&ws, args("echo oops >&2; exit 3"), &limits)
+        let err = run(&ws, args("echo oops >&2; exit 3"), &limits, None)
             .await
             .unwrap_err();
         assert!(err.starts_with("exit code 3"), "{err}");

@@ -282,6 +282,8 @@ pub struct ToolEnv<'a> {
     pub memory: &'a mut FileMemory,
     /// The runner and the session, for the background tools (absent: they are unavailable).
     pub background: Option<background::Background<'a>>,
+    /// The sandbox commands run in (absent for `dangerous` turns).
+    pub sandbox: Option<&'a crate::process::sandbox::Sandbox>,
 }
 
 /// A call turned into what happens next.
@@ -410,7 +412,7 @@ pub async fn apply(
             env.memory.saw(&path);
             result.map(|()| format!("wrote {} bytes to {shown}", content.len()))
         }
-        Change::Command(args) => command::run(workspace, args, limits).await,
+        Change::Command(args) => command::run(workspace, args, limits, env.sandbox).await,
         Change::BackgroundStart(args) => match &env.background {
             Some(bg) => background::start(bg, workspace, args).await,
             None => Err("background processes are not available".to_owned()),

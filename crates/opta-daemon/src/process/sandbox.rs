@@ -1,0 +1,177 @@
+//! Commands run under Landlock (Linux): they may read everywhere except the daemon's home
+//! (its state file holds the token: a command that read it could approve its own prompts),
+//! and write only in the session's workspace, the temporary directory, `/dev/null` and the
+//! roots the user added (`--sandbox-write`). Where the kernel has no Landlock, commands run
+//! unsandboxed and `/v3/health` says `sandbox: "none"`.
+//!
+//! Landlock restricts a thread and the processes it starts afterwards, so each sandboxed
+//! command is spawned from a short-lived thread that restricts itself first; the daemon's own
+//! threads stay unrestricted.
+
+use std::path::{Path, PathBuf};
+
+use landlock::{
+    ABI, Access, AccessFs, PathBeneath, PathFd, Ruleset, RulesetAttr, RulesetCreatedAttr,
+    RulesetStatus,
+};
+
+/// The Landlock ABI the rules are written for; older kernels enforce what they know.
+const TARGET_ABI: ABI = ABI::V5;
+
+/// Where sandboxed commands may write, and what they may not read.
+#[derive(Debug, Clone)]
+pub struct Sandbox {
+    hidden: PathBuf,
+    extra_writes: Vec<PathBuf>,
+    available: bool,
+}
+
+impl Sandbox {
+    /// The sandbox for a daemon whose home is `hidden`; probes the kernel once.
+    pub fn probe(hidden: &Path, extra_writes: Vec<PathBuf>) -> Self {
+        let available = std::thread::spawn(|| {
+            let status = Ruleset::default()
+                .handle_access(AccessFs::from_all(TARGET_ABI))
+                .and_then(|r| r.create())
+                .and_then(|r| r.restrict_self());
+            matches!(
+                status.map(|s| s.ruleset),
+                Ok(RulesetStatus::FullyEnforced | RulesetStatus::PartiallyEnforced)
+            )
+        })
+        .join()
+        .unwrap_or(false);
+        Self {
+            hidden: hidden.canonicalize().unwrap_or_else(|_| hidden.to_owned()),
+            extra_writes,
+            available,
+        }
+    }
+
+    /// `landlock` when commands are confined, `none` when the kernel cannot.
+    pub fn kind(&self) -> &'static str {
+        if self.available { "landlock" } else { "none" }
+    }
+
+    /// Spawns `command` confined to write in `workspace` (and the other write roots).
+    pub async fn spawn(
+        &self,
+        mut command: tokio::process::Command,
+        workspace: &Path,
+    ) -> std::io::Result<tokio::process::Child> {
+        if !self.available {
+            return command.spawn();
+        }
+        let reads = read_roots(&self.hidden);
+        let mut wanted = vec![
+            workspace.to_owned(),
+            std::env::temp_dir(),
+            "/dev/null".into(),
+        ];
+        wanted.extend(self.extra_writes.iter().cloned());
+        // A write root above the daemon's home (a home in /tmp) must not expose it.
+        let writes: Vec<PathBuf> = wanted
+            .iter()
+            .map(|root| root.canonicalize().unwrap_or_else(|_| root.clone()))
+            .flat_map(|root| except(&root, &self.hidden))
+            .collect();
+        let runtime = tokio::runtime::Handle::current();
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            let _entered = runtime.enter();
+            let result = confine(&reads, &writes).and_then(|()| command.spawn());
+            let _ = reply.send(result);
+        });
+        answer
+            .await
+            .map_err(|_| std::io::Error::other("the sandbox thread failed"))?
+    }
+}
+
+/// Restricts the calling thread (and what it starts) to the rules.
+fn confine(reads: &[PathBuf], writes: &[PathBuf]) -> std::io::Result<()> {
+    let all = AccessFs::from_all(TARGET_ABI);
+    let read = AccessFs::from_read(TARGET_ABI);
+    let fail = |e: landlock::RulesetError| std::io::Error::other(format!("sandbox: {e}"));
+    let mut ruleset = Ruleset::default()
+        .handle_access(all)
+        .map_err(fail)?
+        .create()
+        .map_err(fail)?;
+    for (paths, access) in [(reads, read), (writes, all)] {
+        for path in paths {
+            // A root that does not exist (a temp dir not made yet) is skipped.
+            if let Ok(fd) = PathFd::new(path) {
+                ruleset = ruleset
+                    .add_rule(PathBeneath::new(fd, access))
+                    .map_err(fail)?;
+            }
+        }
+    }
+    ruleset.restrict_self().map_err(fail)?;
+    Ok(())
+}
+
+/// Every directory that may be read: everything except the branch that holds `hidden`.
+fn read_roots(hidden: &Path) -> Vec<PathBuf> {
+    except(Path::new("/"), hidden)
+}
+
+/// `top` as rule roots, minus the branch down to `hidden` when `hidden` lies inside it (the
+/// siblings at each level are kept whole; `hidden` itself is left out). Rules only add
+/// access, so a hidden path is kept out by never naming a root above it.
+fn except(top: &Path, hidden: &Path) -> Vec<PathBuf> {
+    let Ok(below) = hidden.strip_prefix(top) else {
+        return vec![top.to_owned()];
+    };
+    let mut roots = Vec::new();
+    let mut level = top.to_owned();
+    for part in below.components() {
+        let next = level.join(part);
+        if let Ok(entries) = std::fs::read_dir(&level) {
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if path != next {
+                    roots.push(path);
+                }
+            }
+        }
+        level = next;
+    }
+    roots
+}
+
+#[cfg(test)]
+mod tests {
+    use super::read_roots;
+
+    #[test]
+    fn a_write_root_above_the_hidden_path_is_split_around_it() {
+        let base = tempfile::tempdir().unwrap();
+        let root = base.path().canonicalize().unwrap();
+        std::fs::create_dir_all(root.join("home/daemon")).unwrap();
+        std::fs::create_dir_all(root.join("scratch")).unwrap();
+        let roots = super::except(&root, &root.join("home/daemon"));
+        assert_eq!(roots, vec![root.join("scratch")]);
+        let elsewhere = super::except(&root.join("scratch"), &root.join("home/daemon"));
+        assert_eq!(elsewhere, vec![root.join("scratch")]);
+    }
+
+    #[test]
+    fn the_hidden_branch_is_left_out_and_its_siblings_kept() {
+        let base = tempfile::tempdir().unwrap();
+        let root = base.path().canonicalize().unwrap();
+        std::fs::create_dir_all(root.join("home/daemon")).unwrap();
+        std::fs::create_dir_all(root.join("home/work")).unwrap();
+        std::fs::create_dir_all(root.join("other")).unwrap();
+        let roots = read_roots(&root.join("home/daemon"));
+        assert!(roots.contains(&root.join("other")));
+        assert!(roots.contains(&root.join("home/work")));
+        assert!(
+            !roots
+                .iter()
+                .any(|r| root.join("home/daemon").starts_with(r))
+        );
+        assert!(roots.contains(&std::path::PathBuf::from("/usr")));
+    }
+}
