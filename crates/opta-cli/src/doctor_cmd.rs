@@ -114,6 +114,7 @@ pub async fn doctor(
             checks.push(check_tools(&http, lmx_url, &model).await);
         }
     }
+    checks.push(check_sandbox(home).await);
     checks.push(check_disk(home));
     report(&checks, json)?;
     let failed = checks.iter().any(|c| c.status == Status::Fail);
@@ -122,6 +123,36 @@ pub async fn doctor(
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// How commands are confined: the running daemon's answer, else this kernel's.
+async fn check_sandbox(home: &Path) -> Check {
+    let kind = match daemon_ctl::running(home).await {
+        Some(r) => r
+            .client
+            .check_contract()
+            .await
+            .ok()
+            .and_then(|h| h.sandbox),
+        None => None,
+    }
+    .unwrap_or_else(|| {
+        opta_daemon::process::sandbox::Sandbox::probe(home, Vec::new())
+            .kind()
+            .to_owned()
+    });
+    if kind == "landlock" {
+        Check::ok(
+            "sandbox",
+            "landlock: commands write only in the workspace, the temp dir and --sandbox-write roots, and cannot read the daemon's home",
+        )
+    } else {
+        Check::warn(
+            "sandbox",
+            format!("{kind}: this kernel has no Landlock, so commands run unconfined"),
+            "use a Linux kernel with Landlock (5.13+, enabled in the `lsm=` boot list) to confine commands",
+        )
+    }
 }
 
 async fn check_daemon(home: &Path) -> Check {

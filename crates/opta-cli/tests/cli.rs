@@ -1098,6 +1098,16 @@ async fn doctor_says_what_works_and_what_to_do_about_what_does_not() {
     ] {
         assert!(report.contains(line), "{line:?} in\n{report}");
     }
+    // The sandbox line says what the daemon's kernel allows: ok with Landlock, else a warning.
+    let sandbox = report
+        .lines()
+        .find(|l| l.contains("sandbox"))
+        .unwrap_or_default();
+    assert!(
+        sandbox.starts_with("ok    sandbox      landlock")
+            || sandbox.starts_with("warn  sandbox      none"),
+        "{report}"
+    );
     // JSON for scripts; a server that refuses tools is a warning, not a failure.
     lmx.set_rejects_tools(true);
     let out = home.opta(&["doctor", "--json"]).await;
