@@ -128,12 +128,7 @@ pub async fn doctor(
 /// How commands are confined: the running daemon's answer, else this kernel's.
 async fn check_sandbox(home: &Path) -> Check {
     let kind = match daemon_ctl::running(home).await {
-        Some(r) => r
-            .client
-            .check_contract()
-            .await
-            .ok()
-            .and_then(|h| h.sandbox),
+        Some(r) => r.client.check_contract().await.ok().and_then(|h| h.sandbox),
         None => None,
     }
     .unwrap_or_else(|| {

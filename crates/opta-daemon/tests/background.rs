@@ -451,3 +451,35 @@ async fn sandboxed_commands_write_only_in_the_workspace_and_cannot_read_the_daem
     );
     assert!(!outside.join("escaped.txt").exists());
 }
+
+#[tokio::test]
+async fn output_events_of_an_ended_process_are_swept_and_the_output_route_still_serves_them() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let d = TestDaemon::start_with(&lmx.url(), |c| {
+        c.limits.delta_retention = Duration::from_millis(200);
+        c.limits.delta_sweep_interval = Duration::from_millis(100);
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let s = session_in(&d, &dir.path().canonicalize().unwrap()).await;
+    let p = start(&d, &s, "echo a; sleep 0.1; echo b", json!({})).await;
+    let id = p["processId"].as_str().unwrap().to_owned();
+    wait_for(&d, &id, |p| p["state"] == "completed").await;
+    let count = |events: &[Value], name: &str| events.iter().filter(|e| e["event"] == name).count();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let events = d.events(&s, 0).await;
+        if count(&events, "background.output") == 0 {
+            // The status events stay: they are durable.
+            assert_eq!(count(&events, "background.status"), 2);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the output events were never swept"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, out) = d.get(&format!("/v3/background/{id}/output")).await;
+    assert_eq!(out["chunks"].as_array().unwrap().len(), 2);
+}

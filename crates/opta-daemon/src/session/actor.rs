@@ -371,7 +371,12 @@ impl SessionActor {
         for event in events {
             seq += 1;
             let name = event.name();
-            let turn_id = event.turn_id().map(|t| t.0.clone());
+            // The owner an event is found by: its turn, or for output its process (swept
+            // once the process has ended).
+            let turn_id = match event {
+                Event::BackgroundOutput(output) => Some(output.process_id.clone()),
+                other => other.turn_id().map(|t| t.0.clone()),
+            };
             let envelope = EnvelopeRef {
                 v: PROTOCOL_VERSION,
                 event,

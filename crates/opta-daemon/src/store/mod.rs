@@ -146,6 +146,13 @@ pub enum WriteOp {
         /// `proc_...`.
         process_id: String,
     },
+    /// Drop an ended process's `background.output` events (the output route served them).
+    PruneProcessOutput {
+        /// Owning session.
+        session_id: String,
+        /// `proc_...`.
+        process_id: String,
+    },
     /// Replace a session's grants (a JSON array).
     SetGrants {
         /// Session id.
@@ -361,6 +368,22 @@ impl Store {
                         after_seq,
                     },
                 )
+                .collect();
+            self.write(ops).await?;
+            swept += count;
+            if count < PAGE {
+                break;
+            }
+        }
+        loop {
+            let due = self.processes_to_sweep(finished_before, PAGE).await?;
+            let count = due.len();
+            let ops = due
+                .into_iter()
+                .map(|(session_id, process_id)| WriteOp::PruneProcessOutput {
+                    session_id,
+                    process_id,
+                })
                 .collect();
             self.write(ops).await?;
             swept += count;

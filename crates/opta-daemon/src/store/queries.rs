@@ -320,6 +320,29 @@ impl Store {
         .await
     }
 
+    /// Up to `limit` ended background processes whose output events are still stored and
+    /// that ended at or before `ended_before`: `(session_id, process_id)`.
+    pub async fn processes_to_sweep(
+        &self,
+        ended_before: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, String)>> {
+        let ended_before = ended_before.to_owned();
+        self.read(move |conn| {
+            Ok(conn
+                .prepare_cached(
+                    "SELECT session_id, process_id FROM processes
+                     WHERE ended = 1 AND output_pruned = 0 AND ended_at <= ?1
+                     ORDER BY ended_at LIMIT ?2",
+                )?
+                .query_map(params![ended_before, limit as i64], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+
     /// Up to `limit` finished turns not yet swept that finished at or before
     /// `finished_before`, oldest first: `(session_id, turn_id, queued_seq)`.
     pub async fn turns_to_sweep(

@@ -74,9 +74,13 @@ const MIGRATIONS: &[&str] = &[
         pgid        INTEGER NOT NULL,
         start_ticks INTEGER NOT NULL,
         record      TEXT NOT NULL,
-        ended       INTEGER NOT NULL DEFAULT 0
+        ended       INTEGER NOT NULL DEFAULT 0,
+        ended_at    TEXT,
+        output_pruned INTEGER NOT NULL DEFAULT 0
     );
     CREATE INDEX processes_running ON processes (ended) WHERE ended = 0;
+    CREATE INDEX processes_unswept ON processes (ended_at)
+        WHERE ended = 1 AND output_pruned = 0;
     ",
 ];
 

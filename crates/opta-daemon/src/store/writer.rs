@@ -184,7 +184,21 @@ fn apply(conn: &Connection, op: &WriteOp) -> Result<()> {
             .execute(params![process_id, session_id, pgid, start_ticks, record])?;
         }
         WriteOp::EndProcess { process_id } => {
-            conn.prepare_cached("UPDATE processes SET ended = 1 WHERE process_id = ?1")?
+            conn.prepare_cached(
+                "UPDATE processes SET ended = 1, ended_at = ?2 WHERE process_id = ?1 AND ended = 0",
+            )?
+            .execute(params![process_id, crate::ids::now_iso()])?;
+        }
+        WriteOp::PruneProcessOutput {
+            session_id,
+            process_id,
+        } => {
+            conn.prepare_cached(
+                "DELETE FROM events WHERE session_id = ?1 AND turn_id = ?2
+                 AND event = 'background.output'",
+            )?
+            .execute(params![session_id, process_id])?;
+            conn.prepare_cached("UPDATE processes SET output_pruned = 1 WHERE process_id = ?1")?
                 .execute(params![process_id])?;
         }
         WriteOp::SetGrants { session_id, grants } => {
