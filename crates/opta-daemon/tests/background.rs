@@ -483,3 +483,60 @@ async fn output_events_of_an_ended_process_are_swept_and_the_output_route_still_
     let (_, out) = d.get(&format!("/v3/background/{id}/output")).await;
     assert_eq!(out["chunks"].as_array().unwrap().len(), 2);
 }
+
+#[tokio::test]
+async fn a_run_command_that_outlives_background_after_secs_is_left_running_in_the_background() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let d = TestDaemon::start(&lmx.url()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let s = session_in(&d, &dir.path().canonicalize().unwrap()).await;
+    lmx.push(opta_test_support::Reply::tool_call(
+        "run_command",
+        json!({"command": "echo quick", "backgroundAfterSecs": 5}),
+    ));
+    lmx.push(opta_test_support::Reply::tool_call(
+        "run_command",
+        json!({"command": "echo serving; sleep 60", "backgroundAfterSecs": 1}),
+    ));
+    lmx.push(opta_test_support::Reply::chunks(["The server runs."]));
+    let mut ws = d.ws(&s, u64::MAX).await;
+    let (status, body) = d
+        .post(
+            &format!("/v3/sessions/{s}/turns"),
+            json!({"clientId": "t", "writerId": "w", "content": "serve",
+                   "mode": "do", "overrides": {"dangerous": true}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let turn = body["turnId"].as_str().unwrap().to_owned();
+    let events = ws
+        .envelopes_until(opta_test_support::is_terminal_of(&turn))
+        .await;
+    let ends: Vec<&Value> = events.iter().filter(|e| e["event"] == "tool.end").collect();
+    let quick = ends[0]["payload"]["result"]["output"].as_str().unwrap();
+    assert!(
+        quick.contains("completed") && quick.contains("quick"),
+        "{quick}"
+    );
+    let detached = ends[1]["payload"]["result"]["output"].as_str().unwrap();
+    assert!(
+        detached.contains("left running in the background"),
+        "{detached}"
+    );
+    let (_, list) = d.get(&format!("/v3/background?sessionId={s}")).await;
+    let running: Vec<&Value> = list["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["state"] == "running")
+        .collect();
+    assert_eq!(running.len(), 1, "{list}");
+    assert_eq!(running[0]["command"], "echo serving; sleep 60");
+    assert!(detached.contains(running[0]["processId"].as_str().unwrap()));
+    let id = running[0]["processId"].as_str().unwrap().to_owned();
+    d.post(
+        &format!("/v3/background/{id}/kill"),
+        json!({"signal": "SIGKILL"}),
+    )
+    .await;
+}

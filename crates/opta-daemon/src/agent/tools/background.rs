@@ -165,6 +165,60 @@ async fn own(bg: &Background<'_>, id: &str) -> Result<BackgroundProcess, String>
     Ok(process)
 }
 
+/// `run_command` with `backgroundAfterSecs`: the command runs as a background process from
+/// the start; if it ends within that time its output is the answer, as for a plain command,
+/// else it keeps running and the answer says how to reach it.
+pub async fn run_or_detach(
+    bg: &Background<'_>,
+    workspace: &Workspace,
+    command: String,
+    after_secs: u64,
+    limits: &super::command::CommandLimits,
+) -> Result<String, String> {
+    let process = bg
+        .runner
+        .start(StartSpec {
+            session: bg.session.clone(),
+            session_id: bg.session.id().clone(),
+            command: command.trim().to_owned(),
+            label: None,
+            cwd: workspace.root().to_owned(),
+            workspace: workspace.root().to_owned(),
+            timeout: Some(DEFAULT_TIMEOUT),
+            sandboxed: bg.sandboxed,
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    let id = process.process_id.clone();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(after_secs.min(600));
+    loop {
+        let now = own(bg, &id).await?;
+        if now.state != ProcessState::Running {
+            let page = bg
+                .runner
+                .output(id.clone(), 0, 500, None)
+                .await
+                .map_err(|e| e.to_string())?;
+            let text: String = page.chunks.iter().map(|c| c.text.as_str()).collect();
+            let text = super::head_and_tail(&text, limits.output_cap);
+            let answer = format!("{}\n{text}", describe(&now));
+            return if now.state == ProcessState::Completed {
+                Ok(answer)
+            } else {
+                Err(answer)
+            };
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Ok(format!(
+                "still running after {after_secs} s, so it was left running in the background: \
+                 {}; read its output with bg_output, stop it with bg_kill",
+                describe(&now)
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// `bg_status`.
 pub async fn status(bg: &Background<'_>, args: BgStatusArgs) -> Result<String, String> {
     own(bg, &args.process_id).await.map(|p| describe(&p))

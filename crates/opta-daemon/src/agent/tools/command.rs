@@ -21,6 +21,10 @@ pub struct RunCommandArgs {
     /// Seconds before the command is killed (default 120).
     #[serde(default, alias = "timeout_secs", alias = "timeout")]
     pub timeout_secs: Option<u64>,
+    /// For a command that may keep running (a dev server): after this many seconds, leave it
+    /// running in the background and answer with its process id instead of killing it.
+    #[serde(default, alias = "background_after_secs")]
+    pub background_after_secs: Option<u64>,
 }
 
 /// Limits of `run_command`, from the daemon's flags.
@@ -286,6 +290,7 @@ mod tests {
         let args = |c: &str| RunCommandArgs {
             command: c.into(),
             timeout_secs: None,
+            background_after_secs: None,
         };
         let out = run(&ws, args("seq 1 100000"), &limits, None).await.unwrap();
         assert!(out.starts_with("exit code 0"), "{out}");

@@ -412,7 +412,12 @@ pub async fn apply(
             env.memory.saw(&path);
             result.map(|()| format!("wrote {} bytes to {shown}", content.len()))
         }
-        Change::Command(args) => command::run(workspace, args, limits, env.sandbox).await,
+        Change::Command(args) => match (&env.background, args.background_after_secs) {
+            (Some(bg), Some(after)) => {
+                background::run_or_detach(bg, workspace, args.command, after, limits).await
+            }
+            _ => command::run(workspace, args, limits, env.sandbox).await,
+        },
         Change::BackgroundStart(args) => match &env.background {
             Some(bg) => background::start(bg, workspace, args).await,
             None => Err("background processes are not available".to_owned()),
