@@ -409,8 +409,18 @@ async fn sandboxed_commands_write_only_in_the_workspace_and_cannot_read_the_daem
     let base = tempfile::tempdir().unwrap();
     let root = base.path().canonicalize().unwrap();
     let ws = root.join("ws");
-    // Outside the workspace and outside the temporary directory (which commands may use).
-    let away = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    // Outside the workspace and outside the temporary directory (which commands may use):
+    // the build's own scratch directory, or the home directory when that is in /tmp too.
+    let temp = std::env::temp_dir().canonicalize().unwrap();
+    let scratch = [
+        std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")),
+        std::path::PathBuf::from(std::env::var("HOME").unwrap_or_default()),
+    ]
+    .into_iter()
+    .filter_map(|dir| dir.canonicalize().ok())
+    .find(|dir| !dir.starts_with(&temp) && dir != Path::new("/"))
+    .expect("a writable directory outside the temporary directory");
+    let away = tempfile::tempdir_in(&scratch).unwrap();
     let outside = away.path().canonicalize().unwrap().join("outside");
     std::fs::create_dir_all(&ws).unwrap();
     std::fs::create_dir_all(&outside).unwrap();
