@@ -64,6 +64,18 @@ const KEYS: &[(&str, &str, Kind)] = &[
     ("system-prompt-file", "system_prompt_file", Kind::Text),
     ("workspace", "workspace", Kind::Text),
     ("default-mode", "default_mode", Kind::Text),
+    ("max-background", "max_background", Kind::Number),
+    (
+        "background-timeout-secs",
+        "background_timeout_secs",
+        Kind::Number,
+    ),
+    (
+        "background-output-kib",
+        "background_output_kib",
+        Kind::Number,
+    ),
+    ("background-keep-secs", "background_keep_secs", Kind::Number),
     ("sync-commits", "sync_commits", Kind::Switch),
 ];
 
@@ -219,6 +231,10 @@ fn set_field(args: &mut DaemonArgs, key: &str, text: &str) -> Result<()> {
         "max-command-secs" => args.max_command_secs = number()?.max(1),
         "system-prompt-file" => args.system_prompt_file = Some(text.into()),
         "workspace" => args.workspace = Some(text.into()),
+        "max-background" => args.max_background = number()?.max(1),
+        "background-timeout-secs" => args.background_timeout_secs = number()?,
+        "background-output-kib" => args.background_output_kib = number()?.max(1),
+        "background-keep-secs" => args.background_keep_secs = number()?,
         "default-mode" => {
             args.default_mode = Some(
                 crate::do_cmd::parse_mode(text)
@@ -260,6 +276,10 @@ fn get_field(args: &DaemonArgs, key: &str) -> String {
             .as_ref()
             .map(|p| p.display().to_string())
             .unwrap_or_default(),
+        "max-background" => args.max_background.to_string(),
+        "background-timeout-secs" => args.background_timeout_secs.to_string(),
+        "background-output-kib" => args.background_output_kib.to_string(),
+        "background-keep-secs" => args.background_keep_secs.to_string(),
         "default-mode" => args
             .default_mode
             .map(|m| m.as_str().to_owned())

@@ -317,6 +317,13 @@ async fn run_foreground(home: &Path, args: &DaemonArgs) -> Result<()> {
         logs_path: Some(logs_path),
         faults: Default::default(),
         agent: agent_config(args)?,
+        background: opta_daemon::process::BackgroundLimits {
+            max_running: usize::try_from(args.max_background).unwrap_or(usize::MAX),
+            default_timeout: Duration::from_secs(args.background_timeout_secs),
+            output_cap_bytes: usize::try_from(args.background_output_kib.saturating_mul(1024))
+                .unwrap_or(usize::MAX),
+            keep_ended: Duration::from_secs(args.background_keep_secs),
+        },
     };
     let daemon = RunningDaemon::start(config).await?;
     let state = daemon.state();

@@ -120,6 +120,28 @@ pub struct DaemonArgs {
     /// Workspace of sessions created without one (default: the daemon's working directory).
     #[arg(long, env = "OPTA_WORKSPACE", global = true)]
     pub workspace: Option<PathBuf>,
+    /// Background processes running at once, daemon-wide (the next start gets 409).
+    #[arg(long, env = "OPTA_MAX_BACKGROUND", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..), global = true)]
+    pub max_background: u64,
+    /// Timeout of a background process started without one, in seconds (0 = none).
+    #[arg(
+        long,
+        env = "OPTA_BACKGROUND_TIMEOUT_SECS",
+        default_value_t = 300,
+        global = true
+    )]
+    pub background_timeout_secs: u64,
+    /// Output kept per background process, in KiB (the oldest goes first).
+    #[arg(long, env = "OPTA_BACKGROUND_OUTPUT_KIB", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..), global = true)]
+    pub background_output_kib: u64,
+    /// How long an ended background process stays listed and readable, in seconds.
+    #[arg(
+        long,
+        env = "OPTA_BACKGROUND_KEEP_SECS",
+        default_value_t = 300,
+        global = true
+    )]
+    pub background_keep_secs: u64,
     /// Where sandboxed commands may write besides the workspace and the temporary directory
     /// (repeatable, e.g. `--sandbox-write ~/.cargo`).
     #[arg(
@@ -172,6 +194,14 @@ impl DaemonArgs {
             self.permission_timeout_secs.to_string(),
             "--max-command-secs".into(),
             self.max_command_secs.to_string(),
+            "--max-background".into(),
+            self.max_background.to_string(),
+            "--background-timeout-secs".into(),
+            self.background_timeout_secs.to_string(),
+            "--background-output-kib".into(),
+            self.background_output_kib.to_string(),
+            "--background-keep-secs".into(),
+            self.background_keep_secs.to_string(),
         ];
         for path in &self.sandbox_write {
             args.push("--sandbox-write".into());

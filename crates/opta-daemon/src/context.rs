@@ -170,6 +170,8 @@ pub struct DaemonContext {
     pub runner: crate::process::ProcessRunner,
     /// The sandbox commands run in.
     pub sandbox: crate::process::sandbox::Sandbox,
+    /// Limits of background processes.
+    pub background: crate::process::BackgroundLimits,
 }
 
 impl DaemonContext {

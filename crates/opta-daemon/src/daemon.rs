@@ -55,6 +55,8 @@ pub struct DaemonConfig {
     pub faults: FaultHooks,
     /// Tool loop, permissions, commands, prompt and default workspace.
     pub agent: crate::agent::AgentConfig,
+    /// Limits of background processes.
+    pub background: crate::process::BackgroundLimits,
 }
 
 impl DaemonConfig {
@@ -74,6 +76,7 @@ impl DaemonConfig {
             logs_path: None,
             faults: FaultHooks::default(),
             agent: crate::agent::AgentConfig::default(),
+            background: crate::process::BackgroundLimits::default(),
         }
     }
 
@@ -161,6 +164,7 @@ impl RunningDaemon {
                 &config.home,
                 config.agent.sandbox_writes.clone(),
             ),
+            background: config.background,
         });
         let registry = Registry::spawn(ctx.clone());
         runner_inbox.start(ctx.clone());

@@ -214,14 +214,21 @@ async fn a_timeout_stops_the_group_and_shutdown_stops_the_rest() {
     let timed = start(
         &d,
         &s,
-        "sleep 60 & sleep 60; wait",
+        // It ignores SIGTERM: the timeout's SIGKILL comes 3 s later.
+        "trap '' TERM; sleep 60 & sleep 60; wait",
         json!({"timeoutMs": 300}),
     )
     .await;
     let id = timed["processId"].as_str().unwrap().to_owned();
     assert_eq!(timed["timeoutMs"], 300);
+    let started = Instant::now();
     let ended = wait_for(&d, &id, |p| p["state"] != "running").await;
     assert_eq!(ended["state"], "timeout");
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
     assert!(!group_alive(timed["pid"].as_u64().unwrap()));
 
     // cwd is confined to the workspace; a bad timeout is refused.

@@ -565,6 +565,7 @@ impl Turn<'_> {
                     runner: &ctx.runner,
                     session,
                     sandboxed: !dangerous,
+                    default_timeout: ctx.background.default_timeout,
                 }),
             sandbox: (!dangerous).then_some(&ctx.sandbox),
         };

@@ -16,7 +16,7 @@ use serde::Deserialize;
 use super::AppState;
 use super::extract::{ApiJson, ApiPath, ApiQuery, session_id};
 use crate::error::{Error, Result};
-use crate::process::{DEFAULT_TIMEOUT, MAX_TIMEOUT, StartSpec};
+use crate::process::{MAX_TIMEOUT, StartSpec};
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -46,7 +46,7 @@ pub async fn start(
         return Err(Error::invalid("command", "must not be empty"));
     }
     let timeout = match request.timeout_ms {
-        None => Some(DEFAULT_TIMEOUT),
+        None => Some(state.ctx.background.default_timeout).filter(|t| !t.is_zero()),
         Some(0) => None,
         Some(ms) if Duration::from_millis(ms) > MAX_TIMEOUT => {
             return Err(Error::invalid(

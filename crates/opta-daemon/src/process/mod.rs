@@ -27,16 +27,33 @@ use crate::error::{Error, Result};
 use crate::session::{Registry, SessionHandle};
 use crate::store::WriteOp;
 
-/// Running background processes allowed daemon-wide.
-pub const MAX_RUNNING: usize = 5;
-/// Output kept per process; the oldest chunks go first.
-pub const OUTPUT_CAP_BYTES: usize = 1024 * 1024;
-/// Timeout of a process started without one.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
 /// The longest timeout a process may have.
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
-/// How long an ended process stays readable.
-pub const KEEP_ENDED: Duration = Duration::from_secs(300);
+
+/// Limits of background processes (flags `--max-background`, `--background-timeout-secs`,
+/// `--background-output-kib`, `--background-keep-secs`).
+#[derive(Debug, Clone, Copy)]
+pub struct BackgroundLimits {
+    /// Running at once, daemon-wide (`run_command` does not count).
+    pub max_running: usize,
+    /// Timeout of a process started without one (zero: none).
+    pub default_timeout: Duration,
+    /// Output kept per process; the oldest chunks go first.
+    pub output_cap_bytes: usize,
+    /// How long an ended process stays listed and readable.
+    pub keep_ended: Duration,
+}
+
+impl Default for BackgroundLimits {
+    fn default() -> Self {
+        Self {
+            max_running: 5,
+            default_timeout: Duration::from_secs(300),
+            output_cap_bytes: 1024 * 1024,
+            keep_ended: Duration::from_secs(300),
+        }
+    }
+}
 
 /// What to start.
 pub struct StartSpec {
@@ -160,7 +177,7 @@ impl ProcessRunner {
         crate::actor::ask(&self.commands, make).await
     }
 
-    /// Starts a process; 409 when [`MAX_RUNNING`] already run.
+    /// Starts a process; 409 when the limit of running processes is reached.
     pub async fn start(&self, spec: StartSpec) -> Result<BackgroundProcess> {
         self.ask(|reply| RunnerCommand::Start { spec, reply })
             .await?
@@ -219,7 +236,8 @@ impl Runner {
                     None => return,
                 },
                 _ = sweep.tick() => {
-                    self.procs.retain(|_, p| p.ended.is_none_or(|t| t.elapsed() < KEEP_ENDED));
+                    let keep = self.ctx.background.keep_ended;
+                    self.procs.retain(|_, p| p.ended.is_none_or(|t| t.elapsed() < keep));
                     continue;
                 }
             };
@@ -263,8 +281,9 @@ impl Runner {
                     let _ = reply.send(answer);
                 }
                 RunnerCommand::Chunk { id, chunk } => {
+                    let cap = self.ctx.background.output_cap_bytes;
                     if let Some(p) = self.procs.get_mut(&id) {
-                        p.keep(chunk);
+                        p.keep(chunk, cap);
                     }
                 }
                 RunnerCommand::Ended { process } => {
@@ -300,8 +319,9 @@ impl Runner {
             .values()
             .filter(|p| p.info.state == ProcessState::Running)
             .count();
-        if running >= MAX_RUNNING {
-            return Err(Error::ProcessLimit(MAX_RUNNING));
+        let max = self.ctx.background.max_running;
+        if running >= max {
+            return Err(Error::ProcessLimit(max));
         }
         let id = crate::ids::new_process_id();
         let started = monitor::spawn(&id, &spec, self.tx.clone(), &self.ctx).await?;
@@ -380,10 +400,10 @@ impl Proc {
         info
     }
 
-    fn keep(&mut self, chunk: OutputChunk) {
+    fn keep(&mut self, chunk: OutputChunk, cap: usize) {
         self.bytes += chunk.text.len();
         self.chunks.push_back(chunk);
-        while self.bytes > OUTPUT_CAP_BYTES {
+        while self.bytes > cap {
             match self.chunks.pop_front() {
                 Some(old) => self.bytes -= old.text.len(),
                 None => break,

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Change, Prepared, command::simple_scope};
 use crate::agent::Workspace;
-use crate::process::{DEFAULT_TIMEOUT, MAX_TIMEOUT, ProcessRunner, StartSpec};
+use crate::process::{MAX_TIMEOUT, ProcessRunner, StartSpec};
 use crate::session::SessionHandle;
 
 /// `bg_start` arguments.
@@ -70,6 +70,8 @@ pub struct Background<'a> {
     pub session: &'a SessionHandle,
     /// Start them under the sandbox (false for `dangerous` turns).
     pub sandboxed: bool,
+    /// Timeout of a process started without one.
+    pub default_timeout: Duration,
 }
 
 /// Output text returned per `bg_output` call at most.
@@ -129,7 +131,7 @@ pub async fn start(
         .resolve(args.cwd.as_deref().unwrap_or("."))
         .map_err(|e| e.to_string())?;
     let timeout = match args.timeout_secs {
-        None => Some(DEFAULT_TIMEOUT),
+        None => Some(bg.default_timeout).filter(|t| !t.is_zero()),
         Some(0) => None,
         Some(secs) => Some(Duration::from_secs(secs).min(MAX_TIMEOUT)),
     };
@@ -184,7 +186,7 @@ pub async fn run_or_detach(
             label: None,
             cwd: workspace.root().to_owned(),
             workspace: workspace.root().to_owned(),
-            timeout: Some(DEFAULT_TIMEOUT),
+            timeout: Some(bg.default_timeout).filter(|t| !t.is_zero()),
             sandboxed: bg.sandboxed,
         })
         .await
