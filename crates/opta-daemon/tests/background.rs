@@ -262,6 +262,16 @@ async fn a_flood_of_output_keeps_the_last_mebibyte() {
     let d = TestDaemon::start(&lmx.url()).await;
     let dir = tempfile::tempdir().unwrap();
     let s = session_in(&d, &dir.path().canonicalize().unwrap()).await;
+    let rss_kib = || -> u64 {
+        std::fs::read_to_string("/proc/self/status")
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap()
+    };
+    let before = rss_kib();
     let p = start(
         &d,
         &s,
@@ -298,6 +308,46 @@ async fn a_flood_of_output_keeps_the_last_mebibyte() {
         "the oldest chunks were dropped, and the seq says so"
     );
     assert!(last_text.ends_with("END\n"), "the newest output is kept");
+    // The daemon runs in this process: 5 MiB went through it, far less stays.
+    let grown_mib = rss_kib().saturating_sub(before) / 1024;
+    assert!(
+        grown_mib < 48,
+        "memory grew by {grown_mib} MiB for 5 MiB of output"
+    );
+}
+
+#[tokio::test]
+async fn a_session_with_a_running_process_is_not_evicted() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let d = TestDaemon::start_with(&lmx.url(), |c| {
+        c.limits.idle_eviction = Duration::from_millis(100);
+        c.limits.eviction_interval = Duration::from_millis(50);
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let s = session_in(&d, &dir.path().canonicalize().unwrap()).await;
+    let p = start(&d, &s, "sleep 30", json!({})).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let (_, metrics) = d.get("/v3/metrics").await;
+    assert_eq!(metrics["runtime"]["sessionCount"], 1, "{metrics}");
+    assert_eq!(metrics["runtime"]["evictedSessionCount"], 0, "{metrics}");
+    let id = p["processId"].as_str().unwrap().to_owned();
+    d.post(
+        &format!("/v3/background/{id}/kill"),
+        json!({"signal": "SIGKILL"}),
+    )
+    .await;
+    wait_for(&d, &id, |p| p["state"] == "killed").await;
+    // Ended, it no longer holds the session in memory.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, metrics) = d.get("/v3/metrics").await;
+        if metrics["runtime"]["evictedSessionCount"] == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never evicted: {metrics}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test]
