@@ -388,6 +388,15 @@ impl<P: ExternalPrinter> Chat<P> {
         self.emit(&format!("{fresh_line}{}\n", ui::dim(line)));
     }
 
+    /// A tool line or a prompt comes between two pieces of the answer: the answer's open
+    /// line is finished first (drawn styled), so the next round's text starts afresh.
+    fn end_answer_line(&mut self) {
+        let rest = self.markdown.finish();
+        if self.line_open {
+            self.emit(&format!("{rest}\n"));
+        }
+    }
+
     fn emit(&mut self, text: &str) {
         // The spinner only fills the wait for the first output: clear it before anything
         // is printed, so its line does not stay in the scrollback.
@@ -565,8 +574,12 @@ impl<P: ExternalPrinter> Chat<P> {
                     self.emit(&ui::dim(&text));
                 }
             }
-            Output::Note(line) => self.say(&line),
+            Output::Note(line) => {
+                self.end_answer_line();
+                self.say(&line);
+            }
             Output::Permission(ask) => {
+                self.end_answer_line();
                 let answer = match self.policy.verdict() {
                     Verdict::Decide(decision) => Answer {
                         decision,

@@ -188,6 +188,21 @@ pub async fn run(args: DoArgs, home: &Path, daemon: &DaemonArgs) -> Result<ExitC
                     eprint!("{}", ui::dim(&text));
                 }
             }
+            Output::Note(_) | Output::Permission(_) if wrote_text && !args.json => {
+                // The answer's open line ends before a tool line or a prompt.
+                let rest = markdown.finish();
+                if let Err(e) = writeln!(stdout, "{rest}").and_then(|()| stdout.flush()) {
+                    return stdout_failed(e, &client, &session, &turn_id).await;
+                }
+                wrote_text = false;
+                match output {
+                    Output::Note(line) => eprintln!("{}", ui::dim(&line)),
+                    Output::Permission(ask) => {
+                        answer_permission(&client, &session, &ask, &mut policy).await?;
+                    }
+                    _ => {}
+                }
+            }
             Output::Note(line) => {
                 if !args.json {
                     eprintln!("{}", ui::dim(&line));

@@ -1428,7 +1428,16 @@ impl SessionActor {
         }
     }
 
+    /// Records what the running turn reported before now (a `tool.start` still queued, say):
+    /// whatever ends the turn then closes it, so no call or prompt is left without its end.
+    async fn flush_updates(&mut self) {
+        while let Ok(update) = self.updates.try_recv() {
+            self.on_update(update).await;
+        }
+    }
+
     async fn cancel(&mut self, request: CancelRequest) -> Result<CancelResponse> {
+        self.flush_updates().await;
         let CancelRequest { turn_id, writer_id } = request;
         let (removed, active_hit) = match (&turn_id, &writer_id) {
             (None, None) => (Vec::new(), false),
@@ -1553,6 +1562,7 @@ impl SessionActor {
     }
 
     async fn delete(&mut self) -> Result<()> {
+        self.flush_updates().await;
         // Its background processes go with it.
         for id in std::mem::take(&mut self.processes) {
             let _ = self
@@ -1583,6 +1593,7 @@ impl SessionActor {
 
     async fn shutdown(&mut self) {
         self.stopping = true;
+        self.flush_updates().await;
         // A last try for an owed ending; if it fails, the restart reports the turn from the
         // store's state (interrupted, or queued again).
         self.retry_at = None;

@@ -352,6 +352,9 @@ fn closest_region(text: &str, wanted: &str) -> String {
 
 /// A unified diff (3 lines of context) from `old` to `new`, both named `name`.
 pub fn unified_diff(name: &str, old: &str, new: &str) -> String {
+    if old == new {
+        return format!("(no change: {name} already has this content)\n");
+    }
     similar::TextDiff::from_lines(old, new)
         .unified_diff()
         .context_radius(3)
