@@ -63,6 +63,9 @@ pub struct FaultHooks {
     pub turn_panics_on: Option<fn(&str) -> bool>,
     /// A tool call whose arguments (as JSON text) this accepts panics inside the turn task.
     pub tool_panics_on: Option<fn(&str) -> bool>,
+    /// A background process whose command this accepts has a monitor that panics after
+    /// reporting its start.
+    pub monitor_panics_on: Option<fn(&str) -> bool>,
     /// A session actor given a turn submission whose content this accepts panics.
     pub session_panics_on: Option<fn(&str) -> bool>,
 }

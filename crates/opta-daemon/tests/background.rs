@@ -607,3 +607,26 @@ async fn a_run_command_that_outlives_background_after_secs_is_left_running_in_th
     )
     .await;
 }
+
+#[tokio::test]
+async fn a_monitor_that_panics_leaves_no_process_and_no_stale_running_state() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let d = TestDaemon::start_with(&lmx.url(), |c| {
+        c.faults.monitor_panics_on = Some(|command| command.contains("doomed"));
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let s = session_in(&d, &dir.path().canonicalize().unwrap()).await;
+    let p = start(&d, &s, "sleep 60 # doomed", json!({})).await;
+    let id = p["processId"].as_str().unwrap().to_owned();
+    let ended = wait_for(&d, &id, |p| p["state"] != "running").await;
+    assert_eq!(ended["state"], "failed");
+    assert!(!group_alive(p["pid"].as_u64().unwrap()));
+    let events = d.events(&s, 0).await;
+    assert!(
+        events.iter().any(
+            |e| e["event"] == "background.status" && e["payload"]["reason"] == "monitor-failed"
+        ),
+        "{events:?}"
+    );
+}

@@ -258,17 +258,27 @@ impl Turn<'_> {
         let mut rounds = 0u32;
         let mut repeats: Option<(String, u32)> = None;
         let mut next_call = 0u32;
+        // Built once per turn (it reads AGENTS.md), again only if the model turns out to
+        // refuse `tools` mid-turn.
+        let mut system: Option<(bool, String)> = None;
         loop {
             rounds += 1;
             let text_tools = self.ctx.tool_support.refuses(&model);
-            let system = prompt::system_prompt(
-                config.system_prompt.as_deref(),
-                workspace,
-                mode,
-                format,
-                text_tools,
-            );
-            let wire = prompt::wire_messages(&system, &history, text_tools);
+            if system
+                .as_ref()
+                .is_none_or(|(built_for, _)| *built_for != text_tools)
+            {
+                let text = prompt::system_prompt(
+                    config.system_prompt.as_deref(),
+                    workspace,
+                    mode,
+                    format,
+                    text_tools,
+                );
+                system = Some((text_tools, text));
+            }
+            let system_text = system.as_ref().map_or("", |(_, text)| text.as_str());
+            let wire = prompt::wire_messages(system_text, &history, text_tools);
             let mut sink = RoundSink {
                 turn_no: self.turn_no,
                 updates: self.updates,

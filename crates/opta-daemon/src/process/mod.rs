@@ -128,6 +128,7 @@ struct Proc {
     bytes: usize,
     control: mpsc::Sender<KillSignal>,
     monitor: tokio::task::JoinHandle<()>,
+    session: SessionHandle,
 }
 
 struct Runner {
@@ -228,7 +229,9 @@ impl ProcessRunner {
 
 impl Runner {
     async fn run(mut self, mut commands: mpsc::Receiver<RunnerCommand>) {
-        let mut sweep = tokio::time::interval(Duration::from_secs(30));
+        // Every second: a monitor that died (a panic) is noticed; ended processes past their
+        // keeping time go.
+        let mut sweep = tokio::time::interval(Duration::from_secs(1));
         loop {
             let command = tokio::select! {
                 command = commands.recv() => match command {
@@ -236,6 +239,7 @@ impl Runner {
                     None => return,
                 },
                 _ = sweep.tick() => {
+                    self.reap_dead_monitors().await;
                     let keep = self.ctx.background.keep_ended;
                     self.procs.retain(|_, p| p.ended.is_none_or(|t| t.elapsed() < keep));
                     continue;
@@ -307,6 +311,49 @@ impl Runner {
         }
     }
 
+    /// A monitor that ended without reporting its process's end (it panicked) leaves the
+    /// process looking alive for ever: its group is killed and it is recorded as failed.
+    async fn reap_dead_monitors(&mut self) {
+        let dead: Vec<String> = self
+            .procs
+            .iter()
+            .filter(|(_, p)| p.info.state == ProcessState::Running && p.monitor.is_finished())
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in dead {
+            let Some(p) = self.procs.get_mut(&id) else {
+                continue;
+            };
+            if let Ok(pgid) = i32::try_from(p.info.pid) {
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(pgid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            tracing::error!(process = %id, "the monitor of a background process failed; its group was killed");
+            p.info.state = ProcessState::Failed;
+            p.info.ended_at = Some(crate::ids::now_iso());
+            p.ended = Some(Instant::now());
+            let event = opta_protocol::Event::BackgroundStatus(opta_protocol::BackgroundStatus {
+                process: p.info.clone(),
+                reason: "monitor-failed".to_owned(),
+                previous_state: Some(ProcessState::Running),
+                signal: Some("SIGKILL".to_owned()),
+            });
+            let session = p.session.clone();
+            let ended = WriteOp::EndProcess {
+                process_id: id.clone(),
+            };
+            if let Err(e) = self.ctx.store.write(vec![ended]).await {
+                tracing::warn!(error = %e, "could not record a background process's end");
+            }
+            // Its session learns it ended (and may be evicted again).
+            if let Err(e) = session.background(event, Some((id, false))).await {
+                tracing::warn!(error = %e, "could not report a failed monitor");
+            }
+        }
+    }
+
     fn find(&self, id: &str) -> Result<&Proc> {
         self.procs
             .get(id)
@@ -350,6 +397,7 @@ impl Runner {
                 bytes: 0,
                 control: started.control,
                 monitor: started.monitor,
+                session: spec.session.clone(),
             },
         );
         Ok(info)

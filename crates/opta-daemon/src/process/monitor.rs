@@ -94,6 +94,10 @@ pub(super) async fn spawn(
         runner,
         seq: 0,
         started: std::time::Instant::now(),
+        panics: ctx
+            .faults
+            .monitor_panics_on
+            .is_some_and(|f| f(&spec.command)),
     };
     let task = tokio::spawn(monitor.run(child, chunks, control_rx, spec.timeout));
     Ok(Started {
@@ -129,6 +133,8 @@ struct Monitor {
     runner: mpsc::Sender<RunnerCommand>,
     seq: u64,
     started: std::time::Instant,
+    /// Injected fault (tests only).
+    panics: bool,
 }
 
 /// Resolves at `at`; never without one.
@@ -154,6 +160,9 @@ impl Monitor {
         timeout: Option<Duration>,
     ) {
         self.status("started", None, None).await;
+        if self.panics {
+            panic!("injected fault: background monitor panics");
+        }
         let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
         let mut ending: Option<(ProcessState, &'static str, String)> = None;
         let mut escalate_at: Option<tokio::time::Instant> = None;
