@@ -23,6 +23,7 @@ mod render;
 mod sanitize;
 mod sessions_cmd;
 mod ui;
+mod web_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -89,6 +90,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Open the web client: prints a one-time sign-in link and opens it in a browser.
+    Web(web_cmd::WebArgs),
     /// Print a shell completion script (`opta completions bash > /etc/bash_completion.d/opta`).
     Completions {
         /// The shell.
@@ -182,6 +185,7 @@ async fn run(mut cli: Cli, matches: &clap::ArgMatches) -> Result<ExitCode> {
         Command::Chat(args) => chat::run(args, &home, &cli.daemon).await,
         Command::Sessions { action } => sessions_cmd::sessions(action, &home, &cli.daemon).await,
         Command::Bg { action } => bg_cmd::bg(action, &home, &cli.daemon).await,
+        Command::Web(args) => web_cmd::run(args, &home, &cli.daemon).await,
         Command::Models { action, json } => {
             models_cmd::models(action, json, &home, &cli.daemon).await
         }

@@ -1536,3 +1536,60 @@ async fn a_background_group_left_by_a_killed_daemon_is_stopped_and_reported_at_r
     assert_eq!(last["payload"]["process"]["state"], "killed", "{last}");
     assert_eq!(last["payload"]["previousState"], "running", "{last}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn web_prints_a_one_time_link_that_signs_a_page_in() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let home = Home::new(&lmx.url());
+    let out = home.opta(&["web", "--no-open"]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "the link is the only line: {stdout:?}");
+    let state = home.state().expect("web started the daemon");
+    let token = state["token"].as_str().unwrap();
+    let base = format!("http://127.0.0.1:{}", state["port"]);
+    let code = lines[0]
+        .strip_prefix(&format!("{base}/#code="))
+        .unwrap_or_else(|| panic!("a link to the page: {}", lines[0]));
+    assert!(
+        !lines[0].contains(token),
+        "the link never carries the token"
+    );
+    let http = reqwest::Client::new();
+    let exchange = |code: String| {
+        let http = http.clone();
+        let url = format!("{base}/v3/web/exchange");
+        async move {
+            let resp = http
+                .post(url)
+                .json(&serde_json::json!({ "code": code }))
+                .send()
+                .await
+                .unwrap();
+            (resp.status().as_u16(), resp.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, body) = exchange(code.to_owned()).await;
+    assert_eq!((status, body["token"].as_str()), (200, Some(token)));
+    assert_eq!(
+        exchange(code.to_owned()).await.0,
+        401,
+        "the code works once"
+    );
+
+    // Without a display there is nothing to open the link with: it is printed all the same,
+    // with a word on stderr.
+    let mut bare = home.command(&["web"]);
+    bare.env_remove("DISPLAY").env_remove("WAYLAND_DISPLAY");
+    let out = tokio::task::spawn_blocking(move || bare.output().unwrap())
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).starts_with(&format!("{base}/#code=")));
+    assert!(
+        text(&out.stderr).contains("open the link"),
+        "{}",
+        text(&out.stderr)
+    );
+}

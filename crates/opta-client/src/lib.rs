@@ -403,6 +403,21 @@ impl DaemonClient {
             .await
     }
 
+    /// `POST /v3/web/code`: a one-time sign-in link for the web page (works once, for a
+    /// minute; the link carries the code, never the token).
+    pub async fn web_sign_in_code(&self) -> Result<opta_protocol::WebCodeResponse> {
+        self.post("/v3/web/code", &serde_json::json!({})).await
+    }
+
+    /// `POST /v3/web/exchange`: the token for a one-time code (what the web page does).
+    pub async fn web_exchange(&self, code: &str) -> Result<opta_protocol::WebExchangeResponse> {
+        self.post(
+            "/v3/web/exchange",
+            &opta_protocol::WebExchangeRequest { code: code.into() },
+        )
+        .await
+    }
+
     /// `GET /v3/lmx/status`.
     pub async fn lmx_status(&self) -> Result<LmxStatusResponse> {
         self.get("/v3/lmx/status").await

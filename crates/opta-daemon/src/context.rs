@@ -175,6 +175,8 @@ pub struct DaemonContext {
     pub sandbox: crate::process::sandbox::Sandbox,
     /// Limits of background processes.
     pub background: crate::process::BackgroundLimits,
+    /// Session changes, for live session lists.
+    pub session_feed: crate::session::SessionFeed,
 }
 
 impl DaemonContext {

@@ -165,6 +165,7 @@ impl RunningDaemon {
                 config.agent.sandbox_writes.clone(),
             ),
             background: config.background,
+            session_feed: crate::session::SessionFeed::default(),
         });
         let registry = Registry::spawn(ctx.clone());
         runner_inbox.start(ctx.clone());
@@ -184,7 +185,11 @@ impl RunningDaemon {
 
         let listener = bind(&config.host, config.port).await?;
         let addr = listener.local_addr()?;
-        let token: Arc<str> = config.token.clone().unwrap_or_else(new_token).into();
+        let token: Arc<str> = match &config.token {
+            Some(token) => token.clone(),
+            None => kept_token(&dir)?,
+        }
+        .into();
         let logs_path = config
             .logs_path
             .clone()
@@ -201,11 +206,7 @@ impl RunningDaemon {
         let state_path = dir.join("state.json");
         write_state(&state_path, &state)?;
 
-        let app = router(AppState {
-            ctx: ctx.clone(),
-            registry: registry.clone(),
-            token,
-        });
+        let app = router(AppState::new(ctx.clone(), registry.clone(), token));
         let force = CancellationToken::new();
         let server = tokio::spawn(serve(
             listener,
@@ -360,20 +361,41 @@ async fn bind(host: &str, port: u16) -> Result<TcpListener> {
 
 /// Writes the state file atomically with mode 0600.
 fn write_state(path: &Path, state: &DaemonState) -> Result<()> {
-    let tmp = path.with_extension("json.tmp");
     let json = serde_json::to_vec_pretty(state)
         .map_err(|e| Error::Internal(format!("state serialisation: {e}")))?;
+    write_private(path, &json)
+}
+
+/// Writes `bytes` to `path` atomically (a synced temporary file renamed over it), mode 0600.
+fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
     let mut file = OpenOptions::new()
         .create(true)
         .truncate(true)
         .write(true)
         .mode(0o600)
         .open(&tmp)?;
-    file.write_all(&json)?;
+    file.write_all(bytes)?;
     file.sync_all()?;
     fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600))?;
     fs::rename(&tmp, path)?;
     Ok(())
+}
+
+/// The token kept in `dir/token` (0600), made on first use: signed-in web pages and other
+/// long-lived clients keep working across restarts. Delete the file to rotate the token.
+fn kept_token(dir: &Path) -> Result<String> {
+    let path = dir.join("token");
+    if let Ok(text) = fs::read_to_string(&path) {
+        let token = text.trim();
+        if token.len() >= 48 && token.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Ok(token.to_owned());
+        }
+        tracing::warn!(path = %path.display(), "the kept token is malformed; making a new one");
+    }
+    let token = new_token();
+    write_private(&path, token.as_bytes())?;
+    Ok(token)
 }
 
 /// Reads the state file of `home`, if there is one.
@@ -385,6 +407,22 @@ pub fn read_state(home: &Path) -> Option<DaemonState> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_token_is_kept_across_starts_and_a_bad_one_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = kept_token(dir.path()).unwrap();
+        assert_eq!(kept_token(dir.path()).unwrap(), first);
+        let mode = fs::metadata(dir.path().join("token"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        fs::write(dir.path().join("token"), "short").unwrap();
+        let replaced = kept_token(dir.path()).unwrap();
+        assert_ne!(replaced, first);
+        assert_eq!(replaced.len(), 64);
+    }
 
     #[test]
     fn only_plain_http_inference_urls_are_taken() {

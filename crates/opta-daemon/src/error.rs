@@ -19,6 +19,11 @@ pub enum Error {
     /// Missing or wrong token.
     #[error("Unauthorized")]
     Unauthorized,
+    /// A web sign-in code that is unknown, already used or expired.
+    #[error(
+        "This sign-in link is unknown, used or expired (codes work once, for a minute): run `opta web` for a new one"
+    )]
+    SignInCodeRejected,
     /// No session with that id, in memory or on disk.
     #[error("Session not found: {0}")]
     SessionNotFound(SessionId),

@@ -49,6 +49,11 @@ pub fn now_iso() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
+/// A one-time web sign-in code: 32 url-safe random characters (192 bits).
+pub fn new_sign_in_code() -> String {
+    random_url_safe(32)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

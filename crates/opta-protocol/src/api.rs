@@ -456,3 +456,51 @@ pub struct KillBackgroundResponse {
     /// The process.
     pub process: crate::events::BackgroundProcess,
 }
+
+/// One item of the daemon-level session feed (`GET /v3/sse/sessions`): what a session list
+/// needs to stay current without polling.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "event", rename_all_fields = "camelCase")]
+pub enum SessionFeedEvent {
+    /// A session was created, or its listed state changed (title, model, running or queued
+    /// turns, tool calls, update time).
+    #[serde(rename = "session.changed")]
+    Changed {
+        /// The session as the list shows it now.
+        session: SessionSnapshot,
+    },
+    /// A session was deleted.
+    #[serde(rename = "session.deleted")]
+    Deleted {
+        /// The deleted session.
+        session_id: SessionId,
+    },
+}
+
+/// `POST /v3/web/code`: a one-time sign-in code for the web page.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WebCodeResponse {
+    /// The code: works once, until `expiresAt`.
+    pub code: String,
+    /// When the code stops working (ISO-8601 UTC).
+    pub expires_at: String,
+    /// The page's address with the code in its fragment (`http://HOST:PORT/#code=...`).
+    pub url: String,
+}
+
+/// `POST /v3/web/exchange` (no token needed): trades a one-time code for the token.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WebExchangeRequest {
+    /// The code from `POST /v3/web/code`.
+    pub code: String,
+}
+
+/// Answer of `POST /v3/web/exchange`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WebExchangeResponse {
+    /// The daemon's token.
+    pub token: String,
+}

@@ -21,6 +21,7 @@ pub fn openapi() -> Value {
     doc.event_planes();
     doc.background();
     doc.lmx();
+    doc.web();
     doc.finish()
 }
 
@@ -105,7 +106,10 @@ impl Doc {
             operation["requestBody"] = json!({"required": true,
                 "content": {"application/json": {"schema": schema}}});
         }
-        if path == "/health" {
+        if matches!(
+            path,
+            "/health" | "/" | "/assets/{file}" | "/v3/web/exchange"
+        ) {
             operation["security"] = json!([]);
         }
         let entry = self
@@ -113,6 +117,51 @@ impl Doc {
             .entry(path.to_owned())
             .or_insert_with(|| Value::Object(Map::new()));
         entry[method] = operation;
+    }
+
+    fn web(&mut self) {
+        let page = |kind: &str| {
+            json!({"description": format!("the web page's {kind}, embedded in the daemon; served with a strict Content-Security-Policy"),
+                "content": {"text/html": {"schema": {"type": "string"}}}})
+        };
+        self.route(
+            "get",
+            "/",
+            "The web client (no token: it carries no data)",
+            None,
+            &[],
+            Answer::Other(200, page("HTML")),
+        );
+        self.route(
+            "get",
+            "/assets/{file}",
+            "The web client's scripts, styles and licences (no token)",
+            None,
+            &[],
+            Answer::Other(200, page("asset")),
+        );
+        let code = self.schema::<WebCodeResponse>();
+        self.route(
+            "post",
+            "/v3/web/code",
+            "A one-time sign-in code for the web page (works once, for a minute)",
+            None,
+            &[],
+            Answer::Json(201, code),
+        );
+        let exchange = self.schema::<WebExchangeRequest>();
+        let token = self.schema::<WebExchangeResponse>();
+        self.route("post", "/v3/web/exchange",
+            "Trades a one-time code for the token (no token; 401 for an unknown, used or expired code)",
+            Some(exchange), &[], Answer::Json(200, token));
+        let feed = self.schema::<SessionFeedEvent>();
+        self.route("get", "/v3/sse/sessions",
+            "Server-sent session changes: `: connected`, then `data: <SessionFeedEvent>` for every session created, changed or deleted; `: ping` every 15 s",
+            None, &[("token", "the token (EventSource cannot set headers)", json!({"type": "string"}))],
+            Answer::Other(200, json!({"description": "an event stream of session changes",
+                "content": {"text/event-stream": {"schema": {"type": "string",
+                    "description": "each event's `data:` is a SessionFeedEvent (x-event-schema)"}}},
+                "x-event-schema": feed})));
     }
 
     fn health_and_metrics(&mut self) {

@@ -43,6 +43,10 @@ fn current() -> String {
     add("LmxLoadResponse", schema_for!(LmxLoadResponse));
     add("LmxUnloadResponse", schema_for!(LmxUnloadResponse));
     add("LmxDownload", schema_for!(LmxDownload));
+    add("SessionFeedEvent", schema_for!(SessionFeedEvent));
+    add("WebCodeResponse", schema_for!(WebCodeResponse));
+    add("WebExchangeRequest", schema_for!(WebExchangeRequest));
+    add("WebExchangeResponse", schema_for!(WebExchangeResponse));
     let mut text = serde_json::to_string_pretty(&Value::Object(all)).unwrap();
     text.push('\n');
     text

@@ -27,6 +27,24 @@ pub struct TestDaemon {
 }
 
 impl TestDaemon {
+    /// A scripted inference server and a daemon talking to it.
+    pub async fn with_scripted_lmx() -> (crate::ScriptedLmx, Self) {
+        let lmx = crate::ScriptedLmx::start()
+            .await
+            .expect("scripted inference server starts");
+        let daemon = Self::start(&lmx.url()).await;
+        (lmx, daemon)
+    }
+
+    /// `GET path` without the token (public routes, or checking they refuse).
+    pub async fn get_anonymous(&self, path: &str) -> reqwest::Response {
+        self.http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .expect("request sent")
+    }
+
     /// Starts a daemon talking to the inference server at `lmx_url`.
     pub async fn start(lmx_url: &str) -> Self {
         Self::start_with(lmx_url, |_| {}).await

@@ -6,7 +6,9 @@
 pub mod clients;
 pub mod daemon;
 pub mod lmx;
+pub mod proxy;
 
 pub use clients::{SseClient, WsClient, WsItem, assert_contiguous, is_terminal_of, token_text};
 pub use daemon::{TestDaemon, WAIT};
 pub use lmx::{Behaviour, Reply, ScriptedLmx, conversation};
+pub use proxy::CutProxy;

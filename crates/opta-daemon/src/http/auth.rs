@@ -10,8 +10,11 @@ use subtle::ConstantTimeEq;
 use super::AppState;
 use crate::error::Error;
 
-/// Routes reachable without a token.
-const PUBLIC_PATHS: &[&str] = &["/health"];
+/// Routes reachable without a token: liveness, the web page (it carries no data) and the
+/// exchange of a one-time sign-in code for the token.
+const PUBLIC_PATHS: &[&str] = &["/health", "/", "/v3/web/exchange"];
+/// Prefix of the web page's assets, public like the page.
+const PUBLIC_PREFIX: &str = "/assets/";
 /// Routes that authenticate inside the handler.
 pub const SELF_AUTHENTICATED_PATHS: &[&str] = &["/v3/ws"];
 
@@ -22,7 +25,10 @@ pub async fn require_token(
     next: Next,
 ) -> Response {
     let path = request.uri().path();
-    if PUBLIC_PATHS.contains(&path) || SELF_AUTHENTICATED_PATHS.contains(&path) {
+    if PUBLIC_PATHS.contains(&path)
+        || path.starts_with(PUBLIC_PREFIX)
+        || SELF_AUTHENTICATED_PATHS.contains(&path)
+    {
         return next.run(request).await;
     }
     if is_authorised(&state.token, request.headers(), request.uri().query()) {

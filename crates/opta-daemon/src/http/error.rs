@@ -15,6 +15,7 @@ impl Error {
         match self {
             Error::InvalidInput { .. } => (StatusCode::BAD_REQUEST, "invalid-request"),
             Error::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            Error::SignInCodeRejected => (StatusCode::UNAUTHORIZED, "sign-in-code-rejected"),
             Error::SessionNotFound(_) => (StatusCode::NOT_FOUND, "session-not-found"),
             Error::PermissionNotFound(_) => (StatusCode::NOT_FOUND, "permission-not-found"),
             Error::GrantNotFound(_) => (StatusCode::NOT_FOUND, "grant-not-found"),

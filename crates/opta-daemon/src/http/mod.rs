@@ -10,6 +10,7 @@ mod routes;
 mod serve;
 mod sse;
 mod subscribe;
+mod web;
 mod ws;
 
 use std::sync::Arc;
@@ -36,11 +37,30 @@ pub struct AppState {
     pub registry: Registry,
     /// The auth token.
     pub token: Arc<str>,
+    /// The web page's outstanding one-time sign-in codes.
+    pub sign_in: Arc<web::SignInCodes>,
+}
+
+impl AppState {
+    /// The state of a router serving `registry` with `token`.
+    pub fn new(ctx: Arc<DaemonContext>, registry: Registry, token: Arc<str>) -> Self {
+        Self {
+            ctx,
+            registry,
+            token,
+            sign_in: Arc::default(),
+        }
+    }
 }
 
 /// The v3 router with auth, CORS and the body limit.
 pub fn router(state: AppState) -> Router {
     Router::new()
+        .route("/", get(web::index))
+        .route("/assets/{*file}", get(web::asset))
+        .route("/v3/web/code", post(web::issue_code))
+        .route("/v3/web/exchange", post(web::exchange))
+        .route("/v3/sse/sessions", get(sse::sessions))
         .route("/health", get(routes::health))
         .route("/v3/health", get(routes::v3_health))
         .route("/v3/metrics", get(routes::metrics))
@@ -91,5 +111,11 @@ pub fn router(state: AppState) -> Router {
             auth::require_token,
         ))
         .layer(middleware::from_fn(cors::loopback_cors))
+        .layer(middleware::map_response(
+            |mut response: axum::response::Response| async {
+                web::add_security_headers(response.headers_mut());
+                response
+            },
+        ))
         .with_state(state)
 }

@@ -79,3 +79,31 @@ pub async fn events(
     Ok(Sse::new(connected.chain(replay).chain(live))
         .keep_alive(KeepAlive::new().interval(ping).text("ping")))
 }
+
+/// `GET /v3/sse/sessions`: `: connected`, then one `data:` line per session change. A watcher
+/// that falls behind has its stream ended: it re-lists and watches again.
+pub async fn sessions(
+    State(state): State<AppState>,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let receiver = state.ctx.session_feed.watch();
+    let shutdown = state.ctx.shutdown.clone();
+    let connected = stream::once(async { Ok(Event::default().comment("connected")) });
+    let live = stream::unfold(receiver, move |mut receiver| {
+        let shutdown = shutdown.clone();
+        async move {
+            let next = tokio::select! {
+                _ = shutdown.cancelled() => return None,
+                next = receiver.recv() => next,
+            };
+            match next {
+                Ok(json) => Some((Ok(Event::default().data(&*json)), receiver)),
+                Err(RecvError::Lagged(_) | RecvError::Closed) => None,
+            }
+        }
+    });
+    Sse::new(connected.chain(live)).keep_alive(
+        KeepAlive::new()
+            .interval(state.ctx.limits.keepalive)
+            .text("ping"),
+    )
+}

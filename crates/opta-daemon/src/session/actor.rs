@@ -21,6 +21,7 @@ use serde_json::json;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::{JoinError, JoinHandle};
 
+use super::feed::Listed;
 use super::{Frame, SessionChanges, SessionCommand, SessionHandle, Subscription};
 use crate::agent::Workspace;
 use crate::agent::run::{PermissionAsk, ToolEnded, TurnPlan, TurnUpdate, Verdict, run_turn};
@@ -151,6 +152,8 @@ pub(crate) struct SessionActor {
     /// Its own address, without keeping its channel open: lent to turns (their background
     /// processes report to this session).
     own: mpsc::WeakSender<SessionCommand>,
+    /// What the session feed last heard of this session (`None`: not yet announced).
+    listed: Option<Listed>,
 }
 
 impl SessionActor {
@@ -200,6 +203,7 @@ impl SessionActor {
             memory: Some(FileMemory::default()),
             processes: HashSet::new(),
             own: commands_tx.downgrade(),
+            listed: None,
             ctx: ctx.clone(),
         };
         ctx.counters.add(Counter::Sessions, 1);
@@ -248,6 +252,7 @@ impl SessionActor {
             // Whatever happened (a turn ended, a record was owed or paid, a cancel), the
             // queue moves on from here.
             self.maybe_start_next().await;
+            self.publish_listing();
         }
         // `Drop` releases what the actor holds.
     }
@@ -334,6 +339,7 @@ impl SessionActor {
                 let deleted = result.is_ok();
                 let _ = reply.send(result);
                 if deleted {
+                    self.ctx.session_feed.deleted(self.id.clone());
                     return ControlFlow::Break(());
                 }
             }
@@ -432,6 +438,21 @@ impl SessionActor {
     /// The history as owned messages, for answers and events.
     fn messages(&self) -> Vec<ChatMessage> {
         self.history.iter().map(|m| ChatMessage::clone(m)).collect()
+    }
+
+    /// Tells the session feed when what a session list shows of this session changed.
+    fn publish_listing(&mut self) {
+        let active = self.active.as_ref().map(|a| a.turn.turn_id.0.as_str());
+        if self
+            .listed
+            .as_ref()
+            .is_some_and(|l| l.matches(active, self.queue.len(), &self.meta))
+        {
+            return;
+        }
+        let snapshot = self.snapshot();
+        self.listed = Some(Listed::of(&snapshot));
+        self.ctx.session_feed.changed(snapshot);
     }
 
     fn snapshot(&self) -> SessionSnapshot {

@@ -1,6 +1,7 @@
 //! Sessions as actors: one task owns each live session, and every change goes through it.
 
 mod actor;
+mod feed;
 mod registry;
 mod retention;
 
@@ -15,6 +16,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::error::{Error, Result};
 
+pub use feed::SessionFeed;
 pub use registry::{Opened, Registry};
 pub use retention::sweep_deltas_periodically;
 
