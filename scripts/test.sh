@@ -12,6 +12,12 @@ if ! cargo nextest --version > /dev/null 2>&1; then
   cargo install cargo-nextest --locked
 fi
 
+# playwright-core for the browser tests (Chromium itself is Debian's: .ci/run installs it).
+if [ ! -d tests/browser/node_modules/playwright-core ] \
+  || [ tests/browser/package-lock.json -nt tests/browser/node_modules/.package-lock.json ]; then
+  npm ci --prefix tests/browser --no-audit --no-fund
+fi
+
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 
