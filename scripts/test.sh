@@ -12,12 +12,14 @@ if ! cargo nextest --version > /dev/null 2>&1; then
   cargo install cargo-nextest --locked
 fi
 
-# playwright-core for the browser tests (Chromium itself is Debian's: .ci/run installs it).
+# playwright-core and tsc for the web client's tests (Chromium itself is Debian's: .ci/run installs it).
 if [ ! -d tests/browser/node_modules/playwright-core ] \
   || [ tests/browser/package-lock.json -nt tests/browser/node_modules/.package-lock.json ]; then
   npm ci --prefix tests/browser --no-audit --no-fund
 fi
 
+# The web client's modules, type-checked through their JSDoc types (strict).
+tests/browser/node_modules/.bin/tsc -p tests/browser
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 

@@ -16,6 +16,9 @@ tar xzf "$tmp/dompurify-$DOMPURIFY.tgz" -C "$tmp/dompurify"
 # The source-map comments would point at files we do not ship.
 grep -v '^//# sourceMappingURL=' "$tmp/marked/package/lib/marked.esm.js" > "$out/marked.js"
 grep -v '^//# sourceMappingURL=' "$tmp/dompurify/package/dist/purify.es.mjs" > "$out/purify.js"
+# Their type declarations, beside the modules, for the type check of the page (tsc in tests/browser).
+cp "$tmp/marked/package/lib/marked.d.ts" "$out/marked.d.ts"
+cp "$tmp/dompurify/package/dist/purify.es.d.mts" "$out/purify.d.ts"
 cp "$tmp/marked/package/LICENSE" "$out/LICENSE-marked.txt"
 cat "$tmp/dompurify/package/LICENSE" > "$out/LICENSE-dompurify.txt"
 printf 'marked %s (npm, MIT)\ndompurify %s (npm, Apache-2.0 or MPL-2.0)\n' "$MARKED" "$DOMPURIFY" > "$out/VERSIONS"

@@ -121,6 +121,9 @@ try {
   assert.equal(await answer.locator("li").count(), 2);
   assert.match(await answer.locator("pre code").innerText(), /fn parse/);
   assert.equal(await answer.locator("script").count(), 0, "raw HTML from the model is sanitised");
+  assert.equal(await answer.locator("a[href^='javascript']").count(), 0, "no script links");
+  assert.equal(await answer.locator("a[href='https://example.com/']").getAttribute("rel"), "noopener noreferrer");
+  assert.notEqual(await tab1.title(), "owned");
   await tab1.locator(".turn .stats").first().waitFor({ timeout });
   assert.equal(await tab1.inputValue("#prompt"), "", "the composer is cleared");
 
@@ -129,9 +132,14 @@ try {
   const made = await fetch(`${base}/v3/sessions`, {
     method: "POST",
     headers: { Authorization: `Bearer ${token}`, "Content-Type": "application/json" },
-    body: JSON.stringify({ title: "Made by another client" }),
+    // A hostile title: markup and terminal/bidi control characters stay visible text.
+    body: JSON.stringify({ title: "Made elsewhere <img src=x onerror=\"document.title='owned'\"> \u001b[31m\u202e" }),
   }).then((r) => r.json());
-  await tab1.locator(`#sessions button[data-session="${made.sessionId}"]`).waitFor({ timeout });
+  const listed = tab1.locator(`#sessions button[data-session="${made.sessionId}"]`);
+  await listed.waitFor({ timeout });
+  assert.equal(await listed.locator("img").count(), 0, "a title is text, not markup");
+  const shown = await listed.locator(".title").innerText();
+  assert.ok(shown.includes("<img src=x") && shown.includes("\\u{1b}") && shown.includes("\\u{202e}"), shown);
   await fetch(`${base}/v3/sessions/${made.sessionId}`, {
     method: "DELETE",
     headers: { Authorization: `Bearer ${token}` },
@@ -196,6 +204,10 @@ try {
   await tab1.fill("#prompt", "Count slowly");
   await tab1.press("#prompt", "Enter");
   await streaming(tab1, "Count slowly");
+  // A third tab joins mid-turn: it gets the history, then the running turn from its start.
+  const tab3 = watch(await context.newPage(), "tab3");
+  await tab3.goto(`${base}/#s=${sessionId}`);
+  await streaming(tab3, "Count slowly");
   const cut = await ask("cut");
   assert.ok(cut.cut > 0, "live connections were cut");
   await tab1.locator(".turn:last-child .stats").waitFor({ timeout: 30000 });
@@ -203,6 +215,11 @@ try {
   const text2 = (await tab2.locator(".turn:last-child .msg.assistant").innerText()).trim();
   assert.equal(text1, slow.text.trim(), "tab1 has every word once");
   assert.equal(text2, slow.text.trim(), "tab2 has every word once");
+  await tab3.locator(".turn:last-child .stats").waitFor({ timeout });
+  const text3 = (await tab3.locator(".turn:last-child .msg.assistant").innerText()).trim();
+  assert.equal(text3, slow.text.trim(), "the tab that joined mid-turn has every word once");
+  assert.equal(await tab3.locator(".msg.user", { hasText: "Count slowly" }).count(), 1);
+  await tab3.close();
   assert.equal(await tab1.locator("#banner").isHidden(), true, "the banner is gone once live");
 
   // --- A daemon restart mid-turn: the turn ends interrupted, the page reconnects by itself -----

@@ -36,6 +36,7 @@ async fn act(
                     "- lex the input\n",
                     "- parse the tokens\n\n",
                     "```rust\nfn parse() {}\n```\n\n",
+                    "[docs](https://example.com/) [x](javascript:document.title='owned') ",
                     "<script>document.title = 'owned'</script>done",
                 ])],
                 "tool-then-slow" => vec![
@@ -49,7 +50,7 @@ async fn act(
                     ),
                     Reply::chunks(["Wrote hello.txt."]),
                 ],
-                "slow" => vec![Reply::slow(80, Duration::from_millis(40))],
+                "slow" => vec![Reply::slow(100, Duration::from_millis(40))],
                 "after-restart" => vec![Reply::chunks(["Back after the restart."])],
                 other => return json!({"error": format!("unknown reply kind {other}")}),
             };

@@ -109,7 +109,7 @@ export class ToolCard {
 
   /**
    * The call's result: `{ok: true, output}` or `{ok: false, error}` (older: any JSON).
-   * @param {any} result @param {number | null | undefined} durationMs @param {string | null | undefined} approvedBy
+   * @param {any} result @param {number | null} [durationMs] @param {string | null} [approvedBy]
    */
   finish(result, durationMs, approvedBy) {
     const failed = result && typeof result === "object" && (result.ok === false || result.error);
