@@ -18,6 +18,12 @@
 //! mid-turn, send bad input), reporting the process's memory, file descriptors and threads
 //! after a warm-up and at the end, and what the daemon still holds: leaks show as growth.
 //! Then the memory one idle resident session costs (1000 created, RSS growth per session).
+//!
+//! `fanout`, `slow-consumer`, `concurrent` (in `load.rs`) and `replay`, `startup` (in
+//! `replay.rs`): what clients do at scale; one JSON line per run.
+
+mod load;
+mod replay;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -81,6 +87,59 @@ enum Bench {
         #[arg(long, default_value_t = 2000)]
         subscribers: usize,
     },
+    /// N WebSocket subscribers on one session while one turn streams: time until all saw
+    /// `turn.done`, deliveries per second, every seq once and in order. One line per run.
+    Fanout {
+        /// Subscriber counts (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "50,500")]
+        subscribers: Vec<usize>,
+        /// Turn lengths in tokens (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "2000,20000")]
+        tokens: Vec<usize>,
+    },
+    /// Fan-out without and then with one subscriber that stops reading: the others' time,
+    /// and whether the stalled one was cut off and could resume.
+    SlowConsumer {
+        /// Reading subscribers.
+        #[arg(long, default_value_t = 50)]
+        subscribers: usize,
+        /// Turn length in tokens.
+        #[arg(long, default_value_t = 20000)]
+        tokens: usize,
+        /// Seconds the stalled reader waits before it looks (the daemon drops a connection
+        /// whose writes make no progress for 30 s).
+        #[arg(long, default_value_t = 32)]
+        stall_secs: u64,
+    },
+    /// Sessions each with a subscriber, one turn each, all submitted at once: turns/s.
+    Concurrent {
+        /// Session counts (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "100,1000")]
+        sessions: Vec<usize>,
+        /// Tokens per turn.
+        #[arg(long, default_value_t = 32)]
+        tokens: usize,
+    },
+    /// Replay from a stored log (seeded through the store): the last 10 events, and the whole
+    /// log over WebSocket. One line per log size.
+    Replay {
+        /// Stored events (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "10000,100000,1000000")]
+        events: Vec<u64>,
+        /// Measured `afterSeq=last-10` subscriptions per size.
+        #[arg(long, default_value_t = 200)]
+        repeats: usize,
+    },
+    /// Start-up: the `opta` binary beside this one spawned on a home with N stored sessions,
+    /// until `/health` answers. One line per count.
+    Startup {
+        /// Stored sessions (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "0,10000,100000")]
+        sessions: Vec<u64>,
+        /// Starts measured per count.
+        #[arg(long, default_value_t = 5)]
+        repeats: usize,
+    },
     /// Round trip of one event commit through the store's writer thread.
     Store {
         /// fsync every commit (the daemon's `--sync-commits`).
@@ -110,6 +169,18 @@ fn main() -> Result<()> {
             sessions,
             subscribers,
         } => memory(sessions, subscribers),
+        Bench::Fanout {
+            subscribers,
+            tokens,
+        } => load::fanout(&subscribers, &tokens),
+        Bench::SlowConsumer {
+            subscribers,
+            tokens,
+            stall_secs,
+        } => load::slow_consumer(subscribers, tokens, Duration::from_secs(stall_secs)),
+        Bench::Concurrent { sessions, tokens } => load::concurrent(&sessions, tokens),
+        Bench::Replay { events, repeats } => replay::replay(&events, repeats),
+        Bench::Startup { sessions, repeats } => replay::startup(&sessions, repeats),
     }
 }
 
@@ -183,11 +254,19 @@ impl Rig {
     }
 
     fn start_with(store: StoreOptions, configure: fn(&mut DaemonConfig)) -> Result<Self> {
+        Self::start_in(tempfile::tempdir()?, store, configure)
+    }
+
+    /// Like [`Rig::start_with`], on `home` (seeded beforehand, say).
+    fn start_in(
+        home: tempfile::TempDir,
+        store: StoreOptions,
+        configure: fn(&mut DaemonConfig),
+    ) -> Result<Self> {
         let server_rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()?;
-        let home = tempfile::tempdir()?;
         let (lmx, daemon) = server_rt.block_on(async {
             let lmx = ScriptedLmx::start().await?;
             let mut config = DaemonConfig::new(home.path());

@@ -4,7 +4,8 @@
 
 use std::process::Command;
 
-fn run(args: &[&str]) -> serde_json::Value {
+/// What a successful `opta-bench ARGS` printed.
+fn stdout_of(args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_opta-bench"))
         .args(args)
         .output()
@@ -14,7 +15,11 @@ fn run(args: &[&str]) -> serde_json::Value {
         "opta-bench {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout).expect("a JSON report")
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn run(args: &[&str]) -> serde_json::Value {
+    serde_json::from_str(&stdout_of(args)).expect("a JSON report")
 }
 
 #[test]
@@ -35,4 +40,49 @@ fn every_benchmark_completes_a_short_run() {
         let report = run(args);
         assert_eq!(report["benchmark"], name, "{report}");
     }
+}
+
+/// Every line of the output is one JSON report of `name`.
+fn run_lines(args: &[&str], name: &str) -> Vec<serde_json::Value> {
+    let lines: Vec<serde_json::Value> = stdout_of(args)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON report per line"))
+        .collect();
+    assert!(!lines.is_empty(), "opta-bench {args:?} printed nothing");
+    for line in &lines {
+        assert_eq!(line["benchmark"], name, "{line}");
+    }
+    lines
+}
+
+#[test]
+fn the_load_benchmarks_complete_a_short_run_and_see_every_seq() {
+    for report in run_lines(
+        &["fanout", "--subscribers", "3", "--tokens", "50,200"],
+        "fanout",
+    ) {
+        assert_eq!(report["everySeqOnceInOrder"], true, "{report}");
+    }
+    for report in run_lines(
+        &["concurrent", "--sessions", "4,8", "--tokens", "5"],
+        "concurrent",
+    ) {
+        assert_eq!(report["everySeqOnceInOrder"], true, "{report}");
+        assert_eq!(report["completed"], report["sessions"], "{report}");
+    }
+    let slow = run_lines(
+        &[
+            "slow-consumer",
+            "--subscribers",
+            "3",
+            "--tokens",
+            "100",
+            "--stall-secs",
+            "0",
+        ],
+        "slow-consumer",
+    );
+    assert_eq!(slow[0]["with"]["everySeqOnceInOrder"], true, "{}", slow[0]);
+    let replay = run_lines(&["replay", "--events", "30", "--repeats", "3"], "replay");
+    assert_eq!(replay[0]["storedEvents"], 30);
 }

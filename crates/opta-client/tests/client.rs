@@ -209,7 +209,13 @@ async fn survives_forced_disconnects(transport: Transport) {
     let reply = Reply::chunks((0..3000).map(|i| format!("t{i} ")));
     let expected = reply.text();
     lmx.push(reply);
-    let d = TestDaemon::start_with(&lmx.url(), |c| c.limits.subscriber_buffer = 8).await;
+    // One event per delta (deltas that arrive together are otherwise joined), far more than
+    // the subscriber's 8-frame buffer.
+    let d = TestDaemon::start_with(&lmx.url(), |c| {
+        c.limits.subscriber_buffer = 8;
+        c.faults.deltas_kept_apart = true;
+    })
+    .await;
     let c = client(&d);
     let id = SessionId::parse(&d.create_session(None).await).unwrap();
     let mut events = c

@@ -68,6 +68,9 @@ pub struct FaultHooks {
     pub monitor_panics_on: Option<fn(&str) -> bool>,
     /// A session actor given a turn submission whose content this accepts panics.
     pub session_panics_on: Option<fn(&str) -> bool>,
+    /// Every model delta becomes its own event even when several arrived together (as a
+    /// slow machine would emit them): floods subscribers with small frames.
+    pub deltas_kept_apart: bool,
 }
 
 /// Live counters, updated by the actors and stream handlers.

@@ -128,6 +128,7 @@ async fn storage_full_mid_turn_does_not_strand_the_queue() {
     let lmx = ScriptedLmx::start().await.unwrap();
     let d = TestDaemon::start_with(&lmx.url(), |c| {
         c.store.max_bytes = Some(1024 * 1024);
+        c.faults.deltas_kept_apart = true;
     })
     .await;
     let s = d.create_session(None).await;

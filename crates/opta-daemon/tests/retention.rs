@@ -41,6 +41,7 @@ async fn deltas_of_finished_turns_are_swept_and_nothing_else_is() {
     lmx.push(Reply::chunks(["one ", "two ", "three"]));
     lmx.push(Reply::slow(1000, Duration::from_millis(20)));
     let d = TestDaemon::start_with(&lmx.url(), |c| {
+        c.faults.deltas_kept_apart = true;
         c.limits.delta_retention = Duration::from_secs(1);
         c.limits.delta_sweep_interval = Duration::from_millis(20);
     })
@@ -97,6 +98,7 @@ async fn a_restart_before_the_retention_ends_does_not_keep_deltas_for_good() {
     lmx.push(Reply::chunks(["kept ", "until ", "swept"]));
     // The first daemon keeps deltas for an hour: it stops long before that.
     let d = TestDaemon::start_with(&lmx.url(), |c| {
+        c.faults.deltas_kept_apart = true;
         c.limits.delta_retention = Duration::from_secs(3600);
     })
     .await;
@@ -111,6 +113,7 @@ async fn a_restart_before_the_retention_ends_does_not_keep_deltas_for_good() {
 
     let d = d
         .restart_with(|c| {
+            c.faults.deltas_kept_apart = true;
             c.limits.delta_retention = Duration::from_millis(100);
             c.limits.delta_sweep_interval = Duration::from_millis(20);
         })

@@ -320,7 +320,11 @@ async fn a_subscriber_that_falls_behind_is_closed_with_4008_and_resumes() {
     let reply = Reply::chunks((0..3000).map(|i| format!("t{i} ")));
     let expected = reply.text();
     lmx.push(reply);
-    let d = TestDaemon::start_with(&lmx.url(), |c| c.limits.subscriber_buffer = 8).await;
+    let d = TestDaemon::start_with(&lmx.url(), |c| {
+        c.limits.subscriber_buffer = 8;
+        c.faults.deltas_kept_apart = true;
+    })
+    .await;
     let s = d.create_session(None).await;
     let mut ws = d.ws(&s, 0).await;
     let turn = d.submit(&s, "flood").await;
@@ -356,4 +360,36 @@ async fn a_subscriber_that_falls_behind_is_closed_with_4008_and_resumes() {
     assert!(closes.iter().all(|c| *c == 4008), "{closes:?}");
     assert_contiguous(&all, 1);
     assert_eq!(token_text(&all, &turn), expected);
+}
+
+#[tokio::test]
+async fn deltas_that_arrive_together_go_out_as_one_event_with_the_same_text() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    // A burst: 2,000 chunks with no pause between them reach the daemon faster than it
+    // emits events, so most are joined; a spaced reply keeps one event per delta.
+    let burst = Reply::chunks((0..2000).map(|i| format!("t{i} ")));
+    let spaced = Reply::slow(5, std::time::Duration::from_millis(30));
+    let (burst_text, spaced_text) = (burst.text(), spaced.text());
+    lmx.push(burst);
+    lmx.push(spaced);
+    let d = TestDaemon::start(&lmx.url()).await;
+    let s = d.create_session(None).await;
+    let (turn, events) = d.turn(&s, "burst").await;
+    let tokens = events
+        .iter()
+        .filter(|e| e["event"] == "turn.token" && e["payload"]["turnId"] == turn.as_str())
+        .count();
+    assert_eq!(token_text(&events, &turn), burst_text);
+    assert!(tokens < 2000, "{tokens} token events for 2000 deltas");
+    assert_contiguous(&events, events[0]["seq"].as_u64().unwrap());
+    let (turn, events) = d.turn(&s, "spaced").await;
+    let tokens = events
+        .iter()
+        .filter(|e| e["event"] == "turn.token" && e["payload"]["turnId"] == turn.as_str())
+        .count();
+    assert_eq!(token_text(&events, &turn), spaced_text);
+    assert_eq!(
+        tokens, 5,
+        "deltas that come apart are not held back to be joined"
+    );
 }

@@ -17,7 +17,8 @@ fn names(events: &[Value]) -> Vec<&str> {
 #[tokio::test]
 async fn a_turn_streams_tokens_then_done_then_session_updated() {
     let lmx = ScriptedLmx::start().await.unwrap();
-    let d = TestDaemon::start(&lmx.url()).await;
+    // One event per delta, to check each one's place in the order.
+    let d = TestDaemon::start_with(&lmx.url(), |c| c.faults.deltas_kept_apart = true).await;
     let s = d.create_session(Some("stream-1")).await;
     let mut ws = d.ws(&s, 0).await;
     let turn = d.submit(&s, "hello there world").await;

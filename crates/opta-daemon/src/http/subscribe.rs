@@ -41,6 +41,14 @@ impl LiveFeed {
             None => Err(broadcast::error::RecvError::Closed),
         }
     }
+
+    /// The next live frame if one is waiting.
+    pub fn try_recv(&mut self) -> Result<Frame, broadcast::error::TryRecvError> {
+        match &mut self.receiver {
+            Some(receiver) => receiver.try_recv(),
+            None => Err(broadcast::error::TryRecvError::Closed),
+        }
+    }
 }
 
 impl Drop for LiveFeed {

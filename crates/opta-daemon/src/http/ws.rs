@@ -15,7 +15,7 @@ use opta_protocol::{
 };
 use serde::Serialize;
 use serde_json::json;
-use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 
 use super::AppState;
 use super::auth::is_authorised;
@@ -100,11 +100,15 @@ async fn serve_socket(
     // A client claiming a seq beyond the session's (say, of a deleted and re-created
     // session) gets everything live rather than nothing.
     let mut last_sent: Seq = after_seq.min(current_seq);
+    // Replay goes out in as few writes as the WebSocket layer's buffer allows.
     for frame in replay {
-        if sink.send(text(&frame.json)).await.is_err() {
+        if sink.feed(text(&frame.json)).await.is_err() {
             return;
         }
         last_sent = frame.seq;
+    }
+    if sink.flush().await.is_err() {
+        return;
     }
     let period = state.ctx.limits.keepalive;
     let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
@@ -149,31 +153,55 @@ async fn serve_socket(
                 }
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
             },
-            live = receiver.recv() => match live {
-                Ok(frame) if frame.seq <= last_sent => {}
-                Ok(frame) => {
-                    if sink.send(text(&frame.json)).await.is_err() {
-                        return;
+            live = receiver.recv() => {
+                let mut next = live;
+                let mut queued = 0;
+                // Every frame already waiting goes out with this one: one write (and one
+                // wake-up of the client) per batch rather than per event.
+                loop {
+                    match next {
+                        Ok(frame) if frame.seq <= last_sent => {}
+                        Ok(frame) => {
+                            if sink.feed(text(&frame.json)).await.is_err() {
+                                return;
+                            }
+                            last_sent = frame.seq;
+                            queued += 1;
+                        }
+                        Err(RecvError::Lagged(_)) => {
+                            let reason = format!("too slow; reconnect with afterSeq={last_sent}");
+                            close(&mut sink, CLOSE_TOO_SLOW, &reason).await;
+                            return;
+                        }
+                        Err(RecvError::Closed) if state.ctx.shutdown.is_cancelled() => {
+                            close(&mut sink, 1001, "daemon shutting down").await;
+                            return;
+                        }
+                        Err(RecvError::Closed) => {
+                            close(&mut sink, 1000, "session closed").await;
+                            return;
+                        }
                     }
-                    last_sent = frame.seq;
+                    if queued >= MAX_FRAMES_PER_WRITE {
+                        break;
+                    }
+                    next = match receiver.try_recv() {
+                        Ok(frame) => Ok(frame),
+                        Err(TryRecvError::Empty) => break,
+                        Err(TryRecvError::Lagged(n)) => Err(RecvError::Lagged(n)),
+                        Err(TryRecvError::Closed) => Err(RecvError::Closed),
+                    };
                 }
-                Err(RecvError::Lagged(_)) => {
-                    let reason = format!("too slow; reconnect with afterSeq={last_sent}");
-                    close(&mut sink, CLOSE_TOO_SLOW, &reason).await;
-                    return;
-                }
-                Err(RecvError::Closed) if state.ctx.shutdown.is_cancelled() => {
-                    close(&mut sink, 1001, "daemon shutting down").await;
-                    return;
-                }
-                Err(RecvError::Closed) => {
-                    close(&mut sink, 1000, "session closed").await;
+                if sink.flush().await.is_err() {
                     return;
                 }
             }
         }
     }
 }
+
+/// Most live frames written out together.
+const MAX_FRAMES_PER_WRITE: usize = 256;
 
 fn parse_target(params: &HashMap<String, String>) -> Result<(SessionId, Seq), Error> {
     let raw = params

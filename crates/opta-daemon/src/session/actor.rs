@@ -1225,22 +1225,40 @@ impl SessionActor {
         let turn_id = active.turn.turn_id.clone();
         let mut content = String::new();
         let count = deltas.len() as u64;
-        let events: Vec<Event> = deltas
-            .into_iter()
-            .map(|delta| match delta {
+        // Deltas that arrived together become one event per run of the same kind: the text
+        // is the same, clients and the store see one frame instead of dozens under load,
+        // and nothing waits for it (only what was already queued is joined).
+        let mut events: Vec<Event> = Vec::new();
+        for delta in deltas {
+            let (thinking, text) = match delta {
                 Delta::Content(text) => {
                     content.push_str(&text);
-                    Event::TurnToken(TurnText {
+                    (false, text)
+                }
+                Delta::Reasoning(text) => (true, text),
+            };
+            let last = if self.ctx.faults.deltas_kept_apart {
+                None
+            } else {
+                events.last_mut()
+            };
+            match (last, thinking) {
+                (Some(Event::TurnToken(last)), false) | (Some(Event::TurnThinking(last)), true) => {
+                    last.text.push_str(&text);
+                }
+                _ => {
+                    let payload = TurnText {
                         turn_id: turn_id.clone(),
                         text,
-                    })
+                    };
+                    events.push(if thinking {
+                        Event::TurnThinking(payload)
+                    } else {
+                        Event::TurnToken(payload)
+                    });
                 }
-                Delta::Reasoning(text) => Event::TurnThinking(TurnText {
-                    turn_id: turn_id.clone(),
-                    text,
-                }),
-            })
-            .collect();
+            }
+        }
         match self.emit(&events, Vec::new()).await {
             // Only what clients were sent becomes part of the reply.
             Ok(()) => {
