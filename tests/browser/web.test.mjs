@@ -241,6 +241,16 @@ try {
   await tab1.locator("#banner").waitFor({ state: "hidden", timeout });
   await tab1.screenshot({ path: path.join(shots, "session.png") });
 
+  // --- Esc cancels the running turn ------------------------------------------------------------
+  step("Esc cancels");
+  await ask("reply", { kind: "slow" });
+  await tab1.fill("#prompt", "Count forever");
+  await tab1.press("#prompt", "Enter");
+  await streaming(tab1, "Count forever");
+  await tab1.keyboard.press("Escape");
+  await tab1.locator(".turn:last-child .note", { hasText: "cancelled" }).waitFor({ timeout });
+  await tab1.locator("#cancel").waitFor({ state: "hidden", timeout });
+
   // --- A phone ---------------------------------------------------------------------------------
   step("phone width");
   const phone = await browser.newContext({
