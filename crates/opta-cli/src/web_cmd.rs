@@ -2,6 +2,7 @@
 //! there is a display. The link carries a code that works once, for a minute, never the token
 //! (a command line is readable by every local user).
 
+use std::io::Write as _;
 use std::path::Path;
 use std::process::{ExitCode, Stdio};
 
@@ -23,7 +24,12 @@ pub async fn run(args: WebArgs, home: &Path, daemon: &DaemonArgs) -> Result<Exit
         .web_sign_in_code()
         .await
         .context("asking the daemon for a sign-in code")?;
-    println!("{}", link.url);
+    // A closed stdout (`opta web --no-open | true`) is an error the caller reports quietly,
+    // not a panic.
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{}", link.url)?;
+    stdout.flush()?;
+    drop(stdout);
     if !args.no_open {
         match opener() {
             Some(program) => {

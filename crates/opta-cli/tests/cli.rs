@@ -1592,4 +1592,24 @@ async fn web_prints_a_one_time_link_that_signs_a_page_in() {
         "{}",
         text(&out.stderr)
     );
+
+    // A closed stdout ends it quietly (141, as a shell reports SIGPIPE), never with a panic.
+    let out = opta_into_closed_pipe(&home, &["web", "--no-open"], 0).await;
+    assert!(
+        matches!(out.status.code(), Some(0 | 141)),
+        "{:?} {}",
+        out.status,
+        text(&out.stderr)
+    );
+    assert!(
+        !text(&out.stderr).contains("panicked"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // Neither the token nor a code reaches the daemon's log.
+    let log = std::fs::read_to_string(home.path().join("daemon/daemon.log")).unwrap_or_default();
+    assert!(!log.is_empty(), "the daemon logs");
+    assert!(!log.contains(token), "the token is never logged");
+    assert!(!log.contains(code), "sign-in codes are never logged");
 }
