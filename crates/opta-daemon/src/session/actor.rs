@@ -441,7 +441,13 @@ impl SessionActor {
     }
 
     /// Tells the session feed when what a session list shows of this session changed.
+    /// Runs after every message the actor handles (every token delta too): with no watcher it
+    /// costs one atomic load. A watcher that connects re-lists, so what changed unwatched is
+    /// not owed to it.
     fn publish_listing(&mut self) {
+        if !self.ctx.session_feed.watched() {
+            return;
+        }
         let active = self.active.as_ref().map(|a| a.turn.turn_id.0.as_str());
         if self
             .listed
