@@ -120,6 +120,10 @@ try {
   assert.equal(await answer.locator("h2").innerText(), "Plan");
   assert.equal(await answer.locator("li").count(), 2);
   assert.match(await answer.locator("pre code").innerText(), /fn parse/);
+  const thinking = tab1.locator(".turn:last-child details.thinking");
+  assert.equal(await thinking.count(), 1, "the reasoning is shown");
+  assert.equal(await thinking.getAttribute("open"), null, "collapsed");
+  assert.match(await thinking.locator("pre").textContent(), /Weighing a parser plan/);
   assert.equal(await answer.locator("script").count(), 0, "raw HTML from the model is sanitised");
   assert.equal(await answer.locator("a[href^='javascript']").count(), 0, "no script links");
   assert.equal(await answer.locator("a[href='https://example.com/']").getAttribute("rel"), "noopener noreferrer");
@@ -186,7 +190,8 @@ try {
   assert.match(await prompt1.locator(".summary").innerText(), /hello\.txt/);
   assert.match(await prompt2.locator(".diff .add").first().innerText(), /hello from the web/);
   await tab1.screenshot({ path: path.join(shots, "permission-prompt.png") });
-  await prompt2.locator("button[data-decision=allow]").click();
+  // "Always for this session": this write runs, and the next one is not asked about.
+  await prompt2.locator("button[data-decision=always]").click();
   await prompt1.waitFor({ state: "detached", timeout });
   await prompt2.waitFor({ state: "detached", timeout });
   await tab1.locator(".note", { hasText: "allowed by web" }).waitFor({ timeout });
@@ -197,6 +202,13 @@ try {
     "hello from the web\n",
     "the tool ran",
   );
+  await ask("reply", { kind: "write-again" });
+  await tab1.fill("#prompt", "Write again.txt");
+  await tab1.press("#prompt", "Enter");
+  await tab1.locator(".turn:last-child .stats").waitFor({ timeout });
+  assert.equal(await tab1.locator(".turn:last-child .permission").count(), 0, "not asked again");
+  assert.equal(await tab1.locator(".turn:last-child .tool.ok").count(), 1);
+  assert.equal(fs.readFileSync(path.join(workspace, "again.txt"), "utf8"), "no question asked\n");
 
   // --- Connections cut mid-turn: the stream resumes without a lost or doubled word -------------
   step("cut mid-turn");

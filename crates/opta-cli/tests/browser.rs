@@ -31,14 +31,17 @@ async fn act(
         "reply" => {
             let kind = request["kind"].as_str().unwrap_or("");
             let replies = match kind {
-                "markdown" => vec![Reply::chunks([
-                    "## Plan\n\n",
-                    "- lex the input\n",
-                    "- parse the tokens\n\n",
-                    "```rust\nfn parse() {}\n```\n\n",
-                    "[docs](https://example.com/) [x](javascript:document.title='owned') ",
-                    "<script>document.title = 'owned'</script>done",
-                ])],
+                "markdown" => vec![
+                    Reply::chunks([
+                        "## Plan\n\n",
+                        "- lex the input\n",
+                        "- parse the tokens\n\n",
+                        "```rust\nfn parse() {}\n```\n\n",
+                        "[docs](https://example.com/) [x](javascript:document.title='owned') ",
+                        "<script>document.title = 'owned'</script>done",
+                    ])
+                    .with_reasoning(["Weighing ", "a parser plan"]),
+                ],
                 "tool-then-slow" => vec![
                     Reply::tool_call("read_file", json!({"path": "notes.txt"})),
                     Reply::slow(40, Duration::from_millis(60)),
@@ -49,6 +52,13 @@ async fn act(
                         json!({"path": "hello.txt", "content": "hello from the web\n"}),
                     ),
                     Reply::chunks(["Wrote hello.txt."]),
+                ],
+                "write-again" => vec![
+                    Reply::tool_call(
+                        "write_file",
+                        json!({"path": "again.txt", "content": "no question asked\n"}),
+                    ),
+                    Reply::chunks(["Wrote again.txt."]),
                 ],
                 "slow" => vec![Reply::slow(100, Duration::from_millis(40))],
                 "after-restart" => vec![Reply::chunks(["Back after the restart."])],
