@@ -304,6 +304,20 @@ try {
   assert.equal(await tab1.locator("#signin").isVisible(), true);
   await tab1.screenshot({ path: path.join(shots, "wrong-token.png") });
 
+  // --- The daemon's token rotated under an open page: it stops and asks for the new one ------
+  step("rotated token");
+  const other = await browser.newContext();
+  const rotated = watch(await other.newPage(), "rotated");
+  await rotated.goto(`${base}/`);
+  await rotated.evaluate((t) => localStorage.setItem("opta.token", t), token);
+  await rotated.goto(`${base}/#s=${sessionId}`);
+  await rotated.reload();
+  await rotated.locator(".msg.assistant").first().waitFor({ timeout });
+  await ask("rotate-token");
+  await rotated.locator("#signin").waitFor({ state: "visible", timeout: 30000 });
+  await rotated.locator("#banner.bad").waitFor({ timeout });
+  await other.close();
+
   assert.deepEqual(problems, [], "no page errors or CSP violations");
   process.stdout.write("@@ {\"action\":\"done\"}\n");
 } catch (error) {

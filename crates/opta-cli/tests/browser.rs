@@ -76,6 +76,17 @@ async fn act(
             *daemon = Some(running.restart_on_same_port().await);
             json!({})
         }
+        "rotate-token" => {
+            let running = daemon.take().expect("a daemon runs");
+            *daemon = Some(
+                running
+                    .restart_on_same_port_with(|c| {
+                        c.token = Some("rotated-token-0123456789abcdef01234567".into());
+                    })
+                    .await,
+            );
+            json!({})
+        }
         other => json!({"error": format!("unknown action {other}")}),
     }
 }

@@ -6,7 +6,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use expectrl::{ControlCode, Expect};
-use opta_test_support::{Reply, ScriptedLmx};
+use opta_test_support::{Reply, ScriptedLmx, group_alive};
 use pretty_assertions::assert_eq;
 use serde_json::{Value, json};
 
@@ -1482,21 +1482,6 @@ async fn bg_starts_lists_follows_and_kills_background_processes() {
         "{}",
         text(&missing.stderr)
     );
-}
-
-/// Whether any live (not zombie) process is in group `pgid`.
-fn group_alive(pgid: u64) -> bool {
-    std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
-        std::fs::read_to_string(e.path().join("stat")).is_ok_and(|stat| {
-            let fields: Vec<&str> = stat
-                .rsplit(')')
-                .next()
-                .unwrap_or("")
-                .split_whitespace()
-                .collect();
-            fields.first() != Some(&"Z") && fields.get(2) == Some(&pgid.to_string().as_str())
-        })
-    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

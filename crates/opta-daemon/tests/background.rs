@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use opta_test_support::{ScriptedLmx, TestDaemon};
+use opta_test_support::{ScriptedLmx, TestDaemon, group_alive};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -34,25 +34,6 @@ async fn wait_for(d: &TestDaemon, id: &str, done: impl Fn(&Value) -> bool) -> Va
         }
         assert!(Instant::now() < deadline, "never reached: {body}");
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn group_alive(pgid: u64) -> bool {
-    let pid = nix::unistd::Pid::from_raw(i32::try_from(pgid).unwrap());
-    // Zombies (exited, not yet reaped by whoever inherited them) count as gone.
-    match nix::sys::signal::killpg(pid, None) {
-        Err(_) => false,
-        Ok(()) => std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
-            std::fs::read_to_string(e.path().join("stat")).is_ok_and(|stat| {
-                let fields: Vec<&str> = stat
-                    .rsplit(')')
-                    .next()
-                    .unwrap_or("")
-                    .split_whitespace()
-                    .collect();
-                fields.first() != Some(&"Z") && fields.get(2) == Some(&pgid.to_string().as_str())
-            })
-        }),
     }
 }
 

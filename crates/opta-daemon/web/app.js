@@ -174,8 +174,12 @@ async function checkReachable() {
     await api("GET", "/v3/health");
     settle("unreachable");
   } catch (error) {
-    if (error instanceof ApiError && error.status === 401) raise("unauthorized", WRONG_TOKEN);
-    else
+    if (error instanceof ApiError && error.status === 401) {
+      // The token was rotated under an open page: stop the streams (they would retry with
+      // it for ever) and ask for the new one.
+      raise("unauthorized", WRONG_TOKEN);
+      showSignIn("The daemon refused the saved token.");
+    } else
       raise(
         "unreachable",
         "Can't reach the opta daemon. Retrying… (if it restarted on another port, run `opta web` again)",

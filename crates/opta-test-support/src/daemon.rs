@@ -112,6 +112,14 @@ impl TestDaemon {
         Self::start_on(home, self.lmx_url.clone(), self.configure, port).await
     }
 
+    /// Like [`TestDaemon::restart_on_same_port`], with another configuration for the new
+    /// daemon (a rotated token, say).
+    pub async fn restart_on_same_port_with(mut self, configure: fn(&mut DaemonConfig)) -> Self {
+        let port = self.daemon().addr().port();
+        let home = self.shutdown_keeping_home().await;
+        Self::start_on(home, self.lmx_url.clone(), configure, port).await
+    }
+
     /// Like [`TestDaemon::restart`], with another configuration for the new daemon.
     pub async fn restart_with(mut self, configure: fn(&mut DaemonConfig)) -> Self {
         let home = self.shutdown_keeping_home().await;

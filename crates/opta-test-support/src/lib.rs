@@ -12,3 +12,24 @@ pub use clients::{SseClient, WsClient, WsItem, assert_contiguous, is_terminal_of
 pub use daemon::{TestDaemon, WAIT};
 pub use lmx::{Behaviour, Reply, ScriptedLmx, conversation};
 pub use proxy::CutProxy;
+
+/// Whether any live process is in process group `pgid` (zombies, exited but not yet reaped
+/// by whoever inherited them, count as gone).
+pub fn group_alive(pgid: u64) -> bool {
+    let pgid = pgid.to_string();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    entries.flatten().any(|e| {
+        std::fs::read_to_string(e.path().join("stat")).is_ok_and(|stat| {
+            // After the command's closing parenthesis: state, ppid, pgrp.
+            let fields: Vec<&str> = stat
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .split_whitespace()
+                .collect();
+            fields.first() != Some(&"Z") && fields.get(2) == Some(&pgid.as_str())
+        })
+    })
+}
