@@ -205,7 +205,10 @@ try {
   await ask("reply", { kind: "write-again" });
   await tab1.fill("#prompt", "Write again.txt");
   await tab1.press("#prompt", "Enter");
-  await tab1.locator(".turn:last-child .stats").waitFor({ timeout });
+  await tab1
+    .locator(".turn:last-child", { has: tab1.locator(".msg.user", { hasText: "Write again.txt" }) })
+    .locator(".stats")
+    .waitFor({ timeout });
   assert.equal(await tab1.locator(".turn:last-child .permission").count(), 0, "not asked again");
   assert.equal(await tab1.locator(".turn:last-child .tool.ok").count(), 1);
   assert.equal(fs.readFileSync(path.join(workspace, "again.txt"), "utf8"), "no question asked\n");
