@@ -4,43 +4,18 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::Result;
 use futures_util::StreamExt;
 use futures_util::future::join_all;
-use opta_daemon::store::StoreOptions;
-use opta_test_support::Reply;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::{Rig, TOKEN, WsStream, connect_ws, create_session, summary};
-
-/// CPU time this thread has used (the client runtime runs on it), from the scheduler's
-/// nanosecond counter.
-pub(crate) fn thread_cpu() -> Duration {
-    std::fs::read_to_string("/proc/thread-self/schedstat")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-        .map_or(Duration::ZERO, Duration::from_nanos)
-}
-
-/// CPU time of the whole process (daemon, scripted server and client).
-pub(crate) fn process_cpu() -> Duration {
-    let ticks = std::fs::read_to_string("/proc/self/stat")
-        .ok()
-        .and_then(|s| {
-            let rest = s.rsplit_once(')')?.1.split_whitespace().collect::<Vec<_>>();
-            // After the command: state is field 3, utime 14 and stime 15 (1-based).
-            let utime: u64 = rest.get(11)?.parse().ok()?;
-            let stime: u64 = rest.get(12)?.parse().ok()?;
-            Some(utime + stime)
-        })
-        .unwrap_or(0);
-    Duration::from_millis(ticks * 10)
-}
+use crate::summary;
+use crate::target::{Api, LocalDaemon, Target, TargetArgs, WsStream, own_cpu, thread_cpu, words};
 
 /// The `seq` of an envelope, read without parsing the whole JSON (the client must not be the
 /// bottleneck: a fan-out run delivers millions of frames).
-fn seq_of(frame: &str) -> Option<u64> {
+pub(crate) fn seq_of(frame: &str) -> Option<u64> {
     let at = frame.find("\"seq\":")? + 6;
     let digits = frame[at..]
         .bytes()
@@ -114,65 +89,59 @@ async fn gather(
     Ok((seen, elapsed))
 }
 
-/// `POST /v3/sessions/:id/turns`; fails unless 202.
-async fn submit(http: &reqwest::Client, base: &str, session: &str) -> Result<()> {
-    let resp = http
-        .post(format!("{base}/v3/sessions/{session}/turns"))
-        .bearer_auth(TOKEN)
-        .json(&json!({"clientId": "bench", "writerId": "bench", "content": "go", "mode": "chat"}))
-        .send()
-        .await?;
-    if resp.status().as_u16() != 202 {
-        bail!("submit answered {}", resp.status());
-    }
-    Ok(())
+/// What the daemon and this process spent during a run.
+struct CpuMark {
+    client: std::time::Duration,
+    own: std::time::Duration,
+    daemon: std::time::Duration,
 }
 
-/// The session's current seq.
-async fn last_seq(http: &reqwest::Client, base: &str, session: &str) -> Result<u64> {
-    let detail: Value = http
-        .get(format!("{base}/v3/sessions/{session}"))
-        .bearer_auth(TOKEN)
-        .send()
-        .await?
-        .json()
-        .await?;
-    detail["lastSeq"].as_u64().context("lastSeq")
+impl CpuMark {
+    fn now(target: &Target) -> Self {
+        Self {
+            client: thread_cpu(),
+            own: own_cpu(),
+            daemon: target.cpu(),
+        }
+    }
+
+    /// CPU used since the mark: the daemon's (0 when its process is unknown), the client
+    /// thread's, and this whole process's (client plus a local target's scripted server).
+    fn report(&self, target: &Target, into: &mut Value) {
+        into["daemonCpuMs"] = json!(target.cpu().saturating_sub(self.daemon).as_millis() as u64);
+        into["clientCpuMs"] = json!(thread_cpu().saturating_sub(self.client).as_millis() as u64);
+        into["benchProcessCpuMs"] = json!(own_cpu().saturating_sub(self.own).as_millis() as u64);
+    }
 }
 
 /// One fan-out run: `subscribers` readers (and, with `stalled`, one that never reads) on one
 /// session while a turn of `tokens` tokens streams.
 async fn fanout_run(
-    rig: &Rig,
+    target: &Target,
     subscribers: usize,
     tokens: usize,
     stalled: Option<Duration>,
 ) -> Result<Value> {
-    let http = reqwest::Client::builder().tcp_nodelay(true).build()?;
-    let base = &rig.base;
-    let session = create_session(&http, base, json!({})).await?;
-    let after = last_seq(&http, base, &session).await?;
+    let api = &target.api;
+    let session = api.create_session(json!({})).await?;
+    let after = api.last_seq(&session).await?;
     let mut sockets = Vec::with_capacity(subscribers);
     for _ in 0..subscribers {
-        sockets.push(connect_ws(base, &session, after).await?);
+        sockets.push(api.connect_ws(&session, after).await?);
     }
     let stuck = match stalled {
-        Some(stall) => Some((connect_stalled(base, &session, after).await?, stall)),
+        Some(stall) => Some((api.connect_ws_small_buffer(&session, after).await?, stall)),
         None => None,
     };
-    rig.lmx
-        .push(Reply::chunks((0..tokens).map(|i| format!("t{i} "))));
-    let cpu = thread_cpu();
-    let process = process_cpu();
+    let content = words(tokens);
+    let cpu = CpuMark::now(target);
     let start = Instant::now();
     let watchers: Vec<_> = sockets
         .into_iter()
         .map(|ws| tokio::spawn(watch_turn(ws, after)))
         .collect();
-    submit(&http, base, &session).await?;
+    api.submit(&session, &content).await?;
     let (seen, all_done) = gather(watchers, start).await?;
-    let client_cpu = thread_cpu() - cpu;
-    let process_cpu = process_cpu() - process;
     let frames: u64 = seen.iter().map(|w| w.frames).sum();
     let complete = seen
         .iter()
@@ -190,34 +159,20 @@ async fn fanout_run(
         "tokenDeliveriesPerSec": ((subscribers * tokens) as f64 / elapsed.as_secs_f64()).round(),
         "everySeqOnceInOrder": complete,
         "subscribersCutOff": seen.iter().filter(|w| w.closed_early).count(),
-        "clientCpuMs": client_cpu.as_millis() as u64,
-        "processCpuMs": process_cpu.as_millis() as u64,
     });
+    cpu.report(target, &mut report);
     if let Some((stuck, stall)) = stuck {
-        report["stalled"] = stalled_outcome(stuck, base, &session, after, stall).await?;
+        report["stalled"] = stalled_outcome(stuck, api, &session, after, stall).await?;
     }
+    api.delete_session(&session).await?;
     Ok(report)
-}
-
-/// A subscriber with a tiny receive buffer (4 KiB, as a slow link would keep it): once it
-/// stops reading, the daemon's writes to it stall within a few frames.
-async fn connect_stalled(base: &str, session: &str, after: u64) -> Result<WsStream> {
-    let addr: std::net::SocketAddr = base.trim_start_matches("http://").parse()?;
-    let socket = tokio::net::TcpSocket::new_v4()?;
-    socket.set_recv_buffer_size(4 * 1024)?;
-    let stream = socket.connect(addr).await?;
-    let url = format!("ws://{addr}/v3/ws?sessionId={session}&afterSeq={after}&token={TOKEN}");
-    let (ws, _) =
-        tokio_tungstenite::client_async(url, tokio_tungstenite::MaybeTlsStream::Plain(stream))
-            .await?;
-    Ok(ws)
 }
 
 /// What became of the subscriber that never read: it should have been disconnected (close
 /// 4008) and be able to resume from where it was.
 async fn stalled_outcome(
     mut stuck: WsStream,
-    base: &str,
+    api: &Api,
     session: &str,
     after: u64,
     stall: Duration,
@@ -249,7 +204,7 @@ async fn stalled_outcome(
     let resumed = if saw_done {
         None
     } else {
-        let ws = connect_ws(base, session, last).await?;
+        let ws = api.connect_ws(session, last).await?;
         let watched = watch_turn(ws, last).await;
         Some(watched.in_order && watched.done_at.is_some())
     };
@@ -266,31 +221,31 @@ async fn stalled_outcome(
 const WATCH_LIMIT: Duration = Duration::from_secs(120);
 
 /// `fanout`: each subscriber count × each turn length, one JSON line per run.
-pub(crate) fn fanout(subscribers: &[usize], tokens: &[usize]) -> Result<()> {
-    let rig = Rig::start(StoreOptions::default())?;
+pub(crate) fn fanout(args: &TargetArgs, subscribers: &[usize], tokens: &[usize]) -> Result<()> {
+    let target = Target::open(args, LocalDaemon::default())?;
     for &n in subscribers {
         for &t in tokens {
-            let mut report = rig.client_rt.block_on(fanout_run(&rig, n, t, None))?;
+            let mut report = target.block_on(fanout_run(&target, n, t, None))?;
             report["benchmark"] = json!("fanout");
             println!("{}", serde_json::to_string(&report)?);
         }
     }
-    rig.stop()
+    target.stop()
 }
 
 /// `slow-consumer`: the same fan-out without and then with one subscriber that stops
 /// reading; the others' time should stay within 10 %.
-pub(crate) fn slow_consumer(subscribers: usize, tokens: usize, stall: Duration) -> Result<()> {
-    let rig = Rig::start(StoreOptions::default())?;
+pub(crate) fn slow_consumer(
+    args: &TargetArgs,
+    subscribers: usize,
+    tokens: usize,
+    stall: Duration,
+) -> Result<()> {
+    let target = Target::open(args, LocalDaemon::default())?;
     // A warm-up run first: the first run on a fresh daemon pays for its caches.
-    rig.client_rt
-        .block_on(fanout_run(&rig, subscribers, tokens / 10, None))?;
-    let without = rig
-        .client_rt
-        .block_on(fanout_run(&rig, subscribers, tokens, None))?;
-    let with = rig
-        .client_rt
-        .block_on(fanout_run(&rig, subscribers, tokens, Some(stall)))?;
+    target.block_on(fanout_run(&target, subscribers, tokens / 10, None))?;
+    let without = target.block_on(fanout_run(&target, subscribers, tokens, None))?;
+    let with = target.block_on(fanout_run(&target, subscribers, tokens, Some(stall)))?;
     let ms = |r: &Value| r["allSawDoneMs"].as_f64().unwrap_or(f64::NAN);
     let report = json!({
         "benchmark": "slow-consumer",
@@ -301,44 +256,38 @@ pub(crate) fn slow_consumer(subscribers: usize, tokens: usize, stall: Duration) 
         "with": with,
     });
     println!("{}", serde_json::to_string(&report)?);
-    rig.stop()
+    target.stop()
 }
 
 /// `concurrent`: `sessions` sessions, each with a WebSocket subscriber, each sent one turn
 /// at once; turns per second until the last `turn.done`, and each turn's submit → done.
-pub(crate) fn concurrent(counts: &[usize], tokens: usize) -> Result<()> {
-    let rig = Rig::start(StoreOptions::default())?;
+pub(crate) fn concurrent(args: &TargetArgs, counts: &[usize], tokens: usize) -> Result<()> {
+    let target = Target::open(args, LocalDaemon::default())?;
     for &sessions in counts {
-        let report = rig
-            .client_rt
-            .block_on(concurrent_run(&rig, sessions, tokens))?;
+        let report = target.block_on(concurrent_run(&target, sessions, tokens))?;
         println!("{}", serde_json::to_string(&report)?);
     }
-    rig.stop()
+    target.stop()
 }
 
-async fn concurrent_run(rig: &Rig, sessions: usize, tokens: usize) -> Result<Value> {
-    let http = reqwest::Client::builder().tcp_nodelay(true).build()?;
-    let base = &rig.base;
+async fn concurrent_run(target: &Target, sessions: usize, tokens: usize) -> Result<Value> {
+    let api = &target.api;
     let mut ids = Vec::with_capacity(sessions);
     let mut sockets = Vec::with_capacity(sessions);
     for _ in 0..sessions {
-        let id = create_session(&http, base, json!({})).await?;
-        sockets.push(connect_ws(base, &id, 1).await?);
+        let id = api.create_session(json!({})).await?;
+        let after = api.last_seq(&id).await?;
+        sockets.push((api.connect_ws(&id, after).await?, after));
         ids.push(id);
     }
-    for _ in 0..sessions {
-        rig.lmx
-            .push(Reply::chunks((0..tokens).map(|i| format!("t{i} "))));
-    }
-    let cpu = thread_cpu();
-    let process = process_cpu();
+    let content = words(tokens);
+    let cpu = CpuMark::now(target);
     let start = Instant::now();
     let watchers: Vec<_> = sockets
         .into_iter()
-        .map(|ws| tokio::spawn(watch_turn(ws, 1)))
+        .map(|(ws, after)| tokio::spawn(watch_turn(ws, after)))
         .collect();
-    let submits = join_all(ids.iter().map(|id| submit(&http, base, id))).await;
+    let submits = join_all(ids.iter().map(|id| api.submit(id, &content))).await;
     let submitted = start.elapsed();
     let failed_submits = submits.iter().filter(|r| r.is_err()).count();
     let (seen, elapsed) = gather(watchers, start).await?;
@@ -348,7 +297,7 @@ async fn concurrent_run(rig: &Rig, sessions: usize, tokens: usize) -> Result<Val
         .map(|t| t - start)
         .collect();
     let completed = per_turn.len();
-    Ok(json!({
+    let mut report = json!({
         "benchmark": "concurrent",
         "sessions": sessions,
         "tokensPerTurn": tokens,
@@ -359,7 +308,10 @@ async fn concurrent_run(rig: &Rig, sessions: usize, tokens: usize) -> Result<Val
         "turnsPerSec": (completed as f64 / elapsed.as_secs_f64()).round(),
         "submitToDoneMs": summary(per_turn),
         "everySeqOnceInOrder": seen.iter().all(|w| w.in_order && !w.closed_early),
-        "clientCpuMs": (thread_cpu() - cpu).as_millis() as u64,
-        "processCpuMs": (process_cpu() - process).as_millis() as u64,
-    }))
+    });
+    cpu.report(target, &mut report);
+    for id in &ids {
+        api.delete_session(id).await?;
+    }
+    Ok(report)
 }

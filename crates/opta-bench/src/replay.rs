@@ -13,8 +13,11 @@ use opta_daemon::store::{SessionRow, Store, StoreOptions, WriteOp};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::load::thread_cpu;
-use crate::{Rig, TOKEN, connect_ws, summary};
+use crate::load::seq_of;
+use crate::summary;
+use crate::target::{
+    LocalDaemon, Target, TargetArgs, opta_binary, terminate, thread_cpu, wait_for_health,
+};
 
 const SESSION: &str = "replay";
 /// Rows per seeding transaction.
@@ -71,8 +74,24 @@ async fn seed_events(home: &Path, events: u64) -> Result<()> {
 }
 
 /// `replay`: per log size, `afterSeq=last-10` over WebSocket (connect → the 10th event) and
-/// over the events route, then the whole log over WebSocket.
-pub(crate) fn replay(sizes: &[u64], repeats: usize) -> Result<()> {
+/// over the events route, then the whole log over WebSocket. With `--base`, the stored log of
+/// `session` is replayed instead (a running daemon cannot be seeded through its store).
+pub(crate) fn replay(
+    args: &TargetArgs,
+    sizes: &[u64],
+    repeats: usize,
+    session: Option<&str>,
+) -> Result<()> {
+    if args.base.is_some() {
+        let session = session.context(
+            "replay with --base needs --session ID: a session whose stored log it replays \
+             (seeding a million events through turns would take hours)",
+        )?;
+        let target = Target::open(args, LocalDaemon::default())?;
+        let report = target.block_on(replay_run(&target, session, repeats))?;
+        println!("{}", serde_json::to_string(&report)?);
+        return target.stop();
+    }
     for &events in sizes {
         let home = tempfile::tempdir()?;
         let seeding = Instant::now();
@@ -81,73 +100,74 @@ pub(crate) fn replay(sizes: &[u64], repeats: usize) -> Result<()> {
             .build()?
             .block_on(seed_events(home.path(), events))?;
         let seeded = seeding.elapsed();
-        let rig = Rig::start_in(home, StoreOptions::default(), |_| {})?;
-        let mut report = rig
-            .client_rt
-            .block_on(replay_run(&rig.base, events, repeats))?;
+        let target = Target::open(
+            args,
+            LocalDaemon {
+                home: Some(home),
+                ..LocalDaemon::default()
+            },
+        )?;
+        let mut report = target.block_on(replay_run(&target, SESSION, repeats))?;
         report["seedSecs"] = json!((seeded.as_secs_f64() * 10.0).round() / 10.0);
         println!("{}", serde_json::to_string(&report)?);
-        rig.stop()?;
+        target.stop()?;
     }
     Ok(())
 }
 
-/// Reads `count` envelopes from `ws`; the last seq read.
-async fn read_events(ws: &mut crate::WsStream, count: u64) -> Result<u64> {
+/// Reads envelopes from `ws` until the one with seq `last`; how many were read.
+async fn read_until(ws: &mut crate::target::WsStream, last: u64) -> Result<u64> {
     let mut read = 0;
-    let mut last = 0;
-    while read < count {
+    loop {
         match ws.next().await.context("the replay ended early")?? {
             Message::Text(text) => {
-                if let Some(at) = text.as_str().find("\"seq\":") {
+                if let Some(seq) = seq_of(text.as_str()) {
                     read += 1;
-                    last = text.as_str()[at + 6..]
-                        .split(|c: char| !c.is_ascii_digit())
-                        .next()
-                        .and_then(|n| n.parse().ok())
-                        .unwrap_or(0);
+                    if seq >= last {
+                        if seq > last {
+                            bail!("the replay went past seq {last} to {seq}");
+                        }
+                        return Ok(read);
+                    }
                 }
             }
             Message::Close(frame) => bail!("closed during replay: {frame:?}"),
             _ => {}
         }
     }
-    Ok(last)
 }
 
-async fn replay_run(base: &str, events: u64, repeats: usize) -> Result<Value> {
-    let http = reqwest::Client::builder().tcp_nodelay(true).build()?;
-    let after = events.saturating_sub(10);
+async fn replay_run(target: &Target, session: &str, repeats: usize) -> Result<Value> {
+    let api = &target.api;
+    let last = api.last_seq(session).await?;
+    let after = last.saturating_sub(10);
     let warmup = 20;
     let mut ws_last10 = Vec::with_capacity(repeats);
+    let mut tail = 0;
     for i in 0..warmup + repeats {
         let start = Instant::now();
-        let mut ws = connect_ws(base, SESSION, after).await?;
-        let last = read_events(&mut ws, events - after).await?;
-        let took = start.elapsed();
-        if last != events {
-            bail!("replay ended at seq {last}, not {events}");
-        }
+        let mut ws = api.connect_ws(session, after).await?;
+        tail = read_until(&mut ws, last).await?;
         if i >= warmup {
-            ws_last10.push(took);
+            ws_last10.push(start.elapsed());
         }
     }
     let mut http_last10 = Vec::with_capacity(repeats);
     for i in 0..warmup + repeats {
         let start = Instant::now();
-        let body: Value = http
-            .get(format!(
-                "{base}/v3/sessions/{SESSION}/events?afterSeq={after}"
-            ))
-            .bearer_auth(TOKEN)
+        let body: Value = api
+            .request(
+                reqwest::Method::GET,
+                &format!("/v3/sessions/{session}/events?afterSeq={after}"),
+            )
             .send()
             .await?
             .json()
             .await?;
         let took = start.elapsed();
         let got = body["events"].as_array().map_or(0, Vec::len) as u64;
-        if got != events - after {
-            bail!("events route gave {got} events, not {}", events - after);
+        if got != tail {
+            bail!("the events route gave {got} events after {after}, the WebSocket {tail}");
         }
         if i >= warmup {
             http_last10.push(took);
@@ -155,15 +175,14 @@ async fn replay_run(base: &str, events: u64, repeats: usize) -> Result<Value> {
     }
     let cpu = thread_cpu();
     let start = Instant::now();
-    let mut ws = connect_ws(base, SESSION, 0).await?;
-    let last = read_events(&mut ws, events).await?;
+    let mut ws = api.connect_ws(session, 0).await?;
+    let events = read_until(&mut ws, last).await?;
     let full = start.elapsed();
-    if last != events {
-        bail!("full replay ended at seq {last}");
-    }
     Ok(json!({
         "benchmark": "replay",
         "storedEvents": events,
+        "lastSeq": last,
+        "tailEvents": tail,
         "wsLast10Ms": summary(ws_last10),
         "httpLast10Ms": summary(http_last10),
         "wsFullReplayMs": (full.as_secs_f64() * 1e6).round() / 1e3,
@@ -189,14 +208,11 @@ async fn seed_sessions(home: &Path, count: u64) -> Result<()> {
 }
 
 /// `startup`: spawn → first `GET /health` 200 of the `opta` binary beside this one.
-pub(crate) fn startup(counts: &[u64], repeats: usize) -> Result<()> {
-    let opta = std::env::current_exe()?.with_file_name("opta");
-    if !opta.exists() {
-        bail!(
-            "{} not found: build it beside opta-bench (cargo build --release -p opta-cli -p opta-bench)",
-            opta.display()
-        );
+pub(crate) fn startup(args: &TargetArgs, counts: &[u64], repeats: usize) -> Result<()> {
+    if args.base.is_some() {
+        bail!("startup spawns the daemon itself: it has no --base mode");
     }
+    let opta = opta_binary()?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -221,9 +237,8 @@ pub(crate) fn startup(counts: &[u64], repeats: usize) -> Result<()> {
 async fn start_once(opta: &Path, home: &Path) -> Result<Duration> {
     let state_path = opta_daemon::daemon::daemon_dir(home).join("state.json");
     let _ = std::fs::remove_file(&state_path);
-    let http = reqwest::Client::new();
     let start = Instant::now();
-    let mut child = tokio::process::Command::new(opta)
+    let mut child = std::process::Command::new(opta)
         .args([
             "daemon",
             "run",
@@ -233,39 +248,14 @@ async fn start_once(opta: &Path, home: &Path) -> Result<Duration> {
             "http://127.0.0.1:9",
         ])
         .env("OPTA_HOME", home)
-        .env("OPTA_TOKEN", TOKEN)
+        .env("OPTA_TOKEN", "bench-token")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
-        .kill_on_drop(true)
         .spawn()?;
-    let deadline = start + Duration::from_secs(30);
-    let took = loop {
-        if Instant::now() > deadline {
-            bail!("the daemon did not answer /health within 30 s");
-        }
-        let port = std::fs::read(&state_path)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-            .and_then(|v| v["port"].as_u64());
-        if let Some(port) = port
-            && let Ok(resp) = http
-                .get(format!("http://127.0.0.1:{port}/health"))
-                .send()
-                .await
-            && resp.status().is_success()
-        {
-            break start.elapsed();
-        }
-        tokio::time::sleep(Duration::from_micros(500)).await;
-    };
-    if let Some(pid) = child.id() {
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status();
-    }
-    tokio::time::timeout(Duration::from_secs(15), child.wait())
-        .await
-        .context("the daemon did not stop")??;
+    let answered = wait_for_health(home, start + Duration::from_secs(30)).await;
+    let took = start.elapsed();
+    terminate(&mut child)?;
+    answered?;
     Ok(took)
 }
