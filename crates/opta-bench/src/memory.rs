@@ -1,6 +1,7 @@
 //! `memory`: the daemon's RSS idle, after many sessions that each had a WebSocket subscriber
 //! and a turn (the subscribers closed), after those sessions were evicted, and per idle
-//! subscriber on one session, with a probe's submit → done latency with and without them.
+//! subscriber on one session, with another session's submit → done latency (a probe) before
+//! and while they are connected.
 
 use std::time::{Duration, Instant};
 
@@ -105,25 +106,26 @@ async fn measure(target: &Target, shape: &MemoryShape) -> Result<Value> {
     for id in &ids {
         api.delete_session(id).await?;
     }
-    // Idle subscribers on one session, and a probe's latency with and without them.
+    // Idle subscribers on one session, and a probe's turns on another, timed before and
+    // while they are connected: idle connections must cost neither memory nor time.
+    let probe_session = api.create_session(json!({})).await?;
+    let mut probe_ws = api.connect_ws(&probe_session, 0).await?;
+    let probe_alone = probe(target, &probe_session, &mut probe_ws, 100).await?;
     let session = api.create_session(json!({})).await?;
-    let mut probe_ws = api.connect_ws(&session, 0).await?;
-    let probe_alone = probe(target, &session, &mut probe_ws, 50).await?;
     let before_subscribers = target.require_rss_kib()?;
-    let after = api.last_seq(&session).await?;
     let mut open = Vec::with_capacity(shape.subscribers);
     for _ in 0..shape.subscribers {
-        open.push(api.connect_ws(&session, after).await?);
+        open.push(api.connect_ws(&session, 0).await?);
     }
     // Every one is past its replay and waiting.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let with_subscribers = target.require_rss_kib()?;
-    // The probe's turns go to every idle subscriber too: they are read after it, in bulk.
-    let probe_with = probe(target, &session, &mut probe_ws, 50).await?;
+    let probe_with = probe(target, &probe_session, &mut probe_ws, 100).await?;
     for mut ws in open {
         let _ = ws.close(None).await;
     }
     api.delete_session(&session).await?;
+    api.delete_session(&probe_session).await?;
     let mib = |kib: f64| (kib / 1024.0 * 10.0).round() / 10.0;
     let per = |kib: f64, n: usize| (kib / n.max(1) as f64 * 10.0).round() / 10.0;
     Ok(json!({

@@ -274,12 +274,19 @@ fn agent_config(args: &DaemonArgs) -> Result<opta_daemon::agent::AgentConfig> {
     })
 }
 
+/// Log lines queued for the log file's writer thread (more are dropped, never blocking).
+const LOG_QUEUE_LINES: usize = 4096;
+
 async fn run_foreground(home: &Path, args: &DaemonArgs) -> Result<()> {
     let dir = opta_daemon::daemon::daemon_dir(home);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let logs_path = dir.join("daemon.log");
     let file_appender = tracing_appender::rolling::never(&dir, "daemon.log");
-    let (file_writer, _flush_guard) = tracing_appender::non_blocking(file_appender);
+    // The default queue holds 128,000 lines and allocates all of it up front (4 MB, a fifth of
+    // an idle daemon's memory); 4,096 lines (128 KiB) absorb any burst the daemon logs.
+    let (file_writer, _flush_guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .buffered_lines_limit(LOG_QUEUE_LINES)
+        .finish(file_appender);
     tracing_subscriber::registry()
         .with(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))

@@ -64,7 +64,14 @@ async fn a_full_store_refuses_turns_with_507_and_changes_nothing() {
 async fn a_turn_that_fills_the_store_ends_with_storage_full_and_keeps_its_text() {
     let lmx = ScriptedLmx::start().await.unwrap();
     lmx.push(Reply::chunks((0..20_000).map(|i| format!("token-{i:05} "))));
-    let d = TestDaemon::start_with(&lmx.url(), |c| c.store.max_bytes = Some(512 * 1024)).await;
+    // Every delta its own event, as a fast server's are: the store fills while the turn
+    // streams. (Joined deltas, as a loaded machine makes them, could fit the whole stream and
+    // fill it at the turn's end instead, whose record then waits for space.)
+    let d = TestDaemon::start_with(&lmx.url(), |c| {
+        c.store.max_bytes = Some(512 * 1024);
+        c.faults.deltas_kept_apart = true;
+    })
+    .await;
     let s = d.create_session(None).await;
     let mut ws = d.ws(&s, 0).await;
     let turn = d.submit(&s, "flood the disk").await;
