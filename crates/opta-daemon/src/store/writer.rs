@@ -85,50 +85,60 @@ fn inject_full_disk(
     *pending = kept;
 }
 
+/// Commits `pending` in one transaction and acks each batch with its own outcome.
+///
+/// Batches almost never fail, so they are first applied straight into the transaction; only
+/// when one fails is it rolled back and redone with each batch in a savepoint, so that the
+/// failing batch fails alone. (A savepoint per batch costs two statements and sub-journal
+/// writes: a fifth of the writer's time when many sessions commit at once.)
 fn commit_batches(
     conn: &mut Connection,
     pending: &mut Vec<(Vec<WriteOp>, oneshot::Sender<Result<()>>)>,
 ) {
-    let mut tx = match conn.transaction() {
-        Ok(tx) => tx,
-        Err(e) => {
-            let msg = Error::from(e);
-            for (_, ack) in pending.drain(..) {
-                let _ = ack.send(Err(clone_error(&msg)));
-            }
-            return;
-        }
-    };
-    let mut results = Vec::with_capacity(pending.len());
-    if let [(ops, _)] = pending.as_slice() {
-        // A lone batch needs no savepoint: on failure the whole transaction rolls back.
-        let result = ops.iter().try_for_each(|op| apply(&tx, op));
-        if let Err(e) = result {
-            tracing::error!(error = %e, "store write failed; batch rolled back");
-            drop(tx);
-            for (_, ack) in pending.drain(..) {
-                let _ = ack.send(Err(clone_error(&e)));
-            }
-            return;
-        }
-        results.push(Ok(()));
-    } else {
-        for (ops, _) in pending.iter() {
-            results.push(apply_in_savepoint(&mut tx, ops));
-        }
-    }
-    match tx.commit() {
-        Ok(()) => {
+    match apply_and_commit(conn, pending) {
+        Ok(results) => {
             for ((_, ack), result) in pending.drain(..).zip(results) {
                 let _ = ack.send(result);
             }
         }
-        Err(e) => {
-            let err = Error::from(e);
+        Err(err) => {
             tracing::error!(error = %err, "store commit failed");
             for (_, ack) in pending.drain(..) {
                 let _ = ack.send(Err(clone_error(&err)));
             }
+        }
+    }
+}
+
+/// Each batch's outcome once committed, or the error that failed the whole transaction.
+fn apply_and_commit(
+    conn: &mut Connection,
+    pending: &[(Vec<WriteOp>, oneshot::Sender<Result<()>>)],
+) -> Result<Vec<Result<()>>> {
+    let tx = conn.transaction()?;
+    let applied = pending
+        .iter()
+        .flat_map(|(ops, _)| ops)
+        .try_for_each(|op| apply(&tx, op));
+    match applied {
+        Ok(()) => {
+            tx.commit()?;
+            Ok(pending.iter().map(|_| Ok(())).collect())
+        }
+        Err(e) if pending.len() == 1 => {
+            tracing::error!(error = %e, "store write failed; batch rolled back");
+            drop(tx);
+            Ok(vec![Err(e)])
+        }
+        Err(_) => {
+            drop(tx);
+            let mut tx = conn.transaction()?;
+            let results = pending
+                .iter()
+                .map(|(ops, _)| apply_in_savepoint(&mut tx, ops))
+                .collect();
+            tx.commit()?;
+            Ok(results)
         }
     }
 }
@@ -325,4 +335,71 @@ fn apply(conn: &Connection, op: &WriteOp) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::SessionRow;
+
+    fn session(id: &str) -> WriteOp {
+        WriteOp::InsertSession(SessionRow {
+            id: id.into(),
+            model: "m".into(),
+            title: None,
+            metadata: None,
+            created_at: "2026-12-01T00:00:00.000Z".into(),
+            updated_at: "2026-12-01T00:00:00.000Z".into(),
+            tool_call_count: 0,
+            grants: None,
+        })
+    }
+
+    /// Commits `batches` as one writer round; each batch's outcome and the stored ids.
+    fn commit(batches: Vec<Vec<WriteOp>>) -> (Vec<bool>, Vec<String>) {
+        let mut conn = Connection::open_in_memory().unwrap();
+        crate::store::schema::migrate(&mut conn).unwrap();
+        let mut pending = Vec::new();
+        let mut acks = Vec::new();
+        for ops in batches {
+            let (tx, rx) = oneshot::channel();
+            pending.push((ops, tx));
+            acks.push(rx);
+        }
+        commit_batches(&mut conn, &mut pending);
+        let outcomes = acks
+            .into_iter()
+            .map(|mut rx| rx.try_recv().unwrap().is_ok())
+            .collect();
+        let ids = conn
+            .prepare("SELECT id FROM sessions ORDER BY id")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        (outcomes, ids)
+    }
+
+    #[test]
+    fn batches_that_all_apply_commit_together() {
+        let (outcomes, ids) = commit(vec![vec![session("a")], vec![session("b"), session("c")]]);
+        assert_eq!(outcomes, [true, true]);
+        assert_eq!(ids, ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn a_failing_batch_fails_alone_and_the_others_commit() {
+        // The middle batch inserts "a" twice: its first insert must not survive either.
+        let (outcomes, ids) = commit(vec![
+            vec![session("a")],
+            vec![session("b"), session("a")],
+            vec![session("c")],
+        ]);
+        assert_eq!(outcomes, [true, false, true]);
+        assert_eq!(ids, ["a", "c"]);
+        let (outcomes, ids) = commit(vec![vec![session("x"), session("x")]]);
+        assert_eq!(outcomes, [false]);
+        assert!(ids.is_empty());
+    }
 }
