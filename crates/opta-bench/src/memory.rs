@@ -16,6 +16,9 @@ use crate::target::{LocalDaemon, Target, TargetArgs, WsStream};
 /// Idle sessions leave a local daemon's memory after this long (the scan runs every second).
 const LOCAL_IDLE_SECS: u64 = 5;
 
+/// How long after the last eviction RSS is read.
+const AFTER_EVICTION: Duration = Duration::from_secs(3);
+
 /// The memory benchmark's shape.
 pub(crate) struct MemoryShape {
     pub sessions: usize,
@@ -102,6 +105,8 @@ async fn measure(target: &Target, shape: &MemoryShape) -> Result<Value> {
     let resident = api.runtime().await?["sessionCount"].clone();
     let after_turns = target.require_rss_kib()?;
     let evicted = wait_for(target, shape.eviction_wait, |r| r["sessionCount"] == 0).await?;
+    // The daemon hands freed memory back shortly after an eviction (this one a second later).
+    tokio::time::sleep(AFTER_EVICTION).await;
     let after_eviction = target.require_rss_kib()?;
     for id in &ids {
         api.delete_session(id).await?;
@@ -130,7 +135,7 @@ async fn measure(target: &Target, shape: &MemoryShape) -> Result<Value> {
     let per = |kib: f64, n: usize| (kib / n.max(1) as f64 * 10.0).round() / 10.0;
     Ok(json!({
         "benchmark": "memory",
-        "note": "RSS of the daemon's process",
+        "note": "RSS of the daemon's process; after eviction: 3 s after the last session left",
         "sessions": shape.sessions,
         "residentAfterTurns": resident,
         "rssIdleMib": mib(idle),

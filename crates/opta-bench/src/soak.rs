@@ -86,6 +86,8 @@ struct Tally {
     unfinished: AtomicUsize,
     frames: AtomicU64,
     turns_submitted: AtomicUsize,
+    /// `turn.error` codes seen, with how many subscribers saw each.
+    error_codes: std::sync::Mutex<std::collections::BTreeMap<String, usize>>,
 }
 
 /// Milliseconds since midnight UTC.
@@ -155,6 +157,13 @@ async fn subscriber(
         } else if frame.contains("\"event\":\"turn.error\"") {
             ended += 1;
             tally.turn_errors.fetch_add(1, Ordering::Relaxed);
+            let code = serde_json::from_str::<serde_json::Value>(frame)
+                .ok()
+                .and_then(|v| v["payload"]["code"].as_str().map(str::to_owned))
+                .unwrap_or_default();
+            if let Ok(mut codes) = tally.error_codes.lock() {
+                *codes.entry(code).or_default() += 1;
+            }
         }
     }
 }
@@ -208,6 +217,7 @@ async fn soak_run(target: &Target, shape: &SoakShape) -> Result<serde_json::Valu
         unfinished: AtomicUsize::new(0),
         frames: AtomicU64::new(0),
         turns_submitted: AtomicUsize::new(0),
+        error_codes: std::sync::Mutex::default(),
     });
     let (stop, stopping) = tokio::sync::watch::channel(false);
     let content: Arc<str> = Arc::from(words(shape.tokens));
@@ -276,6 +286,14 @@ async fn soak_run(target: &Target, shape: &SoakShape) -> Result<serde_json::Valu
     for (session, _) in &sessions {
         api.delete_session(session).await?;
     }
+    // What the sessions' state held: the daemon hands freed memory back shortly after deletes.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let rss_after_delete = target.rss_kib();
+    let error_codes = tally
+        .error_codes
+        .lock()
+        .map(|codes| json!(*codes))
+        .unwrap_or_default();
     Ok(json!({
         "benchmark": "soak",
         "sessions": shape.sessions,
@@ -295,6 +313,7 @@ async fn soak_run(target: &Target, shape: &SoakShape) -> Result<serde_json::Valu
         "errorKinds": {
             "submitFailed": tally.submit_errors.load(Ordering::Relaxed),
             "turnError": tally.turn_errors.load(Ordering::Relaxed),
+            "turnErrorCodes": error_codes,
             "seqOutOfOrder": tally.out_of_order.load(Ordering::Relaxed),
             "subscriberClosed": tally.closed_early.load(Ordering::Relaxed),
             "subscriberUnfinished": tally.unfinished.load(Ordering::Relaxed),
@@ -303,6 +322,7 @@ async fn soak_run(target: &Target, shape: &SoakShape) -> Result<serde_json::Valu
         "rssStartMib": mib(rss_start),
         "rssEndMib": mib(rss_end),
         "rssGrowthPct": growth,
+        "rssAfterDeletingSessionsMib": mib(rss_after_delete),
         "rssStartAfterSecs": shape.warmup.min(shape.duration).as_secs(),
         "elapsedSecs": (elapsed.as_secs_f64() * 10.0).round() / 10.0,
         "daemonCpuMs": (target.cpu().saturating_sub(daemon_cpu)).as_millis() as u64,

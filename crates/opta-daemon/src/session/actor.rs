@@ -240,8 +240,8 @@ impl SessionActor {
                     }
                 }
                 Some(update) = self.updates.recv() => self.on_update(update).await,
-                // After `updates` (biased): a task reports its end there before it returns,
-                // so one that ends while its turn is still active ended without reporting.
+                // A task reports its end on `updates` before it returns; `on_task_exit`
+                // takes any report that raced the join, so what is left ended unreported.
                 joined = join_running(task) => self.on_task_exit(joined).await,
                 () = sleep_until(retry_at) => self.retry_at = None,
                 () = sleep_until(permission_deadline) => {
@@ -696,6 +696,17 @@ impl SessionActor {
     /// The active turn's task ended without reporting its result: it panicked or was
     /// aborted. The turn ends with `turn.error` and the queue moves on.
     async fn on_task_exit(&mut self, joined: std::result::Result<(), JoinError>) {
+        // The task runs on another thread: it may have reported and returned between the
+        // select's look at `updates` and its look at the join. What it reported comes first.
+        let exited = self.active.as_ref().map(|a| a.turn.turn_id.clone());
+        while self.active.as_ref().map(|a| &a.turn.turn_id) == exited.as_ref()
+            && let Ok(update) = self.updates.try_recv()
+        {
+            self.on_update(update).await;
+        }
+        if self.active.as_ref().map(|a| &a.turn.turn_id) != exited.as_ref() {
+            return;
+        }
         let Some(active) = self.active.take() else {
             return;
         };

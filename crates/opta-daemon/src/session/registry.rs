@@ -58,7 +58,7 @@ impl Registry {
         let actor = RegistryActor {
             ctx,
             sessions: HashMap::new(),
-            trim_pending: false,
+            trim_at: None,
         };
         tokio::spawn(actor.run(rx));
         Self { commands }
@@ -100,9 +100,9 @@ impl Registry {
 struct RegistryActor {
     ctx: Arc<DaemonContext>,
     sessions: HashMap<SessionId, SessionHandle>,
-    /// Sessions were evicted at the last scan: their memory is handed back at this one (their
-    /// actors have exited by then).
-    trim_pending: bool,
+    /// Sessions were evicted: their memory is handed back at this moment (their actors have
+    /// exited by then).
+    trim_at: Option<tokio::time::Instant>,
 }
 
 impl RegistryActor {
@@ -117,6 +117,11 @@ impl RegistryActor {
                 },
                 _ = eviction.tick() => {
                     self.evict_idle().await;
+                    continue;
+                }
+                () = at(self.trim_at) => {
+                    self.trim_at = None;
+                    return_freed_memory();
                     continue;
                 }
             };
@@ -134,6 +139,9 @@ impl RegistryActor {
                     };
                     if result.is_ok() {
                         self.sessions.remove(&id);
+                        self.trim_at.get_or_insert_with(|| {
+                            tokio::time::Instant::now() + TRIM_AFTER_EVICTION
+                        });
                     }
                     let _ = reply.send(result);
                 }
@@ -160,16 +168,15 @@ impl RegistryActor {
         ) else {
             return;
         };
-        if std::mem::take(&mut self.trim_pending) {
-            return_freed_memory();
-        }
         let mut evicted = Vec::new();
         for (id, handle) in &self.sessions {
             if handle.evict_if_idle(idle_since_ms).await {
                 evicted.push(id.clone());
             }
         }
-        self.trim_pending = !evicted.is_empty();
+        if !evicted.is_empty() {
+            self.trim_at = Some(tokio::time::Instant::now() + TRIM_AFTER_EVICTION);
+        }
         for id in evicted {
             tracing::debug!(session = %id, "idle session evicted from memory");
             self.sessions.remove(&id);
@@ -263,6 +270,18 @@ impl RegistryActor {
         let handle = SessionActor::spawn(self.ctx.clone(), loaded)?;
         self.sessions.insert(id, handle.clone());
         Ok(Opened::Created(handle))
+    }
+}
+
+/// How long after an eviction or a delete the memory is handed back: the sessions' actors
+/// exit (and free their state) within moments of being asked.
+const TRIM_AFTER_EVICTION: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Completes at `deadline`; never without one.
+async fn at(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
     }
 }
 
