@@ -22,6 +22,9 @@ fi
 tests/browser/node_modules/.bin/tsc -p tests/browser
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
+# Every binary, not only those the tests' own packages build: the benchmark smoke tests run
+# `opta` and `opta-scripted-lmx` beside `opta-bench`.
+cargo build --workspace --bins
 
 if [ "$fast" = 1 ]; then
   cargo nextest run --workspace

@@ -135,7 +135,9 @@ fn the_benchmarks_measure_a_running_daemon_given_by_base_and_token() {
             .args(["--chunk-delay-ms", "0"])
             .stdout(std::process::Stdio::piped())
             .spawn()
-            .expect("opta-scripted-lmx is built beside opta-bench"),
+            .expect(
+                "opta-scripted-lmx is built beside opta-bench (cargo build --workspace --bins)",
+            ),
     );
     let mut lmx_url = String::new();
     std::io::BufReader::new(lmx.0.stdout.take().unwrap())
@@ -153,7 +155,7 @@ fn the_benchmarks_measure_a_running_daemon_given_by_base_and_token() {
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
-            .expect("opta is built beside opta-bench"),
+            .expect("opta is built beside opta-bench (cargo build --workspace --bins)"),
     );
     let state = home.path().join("daemon/state.json");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
