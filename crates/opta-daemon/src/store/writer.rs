@@ -22,12 +22,36 @@ pub(super) enum WriterMsg {
     },
 }
 
-/// Runs until shutdown; sets `dirty` after every commit so the checkpointer knows.
+/// The write-ahead log and the size at which the writer checkpoints and truncates it.
+pub(super) struct WalLimit {
+    pub path: std::path::PathBuf,
+    pub max_bytes: u64,
+}
+
+impl WalLimit {
+    /// Checkpoints the whole log into the database and truncates it once it has outgrown its
+    /// limit. Run between commits by the only writer, so no frame is appended meanwhile and
+    /// the checkpoint can reach the log's end (readers still reading old frames make it wait
+    /// up to the busy timeout; if they outlast that, the next commit tries again).
+    fn enforce(&self, conn: &Connection) {
+        let size = std::fs::metadata(&self.path).map_or(0, |m| m.len());
+        if size <= self.max_bytes {
+            return;
+        }
+        if let Err(e) = conn.pragma_update(None, "wal_checkpoint", "TRUNCATE") {
+            tracing::warn!(error = %e, wal_bytes = size, "could not truncate the write-ahead log");
+        }
+    }
+}
+
+/// Runs until shutdown; sets `dirty` after every commit so the checkpointer knows, and keeps
+/// the write-ahead log within `wal`.
 pub(super) fn run(
     mut conn: Connection,
     rx: crossbeam_channel::Receiver<WriterMsg>,
     dirty: &AtomicBool,
     full_disk_fault: Option<&AtomicI64>,
+    wal: &WalLimit,
 ) {
     let mut pending: Vec<(Vec<WriteOp>, oneshot::Sender<Result<()>>)> = Vec::new();
     while let Ok(first) = rx.recv() {
@@ -52,6 +76,7 @@ pub(super) fn run(
         if !pending.is_empty() {
             commit_batches(&mut conn, &mut pending);
             dirty.store(true, Ordering::Relaxed);
+            wal.enforce(&conn);
         }
         if let Some(ack) = shutdown {
             let result = conn
