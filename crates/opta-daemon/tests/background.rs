@@ -24,6 +24,29 @@ async fn start(d: &TestDaemon, session: &str, command: &str, extra: Value) -> Va
 }
 
 /// Polls the process until `done` holds (bounded).
+/// A daemon on a scripted server and a session whose workspace is a new temporary directory
+/// (kept alive by the returned guard).
+async fn daemon_with_session() -> (ScriptedLmx, TestDaemon, tempfile::TempDir, String) {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let d = TestDaemon::start(&lmx.url()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let s = session_in(&d, &dir.path().canonicalize().unwrap()).await;
+    (lmx, d, dir, s)
+}
+
+/// Submits a `do` turn with `dangerous: true` and answers its turn id.
+async fn submit_dangerous(d: &TestDaemon, session: &str, content: &str) -> String {
+    let (status, body) = d
+        .post(
+            &format!("/v3/sessions/{session}/turns"),
+            json!({"clientId": "t", "writerId": "w", "content": content,
+                   "mode": "do", "overrides": {"dangerous": true}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    body["turnId"].as_str().unwrap().to_owned()
+}
+
 async fn wait_for(d: &TestDaemon, id: &str, done: impl Fn(&Value) -> bool) -> Value {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -39,10 +62,7 @@ async fn wait_for(d: &TestDaemon, id: &str, done: impl Fn(&Value) -> bool) -> Va
 
 #[tokio::test]
 async fn output_is_read_by_seq_across_both_streams_and_events_reach_the_session() {
-    let lmx = ScriptedLmx::start().await.unwrap();
-    let d = TestDaemon::start(&lmx.url()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let s = session_in(&d, &dir.path().canonicalize().unwrap()).await;
+    let (_lmx, d, _dir, s) = daemon_with_session().await;
     let mut ws = d.ws(&s, u64::MAX).await;
     let process = start(
         &d,
@@ -126,10 +146,7 @@ async fn output_is_read_by_seq_across_both_streams_and_events_reach_the_session(
 
 #[tokio::test]
 async fn five_run_at_most_and_a_kill_escalates_and_leaves_no_process_of_the_group() {
-    let lmx = ScriptedLmx::start().await.unwrap();
-    let d = TestDaemon::start(&lmx.url()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let s = session_in(&d, &dir.path().canonicalize().unwrap()).await;
+    let (_lmx, d, _dir, s) = daemon_with_session().await;
     // Each ignores SIGTERM (the disposition is inherited by its child too).
     let stubborn = "trap '' TERM; sleep 60 & sleep 60; wait";
     let mut ids = Vec::new();
@@ -188,10 +205,7 @@ async fn five_run_at_most_and_a_kill_escalates_and_leaves_no_process_of_the_grou
 
 #[tokio::test]
 async fn a_timeout_stops_the_group_and_shutdown_stops_the_rest() {
-    let lmx = ScriptedLmx::start().await.unwrap();
-    let d = TestDaemon::start(&lmx.url()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let s = session_in(&d, &dir.path().canonicalize().unwrap()).await;
+    let (_lmx, d, _dir, s) = daemon_with_session().await;
     let timed = start(
         &d,
         &s,
@@ -239,10 +253,7 @@ async fn a_timeout_stops_the_group_and_shutdown_stops_the_rest() {
 
 #[tokio::test]
 async fn a_flood_of_output_keeps_the_last_mebibyte() {
-    let lmx = ScriptedLmx::start().await.unwrap();
-    let d = TestDaemon::start(&lmx.url()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let s = session_in(&d, &dir.path().canonicalize().unwrap()).await;
+    let (_lmx, d, _dir, s) = daemon_with_session().await;
     let rss_kib = || -> u64 {
         std::fs::read_to_string("/proc/self/status")
             .unwrap()
@@ -333,25 +344,14 @@ async fn a_session_with_a_running_process_is_not_evicted() {
 
 #[tokio::test]
 async fn an_agent_turn_starts_a_server_reads_its_output_and_stops_it() {
-    let lmx = ScriptedLmx::start().await.unwrap();
-    let d = TestDaemon::start(&lmx.url()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let s = session_in(&d, &dir.path().canonicalize().unwrap()).await;
+    let (lmx, d, _dir, s) = daemon_with_session().await;
     lmx.set_waits_for_replies(true);
     lmx.push(opta_test_support::Reply::tool_call(
         "bg_start",
         json!({"command": "echo listening on 8080; sleep 60", "label": "server"}),
     ));
     let mut ws = d.ws(&s, u64::MAX).await;
-    let (status, body) = d
-        .post(
-            &format!("/v3/sessions/{s}/turns"),
-            json!({"clientId": "t", "writerId": "w", "content": "start the server",
-                   "mode": "do", "overrides": {"dangerous": true}}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
-    let turn = body["turnId"].as_str().unwrap().to_owned();
+    let turn = submit_dangerous(&d, &s, "start the server").await;
     let started = ws.envelopes_until(|e| e["event"] == "tool.end").await;
     let end = &started.last().unwrap()["payload"];
     assert_eq!(end["result"]["ok"], true, "{end}");
@@ -396,10 +396,7 @@ async fn an_agent_turn_starts_a_server_reads_its_output_and_stops_it() {
 
 #[tokio::test]
 async fn deleting_a_session_stops_its_processes() {
-    let lmx = ScriptedLmx::start().await.unwrap();
-    let d = TestDaemon::start(&lmx.url()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let s = session_in(&d, &dir.path().canonicalize().unwrap()).await;
+    let (_lmx, d, _dir, s) = daemon_with_session().await;
     let p = start(&d, &s, "sleep 60 & sleep 60; wait", json!({})).await;
     let pgid = p["pid"].as_u64().unwrap();
     let (status, _) = d
@@ -534,10 +531,7 @@ async fn output_events_of_an_ended_process_are_swept_and_the_output_route_still_
 
 #[tokio::test]
 async fn a_run_command_that_outlives_background_after_secs_is_left_running_in_the_background() {
-    let lmx = ScriptedLmx::start().await.unwrap();
-    let d = TestDaemon::start(&lmx.url()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let s = session_in(&d, &dir.path().canonicalize().unwrap()).await;
+    let (lmx, d, _dir, s) = daemon_with_session().await;
     lmx.push(opta_test_support::Reply::tool_call(
         "run_command",
         json!({"command": "echo quick", "backgroundAfterSecs": 5}),
@@ -548,15 +542,7 @@ async fn a_run_command_that_outlives_background_after_secs_is_left_running_in_th
     ));
     lmx.push(opta_test_support::Reply::chunks(["The server runs."]));
     let mut ws = d.ws(&s, u64::MAX).await;
-    let (status, body) = d
-        .post(
-            &format!("/v3/sessions/{s}/turns"),
-            json!({"clientId": "t", "writerId": "w", "content": "serve",
-                   "mode": "do", "overrides": {"dangerous": true}}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
-    let turn = body["turnId"].as_str().unwrap().to_owned();
+    let turn = submit_dangerous(&d, &s, "serve").await;
     let events = ws
         .envelopes_until(opta_test_support::is_terminal_of(&turn))
         .await;
@@ -610,4 +596,38 @@ async fn a_monitor_that_panics_leaves_no_process_and_no_stale_running_state() {
         ),
         "{events:?}"
     );
+}
+
+#[tokio::test]
+async fn a_run_command_cancelled_before_background_after_secs_is_stopped_with_its_group() {
+    let (lmx, d, _dir, s) = daemon_with_session().await;
+    // Until the 60 s pass the command is the call's own, as a plain run_command is.
+    lmx.push(opta_test_support::Reply::tool_call(
+        "run_command",
+        json!({"command": "sleep 60 & echo started; wait", "backgroundAfterSecs": 60}),
+    ));
+    let mut ws = d.ws(&s, u64::MAX).await;
+    let turn = submit_dangerous(&d, &s, "serve").await;
+    ws.envelopes_until(|e| e["event"] == "background.output")
+        .await;
+    let (_, list) = d.get(&format!("/v3/background?sessionId={s}")).await;
+    let process = list["processes"][0].clone();
+    assert_eq!(process["state"], "running", "{list}");
+    let (id, pgid) = (
+        process["processId"].as_str().unwrap().to_owned(),
+        process["pid"].as_u64().unwrap(),
+    );
+    let (status, _) = d
+        .post(&format!("/v3/sessions/{s}/cancel"), json!({"turnId": turn}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    ws.envelopes_until(opta_test_support::is_terminal_of(&turn))
+        .await;
+    let ended = wait_for(&d, &id, |p| p["state"] != "running").await;
+    assert_eq!(ended["state"], "killed", "{ended}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while group_alive(pgid) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!group_alive(pgid), "the group survived the cancel");
 }

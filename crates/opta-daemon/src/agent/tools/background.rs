@@ -192,10 +192,17 @@ pub async fn run_or_detach(
         .await
         .map_err(|e| e.to_string())?;
     let id = process.process_id.clone();
+    // Until it is left running, the command belongs to this call like a plain one: a call
+    // dropped by a cancel (or a failed look at it) kills its group.
+    let mut foreground = KillOnDrop {
+        runner: bg.runner.clone(),
+        id: Some(id.clone()),
+    };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(after_secs.min(600));
     loop {
         let now = own(bg, &id).await?;
         if now.state != ProcessState::Running {
+            foreground.id = None;
             let page = bg
                 .runner
                 .output(id.clone(), 0, 500, None)
@@ -211,6 +218,7 @@ pub async fn run_or_detach(
             };
         }
         if tokio::time::Instant::now() >= deadline {
+            foreground.id = None;
             return Ok(format!(
                 "still running after {after_secs} s, so it was left running in the background: \
                  {}; read its output with bg_output, stop it with bg_kill",
@@ -218,6 +226,26 @@ pub async fn run_or_detach(
             ));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Kills the process it names when dropped, unless `id` was taken out first.
+struct KillOnDrop {
+    runner: ProcessRunner,
+    id: Option<String>,
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let (Some(id), Ok(rt)) = (self.id.take(), tokio::runtime::Handle::try_current()) else {
+            return;
+        };
+        let runner = self.runner.clone();
+        rt.spawn(async move {
+            if let Err(e) = runner.kill(id.clone(), KillSignal::Kill).await {
+                tracing::debug!(process = %id, error = %e, "stopping a cancelled command");
+            }
+        });
     }
 }
 
