@@ -203,10 +203,10 @@ pub async fn run(args: ChatArgs, home: &Path, daemon: &DaemonArgs) -> Result<Exi
     };
     println!(
         "{}",
-        ui::dim(&format!(
+        ui::dim(&ui::fit(&format!(
             "session {session} · {} · /help for commands, Ctrl-C cancels a turn",
             sanitize::line(model)
-        ))
+        )))
     );
 
     let (line_tx, mut lines) = mpsc::channel::<Result<String, ReadlineError>>(1);
@@ -576,7 +576,7 @@ impl<P: ExternalPrinter> Chat<P> {
             }
             Output::Note(line) => {
                 self.end_answer_line();
-                self.say(&line);
+                self.say(&ui::fit(&line));
             }
             Output::Permission(ask) => {
                 self.end_answer_line();

@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use opta_client::{DaemonClient, StartAt, Transport};
 use opta_protocol::{
-    CancelRequest, CreateSessionRequest, Decision, Mode, ResolvePermissionRequest, SessionId,
+    CancelRequest, CreateSessionRequest, Mode, ResolvePermissionRequest, SessionId,
     SubmitTurnRequest, TurnErrorCode, TurnId,
 };
 use serde_json::json;
@@ -196,7 +196,7 @@ pub async fn run(args: DoArgs, home: &Path, daemon: &DaemonArgs) -> Result<ExitC
                 }
                 wrote_text = false;
                 match output {
-                    Output::Note(line) => eprintln!("{}", ui::dim(&line)),
+                    Output::Note(line) => eprintln!("{}", ui::dim(&ui::fit(&line))),
                     Output::Permission(ask) => {
                         answer_permission(&client, &session, &ask, &mut policy).await?;
                     }
@@ -205,7 +205,7 @@ pub async fn run(args: DoArgs, home: &Path, daemon: &DaemonArgs) -> Result<ExitC
             }
             Output::Note(line) => {
                 if !args.json {
-                    eprintln!("{}", ui::dim(&line));
+                    eprintln!("{}", ui::dim(&ui::fit(&line)));
                 }
             }
             Output::Permission(ask) => {
@@ -357,15 +357,6 @@ pub async fn send_answer(
             eprintln!("{}", ui::dim("  (already decided elsewhere)"));
         }
         Err(e) => return Err(e.into()),
-    }
-    if decision == Decision::Deny {
-        eprintln!(
-            "{}",
-            ui::dim(&format!(
-                "  denied {}",
-                crate::sanitize::line(&ask.tool_name)
-            ))
-        );
     }
     Ok(())
 }

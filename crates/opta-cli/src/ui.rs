@@ -19,6 +19,19 @@ pub fn error_label() -> String {
     style("error:").red().bold().for_stderr().to_string()
 }
 
+/// `line` cut to the terminal's width (by display width, with `…`) so that a tool line stays
+/// one line; unchanged when neither stdout nor stderr is a terminal.
+pub fn fit(line: &str) -> String {
+    let width = console::Term::stdout()
+        .size_checked()
+        .or_else(|| console::Term::stderr().size_checked())
+        .map(|(_rows, cols)| usize::from(cols));
+    match width {
+        Some(cols) if cols > 1 => console::truncate_str(line, cols - 1, "…").into_owned(),
+        _ => line.to_owned(),
+    }
+}
+
 /// Dimmed text for stdout.
 pub fn dim_out(text: &str) -> String {
     style(text).dim().to_string()

@@ -65,6 +65,13 @@ fn text(bytes: &[u8]) -> String {
 }
 
 /// Waits for `needle` in the chat's output; on failure says which step and what was seen.
+/// `opta chat` in a pseudo-terminal, with `workspace` as its working directory.
+fn chat_in(home: &Home, workspace: &Path) -> expectrl::session::OsSession {
+    let mut command = home.command(&["chat"]);
+    command.current_dir(workspace);
+    expectrl::Session::spawn(command).unwrap()
+}
+
 fn step<N: expectrl::Needle + std::fmt::Debug>(chat: &mut impl Expect, needle: N) {
     let what = format!("{needle:?}");
     if let Err(e) = chat.expect(needle) {
@@ -1329,9 +1336,7 @@ async fn chat_permission_prompts_show_the_diff_and_read_a_fresh_answer() {
     let lmx = ScriptedLmx::start().await.unwrap();
     let home = Home::new(&lmx.url());
     let workspace = tempfile::tempdir().unwrap();
-    let mut command = home.command(&["chat"]);
-    command.current_dir(workspace.path());
-    let mut chat = expectrl::Session::spawn(command).unwrap();
+    let mut chat = chat_in(&home, workspace.path());
     chat.set_expect_timeout(Some(Duration::from_secs(20)));
     // The model talks for a while, then asks to write a file.
     let mut call = Reply::tool_call(
@@ -1597,4 +1602,34 @@ async fn web_prints_a_one_time_link_that_signs_a_page_in() {
     assert!(!log.is_empty(), "the daemon logs");
     assert!(!log.contains(token), "the token is never logged");
     assert!(!log.contains(code), "sign-in codes are never logged");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_tool_lines_fit_a_narrow_terminal() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let home = Home::new(&lmx.url());
+    let workspace = tempfile::tempdir().unwrap();
+    let mut chat = chat_in(&home, workspace.path());
+    chat.get_process_mut().set_window_size(50, 24).unwrap();
+    chat.set_expect_timeout(Some(Duration::from_secs(20)));
+    lmx.push(Reply::tool_call(
+        "read_file",
+        json!({"path": "a/path/that/does/not/exist/anywhere/in/the/workspace.txt"}),
+    ));
+    lmx.push(Reply::chunks(["no such file"]));
+    tokio::task::block_in_place(|| {
+        step(&mut chat, "opta› ");
+        chat.send_line("read it").unwrap();
+        step(&mut chat, "✗ read_file");
+        let rest = chat.expect("\r\n").unwrap();
+        let line = format!("  ✗ read_file{}", String::from_utf8_lossy(rest.before()));
+        // Without colour codes (the pty is a terminal, so there may be some).
+        let plain = console::strip_ansi_codes(&line).into_owned();
+        assert!(plain.chars().count() < 50, "{plain:?}");
+        assert!(plain.ends_with('…'), "{plain:?}");
+        step(&mut chat, "no such file");
+        step(&mut chat, "opta› ");
+        chat.send_line("/exit").unwrap();
+        step(&mut chat, expectrl::Eof);
+    });
 }
