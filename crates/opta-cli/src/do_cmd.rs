@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use opta_client::{DaemonClient, StartAt, Transport};
 use opta_protocol::{
-    CancelRequest, CreateSessionRequest, Mode, ResolvePermissionRequest, SessionId,
+    CancelRequest, CreateSessionRequest, Decision, Mode, ResolvePermissionRequest, SessionId,
     SubmitTurnRequest, TurnErrorCode, TurnId,
 };
 use serde_json::json;
@@ -292,10 +292,21 @@ pub async fn answer_permission(
     policy: &mut PermissionPolicy,
 ) -> Result<()> {
     let answer = match policy.verdict() {
-        Verdict::Decide(decision) => Answer {
-            decision,
-            remember: false,
-        },
+        Verdict::Decide(decision) => {
+            if decision == Decision::Deny {
+                eprintln!(
+                    "{}",
+                    ui::dim(&ui::fit(&format!(
+                        "  {}: denied, no terminal to ask (--yes allows such calls)",
+                        crate::sanitize::line(ask.summary.as_deref().unwrap_or(&ask.tool_name))
+                    )))
+                );
+            }
+            Answer {
+                decision,
+                remember: false,
+            }
+        }
         Verdict::Ask => {
             show_permission(ask);
             loop {

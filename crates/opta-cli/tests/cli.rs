@@ -42,10 +42,14 @@ impl Home {
 
     /// Runs `opta ARGS` to completion (off the async runtime).
     async fn opta(&self, args: &[&str]) -> Output {
+        run(self.command(args)).await
+    }
+
+    /// `opta ARGS` run in `dir`.
+    async fn opta_in(&self, dir: &Path, args: &[&str]) -> Output {
         let mut cmd = self.command(args);
-        tokio::task::spawn_blocking(move || cmd.output().unwrap())
-            .await
-            .unwrap()
+        cmd.current_dir(dir);
+        run(cmd).await
     }
 
     fn state(&self) -> Option<Value> {
@@ -58,6 +62,13 @@ impl Drop for Home {
     fn drop(&mut self) {
         let _ = self.command(&["daemon", "stop"]).output();
     }
+}
+
+/// Runs `cmd` to its end off the runtime's threads (the test's servers share them).
+async fn run(mut cmd: Command) -> Output {
+    tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap()
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -266,9 +277,7 @@ async fn do_starts_the_daemon_and_streams_the_answer() {
     // Piped output carries no colour codes even without NO_COLOR.
     let mut cmd = home.command(&["models"]);
     cmd.env_remove("NO_COLOR");
-    let piped = tokio::task::spawn_blocking(move || cmd.output().unwrap())
-        .await
-        .unwrap();
+    let piped = run(cmd).await;
     assert!(
         !text(&piped.stdout).contains('\x1b'),
         "{:?}",
@@ -702,9 +711,7 @@ async fn a_token_with_url_special_characters_works_for_do() {
     let token = "t&k=n#x+y%25z/?";
     let mut start = home.command(&["daemon", "start"]);
     start.env("OPTA_TOKEN", token);
-    let started = tokio::task::spawn_blocking(move || start.output().unwrap())
-        .await
-        .unwrap();
+    let started = run(start).await;
     assert!(started.status.success(), "{}", text(&started.stderr));
     assert_eq!(home.state().unwrap()["token"], token);
     let out = home.opta(&["do", "special", "token"]).await;
@@ -814,9 +821,7 @@ async fn commands_that_cannot_run_leave_no_session_behind() {
     // `opta chat` with stdin piped: refused before a session exists.
     let mut chat = home.command(&["chat"]);
     chat.stdin(std::process::Stdio::piped());
-    let out = tokio::task::spawn_blocking(move || chat.output().unwrap())
-        .await
-        .unwrap();
+    let out = run(chat).await;
     assert_eq!(out.status.code(), Some(1));
     assert!(
         text(&out.stderr).contains("needs a terminal"),
@@ -932,9 +937,7 @@ async fn daemon_management_edges() {
     start
         .current_dir(home.path().parent().unwrap())
         .env("OPTA_HOME", home.path().file_name().unwrap());
-    let started = tokio::task::spawn_blocking(move || start.output().unwrap())
-        .await
-        .unwrap();
+    let started = run(start).await;
     assert!(started.status.success(), "{}", text(&started.stderr));
     let logs_path = home.state().unwrap()["logsPath"]
         .as_str()
@@ -1187,9 +1190,7 @@ async fn the_config_file_sits_between_the_environment_and_the_defaults() {
     // A daemon started with only the file uses the file's server.
     let mut cmd = home.command(&["do", "--daemon-wait", "1", "hi"]);
     cmd.env_remove("OPTA_LMX_URL");
-    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
-        .await
-        .unwrap();
+    let out = run(cmd).await;
     assert!(
         text(&out.stderr).contains("lmx-connection-refused"),
         "{}",
@@ -1572,9 +1573,7 @@ async fn web_prints_a_one_time_link_that_signs_a_page_in() {
     // with a word on stderr.
     let mut bare = home.command(&["web"]);
     bare.env_remove("DISPLAY").env_remove("WAYLAND_DISPLAY");
-    let out = tokio::task::spawn_blocking(move || bare.output().unwrap())
-        .await
-        .unwrap();
+    let out = run(bare).await;
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stdout).starts_with(&format!("{base}/#code=")));
     assert!(
@@ -1632,4 +1631,38 @@ async fn chat_tool_lines_fit_a_narrow_terminal() {
         chat.send_line("/exit").unwrap();
         step(&mut chat, expectrl::Eof);
     });
+}
+
+#[tokio::test]
+async fn do_without_a_terminal_denies_what_it_would_ask_and_yes_allows_it() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let home = Home::new(&lmx.url());
+    let workspace = tempfile::tempdir().unwrap();
+    let call = || Reply::tool_call("write_file", json!({"path": "asked.txt", "content": "x\n"}));
+    lmx.push(call());
+    lmx.push(Reply::chunks(["not written"]));
+    let out = home
+        .opta_in(workspace.path(), &["do", "--mode", "chat", "write it"])
+        .await;
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("write 2 bytes to asked.txt: denied, no terminal to ask (--yes allows"),
+        "{stderr}"
+    );
+    assert!(!workspace.path().join("asked.txt").exists());
+    lmx.push(call());
+    lmx.push(Reply::chunks(["written"]));
+    let out = home
+        .opta_in(
+            workspace.path(),
+            &["do", "--mode", "chat", "--yes", "write it"],
+        )
+        .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "written\n");
+    assert_eq!(
+        std::fs::read_to_string(workspace.path().join("asked.txt")).unwrap(),
+        "x\n"
+    );
 }
