@@ -816,6 +816,10 @@ async fn a_restart_resolves_the_waiting_request_and_ends_the_open_call() {
         "{order:?}"
     );
     assert_eq!(after[1]["payload"]["decidedBy"], "interrupted");
+    let request_id = after[0]["payload"]["requestId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     assert_eq!(after[3]["payload"]["code"], "interrupted");
     assert_eq!(after[3]["payload"]["turnId"], turn.as_str());
     // The next turn's request answers the interrupted call, so servers accept it.
@@ -836,6 +840,19 @@ async fn a_restart_resolves_the_waiting_request_and_ends_the_open_call() {
         .filter(|m| m["role"] == "tool")
         .count();
     assert_eq!((calls, results), (1, 1), "{sent}");
+
+    // A late answer from a client that missed all this is told the request was decided
+    // (409), also by a daemon that has not seen it since it started.
+    let d = d.restart().await;
+    let answer = |id: &str| json!({"requestId": id, "decision": "allow", "decidedBy": "late"});
+    let path = |id: &str| format!("/v3/sessions/{s}/permissions/{id}");
+    let (status, body) = d.post(&path(&request_id), answer(&request_id)).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["conflict"], true, "{body}");
+    // One it never issued is unknown.
+    let (status, body) = d.post(&path("perm_never"), answer("perm_never")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert!(!std::path::Path::new(&dirs.ws.join("a.txt")).exists());
 }
 
 #[tokio::test]

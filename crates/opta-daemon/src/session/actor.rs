@@ -1596,10 +1596,18 @@ impl SessionActor {
             .and_then(|a| a.permission.as_ref())
             .is_some_and(|p| p.request_id == request_id);
         if !pending {
-            if self.decided.contains(&request_id) {
-                return Err(Error::PermissionConflict(request_id));
-            }
-            return Err(Error::PermissionNotFound(request_id));
+            // Decided since this actor loaded the session, or before (its log says so).
+            let decided = self.decided.contains(&request_id)
+                || self
+                    .ctx
+                    .store
+                    .permission_was_decided(self.id.to_string(), request_id.clone())
+                    .await?;
+            return Err(if decided {
+                Error::PermissionConflict(request_id)
+            } else {
+                Error::PermissionNotFound(request_id)
+            });
         }
         let decided_by = match request.decided_by.trim() {
             "" => "client".to_owned(),

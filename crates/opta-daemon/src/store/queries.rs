@@ -303,6 +303,25 @@ impl Store {
         .await
     }
 
+    /// Whether session `session_id`'s log records a `permission.resolved` for `request_id`
+    /// (decided before the session was last loaded: after an eviction or a restart).
+    pub async fn permission_was_decided(
+        &self,
+        session_id: String,
+        request_id: String,
+    ) -> Result<bool> {
+        self.read(move |conn| {
+            Ok(conn
+                .prepare_cached(
+                    "SELECT EXISTS (SELECT 1 FROM events
+                     WHERE session_id = ?1 AND event = 'permission.resolved'
+                       AND json_extract(envelope, '$.payload.requestId') = ?2)",
+                )?
+                .query_row(rusqlite::params![session_id, request_id], |r| r.get(0))?)
+        })
+        .await
+    }
+
     /// Background processes a previous run started and never saw end:
     /// `(process_id, session_id, pgid, start_ticks, record JSON)`.
     pub async fn unended_processes(&self) -> Result<Vec<(String, String, i64, i64, String)>> {
