@@ -128,8 +128,30 @@ async fn state_file_lock_and_graceful_stop() {
     assert!(stderr.contains("already running"), "{stderr}");
     assert!(stderr.contains(&format!("pid {}", daemon.id())), "{stderr}");
 
-    // SIGTERM: graceful stop, state file removed, exit 0.
+    // SIGTERM: graceful stop, state file removed, exit 0; a subscriber is told 1001
+    // (going away: reconnect later) before the process ends.
+    let port = state["port"].as_u64().unwrap();
+    let (status, session) =
+        call(port, reqwest::Method::POST, "/v3/sessions", Some(json!({}))).await;
+    assert_eq!(status, 201, "{session}");
+    let mut ws = opta_test_support::WsClient::connect(&format!(
+        "ws://127.0.0.1:{port}/v3/ws?sessionId={}&afterSeq=0&token={TOKEN}",
+        session["sessionId"].as_str().unwrap()
+    ))
+    .await;
+    ws.envelopes_until(|e| e["event"] == "session.snapshot")
+        .await;
     signal(&daemon, "TERM");
+    let closed = loop {
+        match ws.next().await {
+            Some(opta_test_support::WsItem::Json(_)) => continue,
+            other => break other,
+        }
+    };
+    assert!(
+        matches!(closed, Some(opta_test_support::WsItem::Closed(1001, _))),
+        "{closed:?}"
+    );
     let status = wait_exit(&mut daemon);
     assert!(status.success(), "{status}");
     assert!(!state_file(home.path()).exists());
