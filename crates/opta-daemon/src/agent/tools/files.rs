@@ -67,30 +67,9 @@ pub struct Edit {
 pub struct EditFileArgs {
     /// File path, relative to the workspace.
     pub path: String,
-    /// Exact text to replace (whitespace included).
-    #[serde(alias = "old_string")]
-    pub old_string: String,
-    /// Text to put in its place.
-    #[serde(alias = "new_string")]
-    pub new_string: String,
-    /// Replace every occurrence instead of requiring exactly one.
-    #[serde(
-        default,
-        alias = "replace_all",
-        deserialize_with = "opta_protocol::serde_util::null_as_default"
-    )]
-    pub replace_all: bool,
-}
-
-impl EditFileArgs {
-    /// The replacement it asks for.
-    pub fn edit(&self) -> Edit {
-        Edit {
-            old_string: self.old_string.clone(),
-            new_string: self.new_string.clone(),
-            replace_all: self.replace_all,
-        }
-    }
+    /// The replacement.
+    #[serde(flatten)]
+    pub edit: Edit,
 }
 
 /// `multi_edit` arguments.

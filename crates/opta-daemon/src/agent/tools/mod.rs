@@ -355,8 +355,7 @@ pub async fn prepare(tool: &ToolSpec, args: &Value, env: &mut ToolEnv<'_>) -> Pr
         },
         "edit_file" => match parse_args::<files::EditFileArgs>(tool, args) {
             Ok(a) => {
-                let edits = vec![a.edit()];
-                return files::prepare_edits(workspace, env.memory, &a.path, edits).await;
+                return files::prepare_edits(workspace, env.memory, &a.path, vec![a.edit]).await;
             }
             Err(e) => Err(e),
         },
@@ -467,6 +466,36 @@ mod tests {
     }
 
     #[test]
+    fn edit_file_takes_its_replacement_flat() {
+        let schema = spec("edit_file")
+            .map(ToolSpec::parameters)
+            .unwrap_or_default();
+        let mut properties: Vec<&String> = schema["properties"]
+            .as_object()
+            .map(|p| p.keys().collect())
+            .unwrap_or_default();
+        properties.sort();
+        assert_eq!(properties, ["newString", "oldString", "path", "replaceAll"]);
+        let mut required: Vec<&str> = schema["required"]
+            .as_array()
+            .map(|r| r.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        required.sort_unstable();
+        assert_eq!(required, ["newString", "oldString", "path"]);
+        // Small models write snake_case: the aliases still apply.
+        let parsed = spec("edit_file").map(|t| {
+            parse_args::<files::EditFileArgs>(
+                t,
+                &json!({"path": "a", "old_string": "x", "new_string": "y", "replace_all": true}),
+            )
+        });
+        assert!(
+            matches!(&parsed, Some(Ok(a)) if a.edit.old_string == "x" && a.edit.replace_all),
+            "{parsed:?}"
+        );
+    }
+
+    #[test]
     fn null_in_every_optional_argument_reads_as_absent() {
         let edit = spec("edit_file").map(|t| {
             parse_args::<files::EditFileArgs>(
@@ -474,7 +503,7 @@ mod tests {
                 &json!({"path": "a", "oldString": "x", "newString": "y", "replaceAll": null}),
             )
         });
-        assert!(matches!(edit, Some(Ok(a)) if !a.replace_all));
+        assert!(matches!(edit, Some(Ok(a)) if !a.edit.replace_all));
         let search = spec("search_files").map(|t| {
             parse_args::<search::SearchFilesArgs>(
                 t,
