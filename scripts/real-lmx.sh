@@ -45,7 +45,7 @@ start() {
   port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
   log="$cache/llama-server-$port.log"
   "$venv/bin/python" -m llama_cpp.server --model "$model" --model_alias "$model_id" \
-    --host 127.0.0.1 --port "$port" --n_ctx 8192 > "$log" 2>&1 &
+    --host 127.0.0.1 --port "$port" --n_ctx 8192 --interrupt_requests False > "$log" 2>&1 &
   local pid=$!
   for _ in $(seq 600); do
     if curl -fsS "http://127.0.0.1:$port/v1/models" > /dev/null 2>&1; then

@@ -2,6 +2,8 @@
 //! suite; `scripts/test.sh` starts the server and runs them with `--run-ignored all`.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure report
 
+use std::path::Path;
+
 use opta_test_support::{TestDaemon, is_terminal_of, token_text};
 use pretty_assertions::assert_eq;
 use serde_json::{Value, json};
@@ -23,11 +25,8 @@ fn check_turn(events: &[Value], turn: &str) {
     assert_eq!(done["event"], "turn.done", "{done}");
     let text = token_text(events, turn);
     assert!(!text.trim().is_empty(), "the model streamed no text");
-    let tokens = events.iter().filter(|e| e["event"] == "turn.token").count();
-    assert!(
-        tokens >= 2,
-        "expected a streamed reply, got {tokens} token events"
-    );
+    // (How many `turn.token` events carry it is not fixed: deltas that reach the session
+    // together travel as one, so a short reply on a busy machine may be a single event.)
     let stats = &done["payload"]["stats"];
     assert!(stats["completionTokens"].as_u64().unwrap() > 0, "{stats}");
     assert!(stats["promptTokens"].as_u64().unwrap() > 0, "{stats}");
@@ -71,6 +70,28 @@ async fn a_real_model_streams_a_reply_over_ws_and_sse() {
     assert_eq!(models["models"][0]["status"], "loaded");
 }
 
+/// A session of `model` in `workspace` and one `do` turn in it, followed to its end.
+async fn agent_turn(d: &TestDaemon, model: &str, workspace: &Path, content: &str) -> Vec<Value> {
+    let (status, created) = d
+        .post(
+            "/v3/sessions",
+            json!({"sessionId": "agent", "model": model,
+                   "metadata": {"workspace": workspace.canonicalize().unwrap()}}),
+        )
+        .await;
+    assert_eq!(status, reqwest::StatusCode::CREATED, "{created}");
+    let mut ws = d.ws("agent", 0).await;
+    let (status, body) = d
+        .post(
+            "/v3/sessions/agent/turns",
+            json!({"clientId": "t", "writerId": "w", "content": content, "mode": "do"}),
+        )
+        .await;
+    assert_eq!(status, reqwest::StatusCode::ACCEPTED, "{body}");
+    let turn = body["turnId"].as_str().unwrap().to_owned();
+    ws.envelopes_until(is_terminal_of(&turn)).await
+}
+
 #[tokio::test]
 #[ignore = "needs the real SmolLM2 server: run scripts/test.sh"]
 async fn a_real_server_accepts_the_agent_request_with_its_tools() {
@@ -82,25 +103,7 @@ async fn a_real_server_accepts_the_agent_request_with_its_tools() {
         "Answer in one sentence.\n",
     )
     .unwrap();
-    let (status, created) = d
-        .post(
-            "/v3/sessions",
-            json!({"sessionId": "agent", "model": model,
-                   "metadata": {"workspace": workspace.path().canonicalize().unwrap()}}),
-        )
-        .await;
-    assert_eq!(status, reqwest::StatusCode::CREATED, "{created}");
-    let mut ws = d.ws("agent", 0).await;
-    let (status, body) = d
-        .post(
-            "/v3/sessions/agent/turns",
-            json!({"clientId": "t", "writerId": "w", "content": "List the files here.",
-                   "mode": "do"}),
-        )
-        .await;
-    assert_eq!(status, reqwest::StatusCode::ACCEPTED, "{body}");
-    let turn = body["turnId"].as_str().unwrap().to_owned();
-    let events = ws.envelopes_until(is_terminal_of(&turn)).await;
+    let events = agent_turn(&d, &model, workspace.path(), "List the files here.").await;
     // The server took the system prompt, AGENTS.md and the tool schemas (about 1,500 tokens)
     // within its context: no refusal of `tools` (that would be a turn.progress), no context
     // error (that would be a turn.error).
@@ -114,4 +117,122 @@ async fn a_real_server_accepts_the_agent_request_with_its_tools() {
     let starts = events.iter().filter(|e| e["event"] == "tool.start").count();
     let ends = events.iter().filter(|e| e["event"] == "tool.end").count();
     assert_eq!(starts, ends);
+}
+
+/// What the forcing proxy saw: the chat requests it forwarded, in order.
+type Seen = std::sync::Arc<std::sync::Mutex<Vec<Value>>>;
+
+/// A proxy in front of the real server that adds `tool_choice` naming `tool` to the first
+/// chat request offering tools. llama-cpp-python then constrains that reply, by a grammar, to
+/// a call of the tool: the small model makes a real, streamed tool call, and every later
+/// request goes through unchanged.
+async fn forcing_proxy(upstream: String, tool: &'static str) -> (String, Seen) {
+    use axum::body::{Body, Bytes};
+    use axum::http::{Method, StatusCode, Uri, header};
+    use axum::response::Response;
+
+    let seen: Seen = Default::default();
+    let forced = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let client = reqwest::Client::new();
+    let log = seen.clone();
+    let app = axum::Router::new().fallback(move |method: Method, uri: Uri, body: Bytes| {
+        let (client, upstream, seen, forced) = (
+            client.clone(),
+            upstream.clone(),
+            log.clone(),
+            forced.clone(),
+        );
+        async move {
+            let mut body = body.to_vec();
+            if uri.path().ends_with("/chat/completions")
+                && let Ok(mut request) = serde_json::from_slice::<Value>(&body)
+            {
+                if request.get("tools").is_some()
+                    && !forced.swap(true, std::sync::atomic::Ordering::SeqCst)
+                {
+                    request["tool_choice"] =
+                        json!({"type": "function", "function": {"name": tool}});
+                }
+                seen.lock().unwrap().push(request.clone());
+                body = serde_json::to_vec(&request).unwrap();
+            }
+            let path = uri.path_and_query().map_or("/", |p| p.as_str());
+            let answer = client
+                .request(
+                    reqwest::Method::from_bytes(method.as_str().as_bytes()).unwrap(),
+                    format!("{upstream}{path}"),
+                )
+                .header(header::CONTENT_TYPE.as_str(), "application/json")
+                .body(body)
+                .send()
+                .await;
+            match answer {
+                Ok(answer) => Response::builder()
+                    .status(answer.status().as_u16())
+                    .header(
+                        header::CONTENT_TYPE,
+                        answer
+                            .headers()
+                            .get(reqwest::header::CONTENT_TYPE)
+                            .map_or("application/json", |v| v.to_str().unwrap_or("")),
+                    )
+                    .body(Body::from_stream(answer.bytes_stream()))
+                    .unwrap(),
+                Err(e) => Response::builder()
+                    .status(StatusCode::BAD_GATEWAY)
+                    .body(Body::from(e.to_string()))
+                    .unwrap(),
+            }
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, seen)
+}
+
+#[tokio::test]
+#[ignore = "needs the real SmolLM2 server: run scripts/test.sh"]
+async fn a_real_tool_call_makes_the_round_trip() {
+    let (url, model) = real_server();
+    let (proxy, seen) = forcing_proxy(url, "list_dir").await;
+    let d = TestDaemon::start(&proxy).await;
+    let workspace = tempfile::tempdir().unwrap();
+    std::fs::write(workspace.path().join("notes.txt"), "hello\n").unwrap();
+    let events = agent_turn(
+        &d,
+        &model,
+        workspace.path(),
+        "List the files in the current directory.",
+    )
+    .await;
+    let starts: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["event"] == "tool.start")
+        .collect();
+    let ends: Vec<&Value> = events.iter().filter(|e| e["event"] == "tool.end").collect();
+    // The server streamed the call (repeating its name and id in every fragment, as
+    // llama-cpp-python does): one call of the forced tool.
+    let first = &starts.first().expect("the forced call")["payload"];
+    assert_eq!(first["name"], "list_dir", "{first}");
+    assert_eq!(starts.len(), ends.len());
+    assert_eq!(ends[0]["payload"]["id"], first["id"]);
+    if !first["args"].is_object() {
+        // Now and then the small model puts a raw newline inside the grammar's JSON string:
+        // the call is answered with the parse error, which goes back like any result.
+        let error = ends[0]["payload"]["result"]["error"].as_str().unwrap_or("");
+        assert!(error.contains("not valid JSON"), "{error}");
+    }
+    // Its result went back to the real server, which took the request with it.
+    let requests = seen.lock().unwrap().clone();
+    assert!(requests.len() >= 2, "{requests:?}");
+    let followed = &requests[1]["messages"];
+    let answered = followed
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| m["role"] == "tool" && m["tool_call_id"] == first["id"]);
+    assert!(answered, "{followed}");
+    let end = events.last().unwrap();
+    assert_eq!(end["event"], "turn.done", "{end}");
 }

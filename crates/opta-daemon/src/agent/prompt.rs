@@ -163,6 +163,13 @@ pub fn wire_messages(
                 }
                 if text_tools && message.tool_calls.is_some() {
                     out.push(Arc::new(calls_as_text(&message)));
+                } else if message.content.is_none() {
+                    // OpenAI allows `null` beside tool calls; llama-cpp-python (and others
+                    // built on the same schema) answer 500 to anything but a string.
+                    out.push(Arc::new(ChatMessage {
+                        content: Some(String::new()),
+                        ..ChatMessage::clone(&message)
+                    }));
                 } else {
                     out.push(message);
                 }
@@ -281,6 +288,22 @@ mod tests {
         let native = wire_messages("sys", &history, false);
         assert_eq!(native[2].tool_calls, call_message().tool_calls);
         assert_eq!(native[3].role, Role::Tool);
+    }
+
+    #[test]
+    fn a_call_without_text_goes_with_empty_content_not_null() {
+        let silent = ChatMessage {
+            content: None,
+            ..call_message()
+        };
+        let history = vec![
+            Arc::new(ChatMessage::text(Role::User, "hi")),
+            Arc::new(silent),
+            Arc::new(result("c1", "1\tfn a()")),
+        ];
+        let native = wire_messages("sys", &history, false);
+        assert_eq!(native[2].content.as_deref(), Some(""));
+        assert_eq!(native[2].tool_calls, call_message().tool_calls);
     }
 
     #[test]

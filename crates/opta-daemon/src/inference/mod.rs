@@ -690,7 +690,11 @@ fn merge_tool_call(calls: &mut Vec<ToolCall>, position: usize, fragment: ToolCal
         call.id = id;
     }
     if let Some(function) = fragment.function {
-        if let Some(name) = function.name {
+        // OpenAI sends the name once; llama-cpp-python repeats the whole name in every
+        // fragment. A name already complete is not appended again.
+        if let Some(name) = function.name
+            && name != call.name
+        {
             call.name.push_str(&name);
         }
         if let Some(arguments) = function.arguments {
@@ -791,7 +795,13 @@ mod tests {
             frag(1, Some("b"), Some("write"), Some("{\"p")),
         );
         merge_tool_call(&mut calls, 0, frag(0, Some("a"), Some("read"), Some("{}")));
-        merge_tool_call(&mut calls, 0, frag(1, None, None, Some("\":1}")));
+        // A server that repeats the id and the whole name with every fragment.
+        merge_tool_call(
+            &mut calls,
+            0,
+            frag(1, Some("b"), Some("write"), Some("\":")),
+        );
+        merge_tool_call(&mut calls, 0, frag(1, None, None, Some("1}")));
         assert_eq!(
             calls,
             vec![
