@@ -246,3 +246,53 @@ async fn a_session_actor_that_panics_is_reloaded_from_the_store() {
     assert_eq!(metrics["runtime"]["sessionCount"], 1, "{metrics}");
     assert_eq!(metrics["runtime"]["activeTurnCount"], 0, "{metrics}");
 }
+
+#[tokio::test]
+async fn a_call_in_the_old_function_call_form_runs() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let d = TestDaemon::start(&lmx.url()).await;
+    let s = d.create_session(None).await;
+    let finish = |reason: &str| {
+        format!(
+            "data: {}\n\n",
+            json!({"choices": [{"index": 0, "delta": {}, "finish_reason": reason}]})
+        )
+    };
+    // Streamed: the name first, the arguments in pieces.
+    lmx.push(Reply::sse([
+        chunk(json!({"function_call": {"name": "list_dir", "arguments": ""}})),
+        chunk(json!({"function_call": {"arguments": "{\"path\":"}})),
+        chunk(json!({"function_call": {"arguments": "\".\"}"}})),
+        finish("function_call"),
+        "data: [DONE]\n\n".into(),
+    ]));
+    lmx.push(Reply::chunks(["listed"]));
+    // Whole: a non-streamed answer carrying it in `message`.
+    let body = json!({"object": "chat.completion", "choices": [{"index": 0,
+        "finish_reason": "function_call", "message": {"role": "assistant", "content": null,
+            "function_call": {"name": "list_dir", "arguments": "{}"}}}]});
+    lmx.push(Reply::raw(
+        "application/json",
+        [(Duration::ZERO, body.to_string())],
+    ));
+    lmx.push(Reply::chunks(["listed again"]));
+    for (content, args, answer) in [
+        ("streamed", json!({"path": "."}), "listed"),
+        ("whole", json!({}), "listed again"),
+    ] {
+        let (t, events) = d.turn(&s, content).await;
+        assert_eq!(terminal(&events)["event"], "turn.done", "{events:?}");
+        let of_turn = |name: &str| {
+            events
+                .iter()
+                .find(|e| e["event"] == name && e["payload"]["turnId"] == t.as_str())
+                .unwrap()
+        };
+        let start = of_turn("tool.start");
+        assert_eq!(start["payload"]["name"], "list_dir");
+        assert_eq!(start["payload"]["args"], args);
+        let end = of_turn("tool.end");
+        assert_eq!(end["payload"]["result"]["ok"], true, "{end}");
+        assert_eq!(token_text(&events, &t), answer);
+    }
+}

@@ -260,6 +260,9 @@ struct ChunkDelta {
         deserialize_with = "opta_protocol::serde_util::null_as_default"
     )]
     tool_calls: Vec<ToolCallFragment>,
+    /// The deprecated single-call form some servers still send instead of `tool_calls`.
+    #[serde(default)]
+    function_call: Option<FunctionFragment>,
 }
 
 #[derive(Deserialize)]
@@ -313,7 +316,18 @@ impl ReplyAssembler {
                 let (reasoning, content) = self.think.push(&text);
                 send_split(sink, reasoning, content).await;
             }
-            for (position, fragment) in choice.delta.tool_calls.into_iter().enumerate() {
+            let mut fragments = choice.delta.tool_calls;
+            if fragments.is_empty()
+                && let Some(function) = choice.delta.function_call
+            {
+                // (Servers that send both repeat the call in each: `tool_calls` is taken.)
+                fragments.push(ToolCallFragment {
+                    index: Some(0),
+                    id: None,
+                    function: Some(function),
+                });
+            }
+            for (position, fragment) in fragments.into_iter().enumerate() {
                 self.has_delta = true;
                 merge_tool_call(&mut self.completion.tool_calls, position, fragment);
             }
