@@ -288,11 +288,12 @@ impl Store {
             std::thread::Builder::new()
                 .name("opta-store-writer".into())
                 .spawn(move || {
-                    let wal = writer::WalLimit {
+                    let mut wal = writer::WalLimit {
                         path: wal_path,
                         max_bytes: options.wal_limit_bytes.unwrap_or(WAL_LIMIT_BYTES),
+                        retry_at: None,
                     };
-                    writer::run(conn, wrx, &writer_dirty, options.full_disk_fault, &wal);
+                    writer::run(conn, wrx, &writer_dirty, options.full_disk_fault, &mut wal);
                 })?,
         );
         // Checkpoints (which fsync) run on their own connection and thread, never on the
@@ -432,6 +433,9 @@ enum Access {
     Write(bool),
 }
 
+/// How long a statement waits for a lock another connection holds.
+const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 fn open_connection(path: &Path, access: Access) -> Result<Connection> {
     let flags = match access {
         Access::Read => OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
@@ -442,7 +446,7 @@ fn open_connection(path: &Path, access: Access) -> Result<Connection> {
         }
     };
     let conn = Connection::open_with_flags(path, flags)?;
-    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
     // Each connection's page cache, once warm, stays allocated (SQLite's default is 2 MiB
     // each: 8 MiB over the writer, checkpointer and readers, most of a loaded daemon's heap).
     // Commits touch the rightmost pages of two b-trees and replays read sequentially through
@@ -469,37 +473,88 @@ fn open_connection(path: &Path, access: Access) -> Result<Connection> {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn the_writer_keeps_the_write_ahead_log_within_its_limit() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.db");
-        let limit = 256 * 1024;
+    /// A store in `dir` whose write-ahead log is limited to `limit` bytes, and a function
+    /// committing one 1 kB event per call.
+    fn store_with_wal_limit(dir: &Path, limit: u64) -> (Store, impl Fn(u64) -> WriteOp) {
         let options = StoreOptions {
             wal_limit_bytes: Some(limit),
             ..StoreOptions::default()
         };
-        let store = Store::open(&path, options).unwrap();
-        let session: Arc<str> = Arc::from("s");
+        let store = Store::open(&dir.join("t.db"), options).unwrap();
         let envelope: Arc<str> = Arc::from("x".repeat(1000));
+        let event = move |seq| WriteOp::AppendEvent {
+            session_id: Arc::from("s"),
+            seq,
+            event: "turn.progress",
+            turn_id: None,
+            envelope: envelope.clone(),
+        };
+        (store, event)
+    }
+
+    #[tokio::test]
+    async fn the_writer_keeps_the_write_ahead_log_within_its_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let limit = 256 * 1024;
+        let (store, event) = store_with_wal_limit(dir.path(), limit);
         let wal = dir.path().join("t.db-wal");
         let mut largest = 0;
         // ~3 MB of events, one commit each: far more than the limit.
         for seq in 0..3000 {
-            store
-                .write(vec![WriteOp::AppendEvent {
-                    session_id: session.clone(),
-                    seq,
-                    event: "turn.progress",
-                    turn_id: None,
-                    envelope: envelope.clone(),
-                }])
-                .await
-                .unwrap();
+            store.write(vec![event(seq)]).await.unwrap();
             largest = largest.max(std::fs::metadata(&wal).map_or(0, |m| m.len()));
         }
         // The limit plus a few commits' pages (a truncation that meets the checkpointer's
         // passive checkpoint waits for the next commit). Unchecked, it reaches megabytes.
         assert!(largest < 2 * limit, "the WAL reached {largest} bytes");
+        store.shutdown().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_long_read_does_not_stall_the_commits_behind_a_truncation() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let limit = 64 * 1024;
+        let (store, event) = store_with_wal_limit(dir.path(), limit);
+        let mut seq = 0;
+        let mut append = || {
+            seq += 1;
+            store.write(vec![event(seq)])
+        };
+        append().await.unwrap();
+        // A reader in the middle of a long replay: its snapshot pins the log's frames, so a
+        // truncation cannot finish while it reads.
+        let reader = open_connection(&path, Access::Read).unwrap();
+        reader.execute_batch("BEGIN").unwrap();
+        let _: i64 = reader
+            .query_row("SELECT count(*) FROM events", [], |r| r.get(0))
+            .unwrap();
+        // The log outgrows its limit many times over; each commit that would truncate waited
+        // for the reader for the whole busy timeout (5 s) before.
+        let started = std::time::Instant::now();
+        for _ in 0..200 {
+            append().await.unwrap();
+        }
+        let took = started.elapsed();
+        assert!(
+            took < BUSY_TIMEOUT / 2,
+            "200 commits took {took:?} behind a reader"
+        );
+        // Once the reader is done, a later commit truncates the log again (after the back-off,
+        // and not while the checkpointer's own passive checkpoint runs).
+        reader.execute_batch("COMMIT").unwrap();
+        drop(reader);
+        let wal_size = || std::fs::metadata(dir.path().join("t.db-wal")).map_or(0, |m| m.len());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while wal_size() >= 2 * limit && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            append().await.unwrap();
+        }
+        assert!(
+            wal_size() < 2 * limit,
+            "the WAL stayed at {} bytes",
+            wal_size()
+        );
         store.shutdown().await.unwrap();
     }
 

@@ -26,21 +26,43 @@ pub(super) enum WriterMsg {
 pub(super) struct WalLimit {
     pub path: std::path::PathBuf,
     pub max_bytes: u64,
+    /// No truncation is tried before this (set when readers held one off).
+    pub retry_at: Option<std::time::Instant>,
 }
+
+/// How long a truncation waits for readers of old frames, on the commit path.
+const TRUNCATE_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
+/// After readers held a truncation off, commits go on without trying again for this long.
+const TRUNCATE_BACKOFF: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl WalLimit {
     /// Checkpoints the whole log into the database and truncates it once it has outgrown its
     /// limit. Run between commits by the only writer, so no frame is appended meanwhile and
-    /// the checkpoint can reach the log's end (readers still reading old frames make it wait
-    /// up to the busy timeout; if they outlast that, the next commit tries again).
-    fn enforce(&self, conn: &Connection) {
+    /// the checkpoint can reach the log's end. Readers still reading old frames (a long
+    /// replay) make it wait at most [`TRUNCATE_WAIT`]; then commits go on and it is tried
+    /// again after [`TRUNCATE_BACKOFF`], so a long read never stalls the commits behind it.
+    fn enforce(&mut self, conn: &Connection) {
         let size = std::fs::metadata(&self.path).map_or(0, |m| m.len());
-        if size <= self.max_bytes {
+        if size <= self.max_bytes
+            || self
+                .retry_at
+                .is_some_and(|at| at > std::time::Instant::now())
+        {
             return;
         }
-        if let Err(e) = conn.pragma_update(None, "wal_checkpoint", "TRUNCATE") {
-            tracing::warn!(error = %e, wal_bytes = size, "could not truncate the write-ahead log");
+        let _ = conn.busy_timeout(TRUNCATE_WAIT);
+        // One row: (busy, log frames, checkpointed frames); busy = 1 when readers held it off.
+        match conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+            r.get::<_, i64>(0)
+        }) {
+            Ok(0) => self.retry_at = None,
+            Ok(_) => self.retry_at = Some(std::time::Instant::now() + TRUNCATE_BACKOFF),
+            Err(e) => {
+                self.retry_at = Some(std::time::Instant::now() + TRUNCATE_BACKOFF);
+                tracing::warn!(error = %e, wal_bytes = size, "could not truncate the write-ahead log");
+            }
         }
+        let _ = conn.busy_timeout(super::BUSY_TIMEOUT);
     }
 }
 
@@ -51,7 +73,7 @@ pub(super) fn run(
     rx: crossbeam_channel::Receiver<WriterMsg>,
     dirty: &AtomicBool,
     full_disk_fault: Option<&AtomicI64>,
-    wal: &WalLimit,
+    wal: &mut WalLimit,
 ) {
     let mut pending: Vec<(Vec<WriteOp>, oneshot::Sender<Result<()>>)> = Vec::new();
     while let Ok(first) = rx.recv() {
