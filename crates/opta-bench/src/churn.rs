@@ -131,7 +131,7 @@ async fn churn_round(target: &Target, round: usize) -> Result<()> {
     api.submit(&session, "a few words to echo").await?;
     let polite = round % 2 == 1;
     loop {
-        let msg = ws.next().await.context("ws closed")??;
+        let msg = api.next_message(&mut ws).await?;
         let Message::Text(text) = msg else { continue };
         let v: Value = serde_json::from_str(text.as_str())?;
         match v["event"].as_str() {

@@ -5,13 +5,12 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
-use futures_util::StreamExt;
+use anyhow::{Result, bail};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::summary;
-use crate::target::{LocalDaemon, Target, TargetArgs, WsStream};
+use crate::target::{Api, LocalDaemon, Target, TargetArgs, WsStream};
 
 /// Idle sessions leave a local daemon's memory after this long (the scan runs every second).
 const LOCAL_IDLE_SECS: u64 = 5;
@@ -44,9 +43,9 @@ pub(crate) fn memory(args: &TargetArgs, shape: &MemoryShape) -> Result<()> {
 }
 
 /// Reads `ws` until a `turn.done`.
-async fn until_done(ws: &mut WsStream) -> Result<()> {
+async fn until_done(api: &Api, ws: &mut WsStream) -> Result<()> {
     loop {
-        let Message::Text(text) = ws.next().await.context("ws closed")?? else {
+        let Message::Text(text) = api.next_message(ws).await? else {
             continue;
         };
         if text.as_str().contains("\"event\":\"turn.done\"") {
@@ -61,7 +60,7 @@ async fn probe(target: &Target, session: &str, ws: &mut WsStream, n: usize) -> R
     for _ in 0..n {
         let start = Instant::now();
         target.api.submit(session, "probe").await?;
-        until_done(ws).await?;
+        until_done(&target.api, ws).await?;
         samples.push(start.elapsed());
     }
     Ok(summary(samples))
@@ -90,7 +89,7 @@ async fn measure(target: &Target, shape: &MemoryShape) -> Result<Value> {
         let mut ws = api.connect_ws(&session, 0).await?;
         api.submit(&session, "eight words to echo back in this turn")
             .await?;
-        until_done(&mut ws).await?;
+        until_done(api, &mut ws).await?;
         ws.close(None).await?;
         ids.push(session);
     }

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use futures_util::StreamExt;
 use opta_daemon::store::{SessionRow, Store, StoreOptions, WriteOp};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
@@ -16,7 +15,8 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::load::seq_of;
 use crate::summary;
 use crate::target::{
-    LocalDaemon, Target, TargetArgs, opta_binary, terminate, thread_cpu, wait_for_health,
+    Api, LocalDaemon, Target, TargetArgs, WsStream, opta_binary, terminate, thread_cpu,
+    wait_for_health,
 };
 
 const SESSION: &str = "replay";
@@ -116,10 +116,14 @@ pub(crate) fn replay(
 }
 
 /// Reads envelopes from `ws` until the one with seq `last`; how many were read.
-async fn read_until(ws: &mut crate::target::WsStream, last: u64) -> Result<u64> {
+async fn read_until(api: &Api, ws: &mut WsStream, last: u64) -> Result<u64> {
     let mut read = 0;
     loop {
-        match ws.next().await.context("the replay ended early")?? {
+        match api
+            .next_message(ws)
+            .await
+            .context("the replay ended early")?
+        {
             Message::Text(text) => {
                 if let Some(seq) = seq_of(text.as_str()) {
                     read += 1;
@@ -147,7 +151,7 @@ async fn replay_run(target: &Target, session: &str, repeats: usize) -> Result<Va
     for i in 0..warmup + repeats {
         let start = Instant::now();
         let mut ws = api.connect_ws(session, after).await?;
-        tail = read_until(&mut ws, last).await?;
+        tail = read_until(api, &mut ws, last).await?;
         if i >= warmup {
             ws_last10.push(start.elapsed());
         }
@@ -176,7 +180,7 @@ async fn replay_run(target: &Target, session: &str, repeats: usize) -> Result<Va
     let cpu = thread_cpu();
     let start = Instant::now();
     let mut ws = api.connect_ws(session, 0).await?;
-    let events = read_until(&mut ws, last).await?;
+    let events = read_until(api, &mut ws, last).await?;
     let full = start.elapsed();
     Ok(json!({
         "benchmark": "replay",

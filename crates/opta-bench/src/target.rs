@@ -9,8 +9,10 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use futures_util::StreamExt;
 use opta_test_support::ScriptedLmx;
 use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
 
 /// The token a local daemon is started with.
 const LOCAL_TOKEN: &str = "bench-token";
@@ -34,6 +36,10 @@ pub(crate) struct TargetArgs {
     /// measures its own time to first byte there.
     #[arg(long, global = true)]
     pub lmx: Option<String>,
+    /// How long one request, WebSocket handshake or wait for the next frame may take before
+    /// the run fails (a stalled daemon ends the run instead of hanging it).
+    #[arg(long, global = true, default_value_t = 30)]
+    pub deadline_secs: u64,
 }
 
 /// Settings of a local daemon (flags of `opta daemon run`).
@@ -75,13 +81,14 @@ impl Target {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
+        let deadline = Duration::from_secs(args.deadline_secs.max(1));
         match &args.base {
             Some(base) => {
                 let token = args
                     .token
                     .clone()
                     .context("--base needs --token (or OPTA_BENCH_TOKEN)")?;
-                let api = Api::new(base.trim_end_matches('/'), &token)?;
+                let api = Api::new(base.trim_end_matches('/'), &token, deadline)?;
                 rt.block_on(api.health())
                     .with_context(|| format!("no v3 daemon answers at {base}"))?;
                 Ok(Self {
@@ -93,11 +100,15 @@ impl Target {
                     local: None,
                 })
             }
-            None => Self::start_local(rt, local),
+            None => Self::start_local(rt, local, deadline),
         }
     }
 
-    fn start_local(rt: tokio::runtime::Runtime, settings: LocalDaemon) -> Result<Self> {
+    fn start_local(
+        rt: tokio::runtime::Runtime,
+        settings: LocalDaemon,
+        deadline: Duration,
+    ) -> Result<Self> {
         let opta = opta_binary()?;
         let home = match settings.home {
             Some(home) => home,
@@ -147,7 +158,7 @@ impl Target {
             }
         };
         Ok(Self {
-            api: Api::new(&format!("http://127.0.0.1:{port}"), LOCAL_TOKEN)?,
+            api: Api::new(&format!("http://127.0.0.1:{port}"), LOCAL_TOKEN, deadline)?,
             pid: Some(pid),
             lmx_url: Some(lmx.url()),
             lmx: Some(lmx),
@@ -236,7 +247,10 @@ pub(crate) fn opta_binary() -> Result<PathBuf> {
 /// Waits until the daemon started on `home` has written its port and answers `/health`.
 pub(crate) async fn wait_for_health(home: &Path, deadline: Instant) -> Result<u16> {
     let state_path = opta_daemon::daemon::daemon_dir(home).join("state.json");
-    let http = reqwest::Client::new();
+    // Each try is short: a daemon that accepts and never answers must not outlast `deadline`.
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()?;
     loop {
         if Instant::now() > deadline {
             bail!("the daemon did not answer /health in time");
@@ -307,14 +321,21 @@ pub(crate) struct Api {
     http: reqwest::Client,
     base: String,
     token: String,
+    /// What one request, handshake or frame may take (`--deadline-secs`).
+    pub deadline: Duration,
 }
 
 impl Api {
-    fn new(base: &str, token: &str) -> Result<Self> {
+    fn new(base: &str, token: &str, deadline: Duration) -> Result<Self> {
         Ok(Self {
-            http: reqwest::Client::builder().tcp_nodelay(true).build()?,
+            http: reqwest::Client::builder()
+                .tcp_nodelay(true)
+                .connect_timeout(deadline)
+                .timeout(deadline)
+                .build()?,
             base: base.to_owned(),
             token: token.to_owned(),
+            deadline,
         })
     }
 
@@ -420,13 +441,32 @@ impl Api {
     pub async fn connect_ws(&self, session: &str, after_seq: u64) -> Result<WsStream> {
         let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
             .read_buffer_size(4 * 1024);
-        let (ws, _) = tokio_tungstenite::connect_async_with_config(
-            self.ws_url(session, after_seq)?.as_str(),
-            Some(config),
-            true,
-        )
-        .await?;
+        let url = self.ws_url(session, after_seq)?;
+        let connect =
+            tokio_tungstenite::connect_async_with_config(url.as_str(), Some(config), true);
+        let (ws, _) = self
+            .within_deadline("the WebSocket handshake", connect)
+            .await??;
         Ok(ws)
+    }
+
+    /// `future`, failed with a message naming `what` when it outlasts the deadline.
+    async fn within_deadline<F: std::future::Future>(
+        &self,
+        what: &str,
+        future: F,
+    ) -> Result<F::Output> {
+        tokio::time::timeout(self.deadline, future)
+            .await
+            .map_err(|_| anyhow::anyhow!("{what} took longer than {:?}", self.deadline))
+    }
+
+    /// The next message on `ws`; an error when it closed or sent nothing within the deadline.
+    pub async fn next_message(&self, ws: &mut WsStream) -> Result<Message> {
+        let next = self
+            .within_deadline("the next WebSocket frame", ws.next())
+            .await?;
+        Ok(next.context("the WebSocket closed")??)
     }
 
     /// A subscription whose socket has a tiny receive buffer (4 KiB, as a slow link would
@@ -444,13 +484,17 @@ impl Api {
             tokio::net::TcpSocket::new_v6()?
         };
         socket.set_recv_buffer_size(4 * 1024)?;
-        let stream = socket.connect(addr).await?;
-        let (ws, _) = tokio_tungstenite::client_async(
-            url.as_str(),
-            tokio_tungstenite::MaybeTlsStream::Plain(stream),
-        )
-        .await?;
-        Ok(ws)
+        let connect = async {
+            let stream = socket.connect(addr).await?;
+            let (ws, _) = tokio_tungstenite::client_async(
+                url.as_str(),
+                tokio_tungstenite::MaybeTlsStream::Plain(stream),
+            )
+            .await?;
+            anyhow::Ok(ws)
+        };
+        self.within_deadline("the WebSocket handshake", connect)
+            .await?
     }
 }
 

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::summary;
-use crate::target::{LocalDaemon, Target, TargetArgs, WsStream};
+use crate::target::{Api, LocalDaemon, Target, TargetArgs, WsStream};
 
 pub(crate) fn overhead(
     args: &TargetArgs,
@@ -42,10 +42,10 @@ pub(crate) fn overhead(
 
 /// Reads `ws` until `turn.done` of `turn_id`: when its first token came (relative to
 /// `start`), and when each `tool.start` / `tool.end` / first token after a tool did.
-async fn watch(ws: &mut WsStream, turn_id: &str, start: Instant) -> Result<TurnTimes> {
+async fn watch(api: &Api, ws: &mut WsStream, turn_id: &str, start: Instant) -> Result<TurnTimes> {
     let mut times = TurnTimes::default();
     loop {
-        let msg = ws.next().await.context("ws closed")??;
+        let msg = api.next_message(ws).await?;
         let Message::Text(text) = msg else { continue };
         let v: Value = serde_json::from_str(text.as_str())?;
         if v["payload"]["turnId"] != turn_id {
@@ -93,7 +93,7 @@ async fn measure(target: &Target, turns: usize, warmup: usize) -> Result<Value> 
         let start = Instant::now();
         let turn_id = api.submit(&session, "ping").await?;
         let acked = start.elapsed();
-        let times = watch(&mut ws, &turn_id, start).await?;
+        let times = watch(api, &mut ws, &turn_id, start).await?;
         if i >= warmup {
             submit_ack.push(acked);
             first_token.push(times.first_token.context("no token")?);
@@ -114,7 +114,10 @@ async fn measure(target: &Target, turns: usize, warmup: usize) -> Result<Value> 
         report["lmxTimeToFirstByteMs"] = json!("not measured: give --lmx URL with --base");
         return Ok(report);
     };
-    let http = reqwest::Client::builder().tcp_nodelay(true).build()?;
+    let http = reqwest::Client::builder()
+        .tcp_nodelay(true)
+        .timeout(target.api.deadline)
+        .build()?;
     let mut lmx_first_byte = Vec::with_capacity(turns);
     for _ in 0..warmup + turns {
         let start = Instant::now();
@@ -185,7 +188,7 @@ async fn measure_tools(
         lmx.push(Reply::chunks(["ok"]));
         let start = Instant::now();
         let turn_id = api.submit(&session, "go").await?;
-        let times = watch(&mut ws, &turn_id, start).await?;
+        let times = watch(api, &mut ws, &turn_id, start).await?;
         if i / 2 < warmup {
             continue;
         }

@@ -224,3 +224,42 @@ fn the_benchmarks_measure_a_running_daemon_given_by_base_and_token() {
     drop(daemon);
     drop(lmx);
 }
+
+/// A daemon that answers `/health` and then stalls (reads a request, never answers it) ends
+/// the run within `--deadline-secs` with a message saying so; it does not hang the bench.
+#[test]
+fn a_target_that_stalls_fails_the_run_within_the_deadline() {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let mut held = Vec::new();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).unwrap_or(0) == 1 {
+                head.push(byte[0]);
+            }
+            if head.starts_with(b"GET /health ") {
+                let _ = stream.write_all(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                      content-length: 15\r\n\r\n{\"status\":\"ok\"}",
+                );
+            }
+            // Every connection stays open, unanswered past /health.
+            held.push(stream);
+        }
+    });
+    let started = std::time::Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_opta-bench"))
+        .args(["--base", &base, "--token", "t", "--deadline-secs", "1"])
+        .args(["overhead", "--turns", "1", "--warmup", "0"])
+        .output()
+        .unwrap();
+    let took = started.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("timed out") || stderr.contains("took longer"), "{stderr}");
+    assert!(took < std::time::Duration::from_secs(20), "the run took {took:?}");
+}
