@@ -10,7 +10,7 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::target::{LocalDaemon, Target, TargetArgs};
+use crate::target::{LocalDaemon, Target, TargetArgs, status_field};
 
 pub(crate) fn churn(args: &TargetArgs, rounds: usize, warmup: usize) -> Result<()> {
     let target = Target::open(args, LocalDaemon::default())?;
@@ -50,16 +50,9 @@ fn resources(pid: Option<u32>) -> Value {
     let Some(pid) = pid else {
         return Value::Null;
     };
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| -> Option<u64> {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|n| n.parse().ok())
-    };
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count);
-    json!({"rssKib": field("VmRSS:"), "fds": fds, "threads": field("Threads:")})
+    json!({"rssKib": status_field(pid, "VmRSS:"), "fds": fds,
+           "threads": status_field(pid, "Threads:")})
 }
 
 /// Memory each idle resident session costs: RSS growth over creating `n` sessions (each

@@ -181,7 +181,9 @@ impl Target {
 
     /// The daemon's resident memory in KiB (None when its process is unknown).
     pub fn rss_kib(&self) -> Option<f64> {
-        self.pid.and_then(|pid| status_field(pid, "VmRSS:"))
+        self.pid
+            .and_then(|pid| status_field(pid, "VmRSS:"))
+            .map(|kib| kib as f64)
     }
 
     /// The daemon's resident memory, or an error naming what is missing.
@@ -274,7 +276,7 @@ pub(crate) async fn wait_for_health(home: &Path, deadline: Instant) -> Result<u1
 }
 
 /// A numeric field (first number after `name`) of `/proc/PID/status`.
-fn status_field(pid: u32, name: &str) -> Option<f64> {
+pub(crate) fn status_field(pid: u32, name: &str) -> Option<u64> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()?
         .lines()

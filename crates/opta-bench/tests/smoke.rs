@@ -260,6 +260,12 @@ fn a_target_that_stalls_fails_the_run_within_the_deadline() {
     let took = started.elapsed();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
-    assert!(stderr.contains("timed out") || stderr.contains("took longer"), "{stderr}");
-    assert!(took < std::time::Duration::from_secs(20), "the run took {took:?}");
+    assert!(
+        stderr.contains("timed out") || stderr.contains("took longer"),
+        "{stderr}"
+    );
+    assert!(
+        took < std::time::Duration::from_secs(20),
+        "the run took {took:?}"
+    );
 }
