@@ -68,6 +68,11 @@ pub struct FaultHooks {
     pub monitor_panics_on: Option<fn(&str) -> bool>,
     /// A session actor given a turn submission whose content this accepts panics.
     pub session_panics_on: Option<fn(&str) -> bool>,
+    /// For a turn whose user message this accepts, the actor waits for the turn task to
+    /// return and takes its join before the reports it left: the order a task on another
+    /// thread makes when it reports its end and returns between the actor's look at its
+    /// reports and its look at the join.
+    pub join_before_reports_on: Option<fn(&str) -> bool>,
     /// Every model delta becomes its own event even when several arrived together (as a
     /// slow machine would emit them): floods subscribers with small frames.
     pub deltas_kept_apart: bool,

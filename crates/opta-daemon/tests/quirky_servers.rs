@@ -180,6 +180,29 @@ async fn waiters_on_a_model_list_that_never_answers_share_one_check_and_fail_tog
     assert_eq!(terminal(&events)["event"], "turn.done");
 }
 
+/// A turn task reports its end and returns on another thread; when the actor sees the join
+/// before that report (forced here by a fault hook), the turn still ends as it reported.
+#[tokio::test]
+async fn a_report_that_races_the_task_join_still_ends_the_turn() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let d = TestDaemon::start_with(&lmx.url(), |c| {
+        c.faults.join_before_reports_on = Some(|content| content.starts_with("race"));
+    })
+    .await;
+    let s = d.create_session(None).await;
+    let mut ws = d.ws(&s, 0).await;
+    let a = d.submit(&s, "race the join").await;
+    let b = d.submit(&s, "race it again").await;
+    let events = ws.envelopes_until(is_terminal_of(&b)).await;
+    for (turn, text) in [(&a, "echo: race the join"), (&b, "echo: race it again")] {
+        let end = events.iter().find(|e| is_terminal_of(turn)(e)).unwrap();
+        assert_eq!(end["event"], "turn.done", "{end}");
+        assert_eq!(token_text(&events, turn), text);
+    }
+    let (_, snapshot) = d.get(&format!("/v3/sessions/{s}")).await;
+    assert_eq!(snapshot["activeTurnId"], Value::Null);
+}
+
 #[tokio::test]
 async fn a_turn_task_that_panics_ends_its_turn_and_the_queue_moves_on() {
     let lmx = ScriptedLmx::start().await.unwrap();

@@ -224,6 +224,12 @@ impl SessionActor {
         self.recover(open_turns, running).await;
         self.maybe_start_next().await;
         loop {
+            if let Some(joined) = self.injected_join_before_reports().await {
+                self.on_task_exit(joined).await;
+                self.maybe_start_next().await;
+                self.publish_listing();
+                continue;
+            }
             let permission_deadline = self
                 .active
                 .as_ref()
@@ -691,6 +697,17 @@ impl SessionActor {
         }
         self.retry_at = Some(tokio::time::Instant::now() + self.retry_delay);
         self.retry_delay = (self.retry_delay * 2).min(RETRY_MAX);
+    }
+
+    /// The join of the active turn's task, awaited first when the fault
+    /// [`FaultHooks::join_before_reports_on`](crate::context::FaultHooks) picks its turn.
+    async fn injected_join_before_reports(&mut self) -> Option<std::result::Result<(), JoinError>> {
+        let picks = self.ctx.faults.join_before_reports_on?;
+        let active = self.active.as_mut()?;
+        if !picks(&active.turn.content) {
+            return None;
+        }
+        Some(active.task.as_mut()?.await)
     }
 
     /// The active turn's task ended without reporting its result: it panicked or was
