@@ -98,8 +98,7 @@ async fn settle(target: &Target) -> Result<Value> {
 /// under the running turn.
 async fn churn_round(target: &Target, round: usize) -> Result<()> {
     let api = &target.api;
-    let session = api.create_session(json!({})).await?;
-    let mut ws = api.connect_ws(&session, 0).await?;
+    let (session, mut ws) = api.subscribed_session(json!({})).await?;
     let mut sse = api
         .request(
             reqwest::Method::GET,

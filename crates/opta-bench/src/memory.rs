@@ -85,8 +85,7 @@ async fn measure(target: &Target, shape: &MemoryShape) -> Result<Value> {
     let idle = target.require_rss_kib()?;
     let mut ids = Vec::with_capacity(shape.sessions);
     for _ in 0..shape.sessions {
-        let session = api.create_session(json!({})).await?;
-        let mut ws = api.connect_ws(&session, 0).await?;
+        let (session, mut ws) = api.subscribed_session(json!({})).await?;
         api.submit(&session, "eight words to echo back in this turn")
             .await?;
         until_done(api, &mut ws).await?;
@@ -112,8 +111,7 @@ async fn measure(target: &Target, shape: &MemoryShape) -> Result<Value> {
     }
     // Idle subscribers on one session, and a probe's turns on another, timed before and
     // while they are connected: idle connections must cost neither memory nor time.
-    let probe_session = api.create_session(json!({})).await?;
-    let mut probe_ws = api.connect_ws(&probe_session, 0).await?;
+    let (probe_session, mut probe_ws) = api.subscribed_session(json!({})).await?;
     let probe_alone = probe(target, &probe_session, &mut probe_ws, 100).await?;
     let session = api.create_session(json!({})).await?;
     let before_subscribers = target.require_rss_kib()?;

@@ -377,6 +377,16 @@ impl Api {
             .to_owned())
     }
 
+    /// A session created with `body` and one WebSocket subscription to it from its current
+    /// seq on (what comes next: the turns the caller submits).
+    pub async fn subscribed_session(&self, body: Value) -> Result<(String, WsStream)> {
+        let session = self.create_session(body).await?;
+        let ws = self
+            .connect_ws(&session, self.last_seq(&session).await?)
+            .await?;
+        Ok((session, ws))
+    }
+
     /// `DELETE /v3/sessions/:id`; the status code.
     pub async fn delete_session(&self, session: &str) -> Result<u16> {
         let resp = self

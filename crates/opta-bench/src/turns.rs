@@ -82,10 +82,7 @@ struct TurnTimes {
 
 async fn measure(target: &Target, turns: usize, warmup: usize) -> Result<Value> {
     let api = &target.api;
-    let session = api.create_session(json!({})).await?;
-    let mut ws = api
-        .connect_ws(&session, api.last_seq(&session).await?)
-        .await?;
+    let (session, mut ws) = api.subscribed_session(json!({})).await?;
     let mut submit_ack = Vec::with_capacity(turns);
     let mut first_token = Vec::with_capacity(turns);
     let mut done = Vec::with_capacity(turns);
@@ -170,11 +167,8 @@ async fn measure_tools(
     use opta_test_support::Reply;
     let lmx = target.scripted("tools")?;
     let api = &target.api;
-    let session = api
-        .create_session(json!({"metadata": {"workspace": workspace}}))
-        .await?;
-    let mut ws = api
-        .connect_ws(&session, api.last_seq(&session).await?)
+    let (session, mut ws) = api
+        .subscribed_session(json!({"metadata": {"workspace": workspace}}))
         .await?;
     let mut plain = Vec::with_capacity(turns);
     let mut with_tool = Vec::with_capacity(turns);

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use opta_test_support::{Reply, ScriptedLmx, TestDaemon, WAIT, is_terminal_of};
+use opta_test_support::{Reply, ScriptedLmx, TestDaemon, WAIT, is_terminal_of, token_events};
 use pretty_assertions::assert_eq;
 use serde_json::{Value, json};
 
@@ -15,19 +15,12 @@ fn names(events: &[Value]) -> Vec<&str> {
         .collect()
 }
 
-fn tokens_of<'a>(events: &'a [Value], turn: &str) -> Vec<&'a Value> {
-    events
-        .iter()
-        .filter(|e| e["event"] == "turn.token" && e["payload"]["turnId"] == turn)
-        .collect()
-}
-
 /// Polls the events route until no token event of `turn` is left; returns what is left.
 async fn until_swept(d: &TestDaemon, session: &str, turn: &str) -> Vec<Value> {
     let deadline = Instant::now() + WAIT;
     loop {
         let events = d.events(session, 0).await;
-        if tokens_of(&events, turn).is_empty() {
+        if token_events(&events, turn).is_empty() {
             return events;
         }
         assert!(Instant::now() < deadline, "tokens of {turn} never swept");
@@ -51,7 +44,7 @@ async fn deltas_of_finished_turns_are_swept_and_nothing_else_is() {
     let first = d.submit(&s, "count").await;
     ws.envelopes_until(is_terminal_of(&first)).await;
     // Within the retention the tokens replay.
-    assert_eq!(tokens_of(&d.events(&s, 0).await, &first).len(), 3);
+    assert_eq!(token_events(&d.events(&s, 0).await, &first).len(), 3);
 
     // A second turn streams while the first one's tokens are swept.
     let second = d.submit(&s, "talk").await;
@@ -59,7 +52,7 @@ async fn deltas_of_finished_turns_are_swept_and_nothing_else_is() {
         .await;
     let left = until_swept(&d, &s, &first).await;
     assert!(
-        !tokens_of(&left, &second).is_empty(),
+        !token_events(&left, &second).is_empty(),
         "a running turn keeps its tokens"
     );
     let durable: Vec<&str> = names(&left)
@@ -109,7 +102,7 @@ async fn a_restart_before_the_retention_ends_does_not_keep_deltas_for_good() {
         .envelopes_until(is_terminal_of(&turn))
         .await;
     let before = d.events(&s, 0).await;
-    assert_eq!(tokens_of(&before, &turn).len(), 3);
+    assert_eq!(token_events(&before, &turn).len(), 3);
 
     let d = d
         .restart_with(|c| {

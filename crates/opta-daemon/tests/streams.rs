@@ -6,7 +6,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use opta_test_support::{
     Reply, ScriptedLmx, SseClient, TestDaemon, WsClient, WsItem, assert_contiguous, is_terminal_of,
-    token_text,
+    token_events, token_text,
 };
 use pretty_assertions::assert_eq;
 use reqwest::StatusCode;
@@ -375,18 +375,12 @@ async fn deltas_that_arrive_together_go_out_as_one_event_with_the_same_text() {
     let d = TestDaemon::start(&lmx.url()).await;
     let s = d.create_session(None).await;
     let (turn, events) = d.turn(&s, "burst").await;
-    let tokens = events
-        .iter()
-        .filter(|e| e["event"] == "turn.token" && e["payload"]["turnId"] == turn.as_str())
-        .count();
+    let tokens = token_events(&events, &turn).len();
     assert_eq!(token_text(&events, &turn), burst_text);
     assert!(tokens < 2000, "{tokens} token events for 2000 deltas");
     assert_contiguous(&events, events[0]["seq"].as_u64().unwrap());
     let (turn, events) = d.turn(&s, "spaced").await;
-    let tokens = events
-        .iter()
-        .filter(|e| e["event"] == "turn.token" && e["payload"]["turnId"] == turn.as_str())
-        .count();
+    let tokens = token_events(&events, &turn).len();
     assert_eq!(token_text(&events, &turn), spaced_text);
     assert_eq!(
         tokens, 5,

@@ -233,11 +233,18 @@ pub fn assert_contiguous(events: &[Value], first: u64) {
     }
 }
 
-/// Concatenated `turn.token` text of `turn_id` in `events`.
-pub fn token_text(events: &[Value], turn_id: &str) -> String {
+/// The `turn.token` events of `turn_id` in `events`, in order.
+pub fn token_events<'a>(events: &'a [Value], turn_id: &str) -> Vec<&'a Value> {
     events
         .iter()
         .filter(|e| e["event"] == "turn.token" && e["payload"]["turnId"] == turn_id)
+        .collect()
+}
+
+/// Concatenated `turn.token` text of `turn_id` in `events`.
+pub fn token_text(events: &[Value], turn_id: &str) -> String {
+    token_events(events, turn_id)
+        .into_iter()
         .filter_map(|e| e["payload"]["text"].as_str())
         .collect()
 }

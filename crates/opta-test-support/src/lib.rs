@@ -8,7 +8,9 @@ pub mod daemon;
 pub mod lmx;
 pub mod proxy;
 
-pub use clients::{SseClient, WsClient, WsItem, assert_contiguous, is_terminal_of, token_text};
+pub use clients::{
+    SseClient, WsClient, WsItem, assert_contiguous, is_terminal_of, token_events, token_text,
+};
 pub use daemon::{TestDaemon, WAIT};
 pub use lmx::{Behaviour, Reply, ScriptedLmx, conversation};
 pub use proxy::CutProxy;
