@@ -19,7 +19,8 @@ trap cleanup EXIT
 
 read -r lmx_url lmx_pid < <(scripts/real-lmx.sh start)
 echo "inference server: $lmx_url (SmolLM2-135M-Instruct)" >&2
-export OPTA_LMX_URL=$lmx_url OPTA_MODEL=smollm2-135m-instruct
+# SmolLM2 may ramble to the end of its context: a reply stops at 512 tokens.
+export OPTA_LMX_URL=$lmx_url OPTA_MODEL=smollm2-135m-instruct OPTA_MAX_TOKENS=512
 
 "$opta" daemon start >&2
 "$opta" do "${1:-Explain in one sentence what a local AI agent hub does.}"

@@ -54,6 +54,7 @@ const KEYS: &[(&str, &str, Kind)] = &[
     ("max-db-mb", "max_db_mb", Kind::Number),
     ("evict-idle-secs", "evict_idle_secs", Kind::Number),
     ("evict-scan-secs", "evict_scan_secs", Kind::Number),
+    ("max-tokens", "max_tokens", Kind::Number),
     ("max-tool-rounds", "max_tool_rounds", Kind::Number),
     (
         "permission-timeout-secs",
@@ -224,6 +225,10 @@ fn set_field(args: &mut DaemonArgs, key: &str, text: &str) -> Result<()> {
         "max-db-mb" => args.max_db_mb = number()?,
         "evict-idle-secs" => args.evict_idle_secs = number()?.max(1),
         "evict-scan-secs" => args.evict_scan_secs = number()?.max(1),
+        "max-tokens" => {
+            args.max_tokens = u32::try_from(number()?)
+                .with_context(|| format!("config key {key}: {text} is more than {}", u32::MAX))?;
+        }
         "max-tool-rounds" => {
             args.max_tool_rounds = u32::try_from(number()?.max(1)).unwrap_or(u32::MAX)
         }
@@ -263,6 +268,7 @@ fn get_field(args: &DaemonArgs, key: &str) -> String {
         "max-db-mb" => args.max_db_mb.to_string(),
         "evict-idle-secs" => args.evict_idle_secs.to_string(),
         "evict-scan-secs" => args.evict_scan_secs.to_string(),
+        "max-tokens" => args.max_tokens.to_string(),
         "max-tool-rounds" => args.max_tool_rounds.to_string(),
         "permission-timeout-secs" => args.permission_timeout_secs.to_string(),
         "max-command-secs" => args.max_command_secs.to_string(),

@@ -311,6 +311,7 @@ async fn run_foreground(home: &Path, args: &DaemonArgs) -> Result<()> {
             admin: Duration::from_millis(args.lmx_admin_timeout_ms),
         },
         preflight_ttl: Duration::from_millis(args.preflight_ttl_ms),
+        max_tokens: (args.max_tokens > 0).then_some(args.max_tokens),
         limits: Tunables {
             idle_eviction: Duration::from_secs(args.evict_idle_secs),
             eviction_interval: Duration::from_secs(args.evict_scan_secs),

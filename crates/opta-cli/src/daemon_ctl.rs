@@ -105,6 +105,10 @@ pub struct DaemonArgs {
     /// How often idle sessions are looked for, in seconds.
     #[arg(long, env = "OPTA_EVICT_SCAN_SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..), global = true)]
     pub evict_scan_secs: u64,
+    /// Most tokens the model may write in one reply (each model round); 0 leaves it to the
+    /// inference server, which may let a small model ramble to the end of its context.
+    #[arg(long, env = "OPTA_MAX_TOKENS", default_value_t = 0, global = true)]
+    pub max_tokens: u32,
     /// Model rounds one turn may take before it ends with `tool-limit`.
     #[arg(long, env = "OPTA_MAX_TOOL_ROUNDS", default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..), global = true)]
     pub max_tool_rounds: u32,
@@ -188,6 +192,8 @@ impl DaemonArgs {
             self.evict_idle_secs.to_string(),
             "--evict-scan-secs".into(),
             self.evict_scan_secs.to_string(),
+            "--max-tokens".into(),
+            self.max_tokens.to_string(),
             "--max-tool-rounds".into(),
             self.max_tool_rounds.to_string(),
             "--permission-timeout-secs".into(),

@@ -1154,6 +1154,33 @@ async fn doctor_says_what_works_and_what_to_do_about_what_does_not() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_tokens_from_the_config_file_caps_every_model_request() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let home = Home::new(&lmx.url());
+    // By default the server decides how long a reply may be.
+    assert!(home.opta(&["do", "hi"]).await.status.success());
+    let sent = lmx.requests().last().cloned().unwrap();
+    assert_eq!(sent.get("max_tokens"), None, "{sent}");
+    assert!(home.opta(&["daemon", "stop"]).await.status.success());
+    let too_big = home
+        .opta(&["config", "set", "max-tokens", "5000000000"])
+        .await;
+    assert_eq!(too_big.status.code(), Some(1));
+    assert!(
+        text(&too_big.stderr).contains("config key max-tokens"),
+        "{}",
+        text(&too_big.stderr)
+    );
+    let set = home.opta(&["config", "set", "max-tokens", "64"]).await;
+    assert!(set.status.success(), "{}", text(&set.stderr));
+    // The daemon `do` starts takes it from the file and sends it with each request.
+    assert!(home.opta(&["do", "hi"]).await.status.success());
+    let sent = lmx.requests().last().cloned().unwrap();
+    assert_eq!(sent["max_tokens"], 64, "{sent}");
+    assert!(home.opta(&["daemon", "stop"]).await.status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_config_file_sits_between_the_environment_and_the_defaults() {
     let lmx = ScriptedLmx::start().await.unwrap();
     let home = Home::new(&lmx.url());

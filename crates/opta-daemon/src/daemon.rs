@@ -45,6 +45,9 @@ pub struct DaemonConfig {
     pub lmx_timeouts: LmxTimeouts,
     /// How long the loaded-model list is trusted.
     pub preflight_ttl: Duration,
+    /// `max_tokens` of every chat request (a model round's reply); `None` leaves it to the
+    /// server, which may let a small model ramble to the end of its context.
+    pub max_tokens: Option<u32>,
     /// Session actor tunables.
     pub limits: Tunables,
     /// Largest size the database may grow to, and whether every commit is fsynced.
@@ -71,6 +74,7 @@ impl DaemonConfig {
             model: String::new(),
             lmx_timeouts: LmxTimeouts::default(),
             preflight_ttl: Duration::from_secs(10),
+            max_tokens: None,
             store: StoreOptions::default(),
             limits: Tunables::default(),
             logs_path: None,
@@ -134,7 +138,8 @@ impl RunningDaemon {
             .await
             .map_err(|e| Error::Internal(format!("store open task: {e}")))??;
         let lmx = LmxClient::new(&config.lmx_url, config.lmx_timeouts)
-            .map_err(|e| Error::Internal(e.to_string()))?;
+            .map_err(|e| Error::Internal(e.to_string()))?
+            .with_max_tokens(config.max_tokens);
         let shutdown = CancellationToken::new();
         let workspace_dir = match &config.agent.workspace {
             Some(dir) => dir.clone(),

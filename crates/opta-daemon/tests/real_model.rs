@@ -17,6 +17,15 @@ fn real_server() -> (String, String) {
     (url, model)
 }
 
+/// Replies of the small model are cut at this many tokens (`--max-tokens`): left alone it may
+/// ramble on to the end of its 8,192-token context, minutes on this machine's CPU.
+const REPLY_TOKEN_CAP: u32 = 300;
+
+/// A daemon in front of `url` whose model rounds are capped at [`REPLY_TOKEN_CAP`] tokens.
+async fn real_daemon(url: &str) -> TestDaemon {
+    TestDaemon::start_with(url, |c| c.max_tokens = Some(REPLY_TOKEN_CAP)).await
+}
+
 fn check_turn(events: &[Value], turn: &str) {
     let done = events
         .iter()
@@ -42,7 +51,7 @@ fn check_turn(events: &[Value], turn: &str) {
 #[ignore = "needs the real SmolLM2 server: run scripts/test.sh"]
 async fn a_real_model_streams_a_reply_over_ws_and_sse() {
     let (url, model) = real_server();
-    let d = TestDaemon::start(&url).await;
+    let d = real_daemon(&url).await;
     let (status, created) = d
         .post("/v3/sessions", json!({"sessionId": "real", "model": model}))
         .await;
@@ -97,7 +106,7 @@ async fn agent_turn(d: &TestDaemon, model: &str, workspace: &Path, content: &str
 async fn a_real_server_accepts_the_agent_request_with_its_tools() {
     let (url, model) = real_server();
     let (proxy, seen) = real_server_proxy(url, None).await;
-    let d = TestDaemon::start(&proxy).await;
+    let d = real_daemon(&proxy).await;
     let workspace = tempfile::tempdir().unwrap();
     std::fs::write(
         workspace.path().join("AGENTS.md"),
@@ -118,7 +127,8 @@ async fn a_real_server_accepts_the_agent_request_with_its_tools() {
     let starts = events.iter().filter(|e| e["event"] == "tool.start").count();
     let ends = events.iter().filter(|e| e["event"] == "tool.end").count();
     assert_eq!(starts, ends);
-    // Every request the daemon made carried the tools.
+    // Every request the daemon made carried the tools and the reply cap, and the real
+    // server took them.
     let requests = seen.lock().unwrap().clone();
     assert!(!requests.is_empty());
     for request in &requests {
@@ -126,21 +136,17 @@ async fn a_real_server_accepts_the_agent_request_with_its_tools() {
             request["tools"].as_array().is_some_and(|t| !t.is_empty()),
             "{request}"
         );
+        assert_eq!(request["max_tokens"], REPLY_TOKEN_CAP, "{request}");
     }
 }
 
 /// What the forcing proxy saw: the chat requests it forwarded, in order.
 type Seen = std::sync::Arc<std::sync::Mutex<Vec<Value>>>;
 
-/// Replies of the small model are cut at this many tokens: left alone it may ramble on to the
-/// end of its 8,192-token context, minutes on this machine's CPU.
-const REPLY_TOKEN_CAP: u64 = 300;
-
-/// A proxy in front of the real server that caps each chat request's `max_tokens`
-/// ([`REPLY_TOKEN_CAP`]) and, given a `tool`, adds `tool_choice` naming it to the first chat
-/// request offering tools. llama-cpp-python then constrains that reply, by a grammar, to a
-/// call of the tool: the small model makes a real, streamed tool call, and every later
-/// request goes through with only the cap.
+/// A proxy in front of the real server that records each chat request and, given a `tool`,
+/// adds `tool_choice` naming it to the first one offering tools. llama-cpp-python then
+/// constrains that reply, by a grammar, to a call of the tool: the small model makes a real,
+/// streamed tool call, and every later request goes through unchanged.
 async fn real_server_proxy(upstream: String, tool: Option<&'static str>) -> (String, Seen) {
     use axum::body::{Body, Bytes};
     use axum::http::{Method, StatusCode, Uri, header};
@@ -162,9 +168,6 @@ async fn real_server_proxy(upstream: String, tool: Option<&'static str>) -> (Str
             if uri.path().ends_with("/chat/completions")
                 && let Ok(mut request) = serde_json::from_slice::<Value>(&body)
             {
-                if request.get("max_tokens").is_none() {
-                    request["max_tokens"] = json!(REPLY_TOKEN_CAP);
-                }
                 if let Some(tool) = tool
                     && request.get("tools").is_some()
                     && !forced.swap(true, std::sync::atomic::Ordering::SeqCst)
@@ -215,7 +218,7 @@ async fn real_server_proxy(upstream: String, tool: Option<&'static str>) -> (Str
 async fn a_real_tool_call_makes_the_round_trip() {
     let (url, model) = real_server();
     let (proxy, seen) = real_server_proxy(url, Some("list_dir")).await;
-    let d = TestDaemon::start(&proxy).await;
+    let d = real_daemon(&proxy).await;
     let workspace = tempfile::tempdir().unwrap();
     std::fs::write(workspace.path().join("notes.txt"), "hello\n").unwrap();
     let events = agent_turn(

@@ -210,6 +210,8 @@ struct ChatRequest<'a> {
     messages: &'a [Arc<ChatMessage>],
     #[serde(skip_serializing_if = "Option::is_none")]
     tools: Option<&'a Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_tokens: Option<u32>,
     stream: bool,
     stream_options: StreamOptions,
 }
@@ -358,6 +360,7 @@ pub struct LmxClient {
     base_url: String,
     timeouts: LmxTimeouts,
     flavor: Arc<AtomicU8>,
+    max_tokens: Option<u32>,
 }
 
 impl LmxClient {
@@ -373,7 +376,15 @@ impl LmxClient {
             base_url: base_url.trim_end_matches('/').to_owned(),
             timeouts,
             flavor: Arc::new(AtomicU8::new(FLAVOR_UNKNOWN)),
+            max_tokens: None,
         })
+    }
+
+    /// Sends `max_tokens` with every chat request (`None`: the server decides).
+    #[must_use]
+    pub fn with_max_tokens(mut self, max_tokens: Option<u32>) -> Self {
+        self.max_tokens = max_tokens;
+        self
     }
 
     /// The server's base URL.
@@ -548,6 +559,7 @@ impl LmxClient {
             model,
             messages,
             tools,
+            max_tokens: self.max_tokens,
             stream: true,
             stream_options: StreamOptions {
                 include_usage: true,
