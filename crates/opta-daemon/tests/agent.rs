@@ -550,6 +550,23 @@ async fn a_call_cut_by_the_length_limit_is_not_run_and_bad_calls_become_errors()
 }
 
 #[tokio::test]
+async fn a_reply_cut_by_the_length_limit_says_so() {
+    let (lmx, d, dirs) = setup().await;
+    let s = session_in(&d, &dirs.ws).await;
+    lmx.push(Reply::chunks(["The answer is"]).with_finish("length"));
+    lmx.push(Reply::chunks(["Whole."]));
+    let events = run(&d, &s, "a long answer", "chat").await;
+    assert_eq!(named(&events, "turn.done").len(), 1);
+    let notes = named(&events, "turn.progress");
+    assert_eq!(notes.len(), 1, "{notes:?}");
+    let note = notes[0]["payload"]["message"].as_str().unwrap();
+    assert!(note.contains("cut off by the length limit"), "{note}");
+    // A reply that ended by itself gets no such note.
+    let events = run(&d, &s, "a short one", "chat").await;
+    assert!(named(&events, "turn.progress").is_empty());
+}
+
+#[tokio::test]
 async fn a_server_that_refuses_tools_gets_them_as_text_from_then_on() {
     let (lmx, d, dirs) = setup().await;
     std::fs::write(dirs.ws.join("a.txt"), "AAA\n").unwrap();

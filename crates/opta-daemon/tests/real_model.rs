@@ -115,12 +115,16 @@ async fn a_real_server_accepts_the_agent_request_with_its_tools() {
     .unwrap();
     let events = agent_turn(&d, &model, workspace.path(), "List the files here.").await;
     // The server took the system prompt, AGENTS.md and the tool schemas (about 1,500 tokens)
-    // within its context: no refusal of `tools` (that would be a turn.progress), no context
-    // error (that would be a turn.error).
+    // within its context: no refusal of `tools` (that would be a turn.progress saying so;
+    // a reply cut at the token cap gets one too, about that), no context error (that would
+    // be a turn.error).
     let end = events.last().unwrap();
     assert_eq!(end["event"], "turn.done", "{end}");
     assert!(
-        !events.iter().any(|e| e["event"] == "turn.progress"),
+        !events.iter().any(|e| e["event"] == "turn.progress"
+            && e["payload"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("does not take tools"))),
         "the real server refused tools: {events:?}"
     );
     // Whatever the small model did with the tools, every call it made was answered.

@@ -408,6 +408,15 @@ impl Turn<'_> {
                 continue;
             }
             if calls.is_empty() {
+                if cut {
+                    self.send(TurnUpdate::Progress {
+                        turn_no: self.turn_no,
+                        message: "The reply was cut off by the length limit (--max-tokens, the \
+                                  server's own or the model's context): it may be incomplete"
+                            .to_owned(),
+                    })
+                    .await;
+                }
                 let mut done = completion;
                 done.usage = usage;
                 return Ok(done);
