@@ -558,6 +558,55 @@ mod tests {
         store.shutdown().await.unwrap();
     }
 
+    #[tokio::test]
+    async fn a_decided_permission_is_found_by_its_index_not_a_scan_of_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let store = Store::open(&path, StoreOptions::default()).unwrap();
+        let event = |seq, event: &'static str, request: &str| WriteOp::AppendEvent {
+            session_id: Arc::from("s"),
+            seq,
+            event,
+            turn_id: None,
+            envelope: Arc::from(format!("{{\"payload\":{{\"requestId\":\"{request}\"}}}}")),
+        };
+        store
+            .write(vec![
+                event(1, "permission.request", "p1"),
+                event(2, "permission.request", "p2"),
+                event(3, "permission.resolved", "p1"),
+            ])
+            .await
+            .unwrap();
+        let decided = |id: &str| store.permission_was_decided("s".into(), id.into());
+        assert!(decided("p1").await.unwrap());
+        assert!(!decided("p2").await.unwrap(), "asked, never decided");
+        assert!(!decided("p9").await.unwrap());
+        assert!(
+            !store
+                .permission_was_decided("other".into(), "p1".into())
+                .await
+                .unwrap()
+        );
+        let conn = open_connection(&path, Access::Read).unwrap();
+        let plan: Vec<String> = conn
+            .prepare(&format!(
+                "EXPLAIN QUERY PLAN {}",
+                queries::PERMISSION_DECIDED
+            ))
+            .unwrap()
+            .query_map(rusqlite::params!["s", "p1"], |r| r.get::<_, String>(3))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert!(
+            plan.iter()
+                .any(|step| step.contains("events_permission_decided")),
+            "{plan:?}"
+        );
+        store.shutdown().await.unwrap();
+    }
+
     #[test]
     fn sync_commits_makes_the_writer_fsync_every_commit() {
         let dir = tempfile::tempdir().unwrap();

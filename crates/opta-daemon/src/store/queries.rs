@@ -312,11 +312,7 @@ impl Store {
     ) -> Result<bool> {
         self.read(move |conn| {
             Ok(conn
-                .prepare_cached(
-                    "SELECT EXISTS (SELECT 1 FROM events
-                     WHERE session_id = ?1 AND event = 'permission.resolved'
-                       AND json_extract(envelope, '$.payload.requestId') = ?2)",
-                )?
+                .prepare_cached(PERMISSION_DECIDED)?
                 .query_row(rusqlite::params![session_id, request_id], |r| r.get(0))?)
         })
         .await
@@ -395,3 +391,11 @@ impl Store {
         .await
     }
 }
+
+/// Whether a session's log holds a `permission.resolved` of a request id: one lookup in the
+/// index `events_permission_decided` (its expression and condition, word for word; without
+/// statistics the planner would take the primary key and read the session's whole log).
+pub(super) const PERMISSION_DECIDED: &str = "SELECT EXISTS (SELECT 1
+     FROM events INDEXED BY events_permission_decided
+     WHERE session_id = ?1 AND event = 'permission.resolved'
+       AND json_extract(envelope, '$.payload.requestId') = ?2)";

@@ -82,6 +82,13 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX processes_unswept ON processes (ended_at)
         WHERE ended = 1 AND output_pruned = 0;
     ",
+    // 5: decided permission requests by id, for a late answer to one (only those rows:
+    // without it, each such answer read the session's whole log).
+    "
+    CREATE INDEX events_permission_decided
+        ON events (session_id, json_extract(envelope, '$.payload.requestId'))
+        WHERE event = 'permission.resolved';
+    ",
 ];
 
 /// Applies the migrations the database has not seen yet, each in its own transaction.
