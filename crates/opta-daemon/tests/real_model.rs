@@ -144,7 +144,7 @@ async fn a_real_server_accepts_the_agent_request_with_its_tools() {
     }
 }
 
-/// What the forcing proxy saw: the chat requests it forwarded, in order.
+/// What the proxy saw: the chat requests it forwarded, in order.
 type Seen = std::sync::Arc<std::sync::Mutex<Vec<Value>>>;
 
 /// A proxy in front of the real server that records each chat request and, given a `tool`,
