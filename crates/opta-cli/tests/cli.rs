@@ -75,6 +75,13 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// Asserts that a command failed with exit code 1 and said `needle` on stderr.
+fn assert_refused(out: &std::process::Output, needle: &str) {
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(needle), "{stderr}");
+}
+
 /// Waits for `needle` in the chat's output; on failure says which step and what was seen.
 /// `opta chat` in a pseudo-terminal, with `workspace` as its working directory.
 fn chat_in(home: &Home, workspace: &Path) -> expectrl::session::OsSession {
@@ -398,20 +405,10 @@ async fn models_load_unload_and_sessions_cancel_and_delete() {
             "freed_bytes": 1_610_612_736u64})
     );
     let refused = home.opta(&["models", "load", "no-such-model"]).await;
-    assert_eq!(refused.status.code(), Some(1));
-    assert!(
-        text(&refused.stderr).contains("no-such-model is not available"),
-        "{}",
-        text(&refused.stderr)
-    );
+    assert_refused(&refused, "no-such-model is not available");
     lmx.set_admin_api(false);
     let unsupported = home.opta(&["models", "load", "other-model"]).await;
-    assert_eq!(unsupported.status.code(), Some(1));
-    assert!(
-        text(&unsupported.stderr).contains("501"),
-        "{}",
-        text(&unsupported.stderr)
-    );
+    assert_refused(&unsupported, "501");
 
     // `sessions cancel ID` stops the running turn of an `opta do` elsewhere, which exits 130.
     lmx.push(Reply::slow(2000, Duration::from_millis(20)));
@@ -452,12 +449,7 @@ async fn models_load_unload_and_sessions_cancel_and_delete() {
     assert!(deleted.status.success(), "{}", text(&deleted.stderr));
     assert_eq!(text(&deleted.stdout), format!("deleted session {id}\n"));
     let gone = home.opta(&["sessions", "show", &id]).await;
-    assert_eq!(gone.status.code(), Some(1));
-    assert!(
-        text(&gone.stderr).contains("Session not found"),
-        "{}",
-        text(&gone.stderr)
-    );
+    assert_refused(&gone, "Session not found");
     let list = home.opta(&["sessions", "list", "--json"]).await;
     let list: Value = serde_json::from_slice(&list.stdout).unwrap();
     assert_eq!(list["sessions"], serde_json::json!([]));
@@ -830,12 +822,7 @@ async fn commands_that_cannot_run_leave_no_session_behind() {
     let mut chat = home.command(&["chat"]);
     chat.stdin(std::process::Stdio::piped());
     let out = run(chat).await;
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        text(&out.stderr).contains("needs a terminal"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_refused(&out, "needs a terminal");
     // `opta chat` on a terminal that cannot edit lines (TERM=dumb): refused likewise, and
     // without colour.
     let mut dumb = home.command(&["chat"]);
@@ -1173,12 +1160,7 @@ async fn max_tokens_from_the_config_file_caps_every_model_request() {
     let too_big = home
         .opta(&["config", "set", "max-tokens", "5000000000"])
         .await;
-    assert_eq!(too_big.status.code(), Some(1));
-    assert!(
-        text(&too_big.stderr).contains("config key max-tokens"),
-        "{}",
-        text(&too_big.stderr)
-    );
+    assert_refused(&too_big, "config key max-tokens");
     let set = home.opta(&["config", "set", "max-tokens", "64"]).await;
     assert!(set.status.success(), "{}", text(&set.stderr));
     // The daemon `do` starts takes it from the file and sends it with each request.
@@ -1252,12 +1234,7 @@ async fn the_config_file_sits_between_the_environment_and_the_defaults() {
         "# my settings\nlmx-url = \"http://127.0.0.1:7\" # a server that is not there\nmodel = \"qwen\"\nmax-db-mb = 512\n"
     );
     let bad = home.opta(&["config", "set", "port", "70000"]).await;
-    assert_eq!(bad.status.code(), Some(1));
-    assert!(
-        text(&bad.stderr).contains("config key port"),
-        "{}",
-        text(&bad.stderr)
-    );
+    assert_refused(&bad, "config key port");
     assert_eq!(
         text(&home.opta(&["config", "get", "model"]).await.stdout),
         "qwen\n"
@@ -1266,12 +1243,7 @@ async fn the_config_file_sits_between_the_environment_and_the_defaults() {
     // A broken file stops the daemon from starting on silent defaults, and names the key.
     std::fs::write(&file, "max-db-mb = \"lots\"\nbogus = 1\n").unwrap();
     let refused = home.opta(&["daemon", "start"]).await;
-    assert_eq!(refused.status.code(), Some(1));
-    assert!(
-        text(&refused.stderr).contains("max-db-mb"),
-        "{}",
-        text(&refused.stderr)
-    );
+    assert_refused(&refused, "max-db-mb");
     assert!(home.state().is_none(), "no daemon started");
     // `doctor` says so (and still checks the rest).
     let doctor = home.opta(&["doctor"]).await;
@@ -1426,12 +1398,7 @@ async fn the_default_mode_setting_applies_to_do_and_tool_lines_show_the_outcome(
     let lmx = ScriptedLmx::start().await.unwrap();
     let home = Home::new(&lmx.url());
     let bad = home.opta(&["config", "set", "default-mode", "yolo"]).await;
-    assert_eq!(bad.status.code(), Some(1));
-    assert!(
-        text(&bad.stderr).contains("config key default-mode"),
-        "{}",
-        text(&bad.stderr)
-    );
+    assert_refused(&bad, "config key default-mode");
     let set = home.opta(&["config", "set", "default-mode", "plan"]).await;
     assert!(set.status.success(), "{}", text(&set.stderr));
     lmx.push(Reply::tool_call(
@@ -1517,12 +1484,7 @@ async fn bg_starts_lists_follows_and_kills_background_processes() {
         format!("{id} is not running (completed)\n")
     );
     let missing = home.opta(&["bg", "logs", "proc_missing"]).await;
-    assert_eq!(missing.status.code(), Some(1));
-    assert!(
-        text(&missing.stderr).contains("not found"),
-        "{}",
-        text(&missing.stderr)
-    );
+    assert_refused(&missing, "not found");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
