@@ -34,6 +34,7 @@ fn session_row(id: &str) -> SessionRow {
         updated_at: now,
         tool_call_count: 0,
         grants: None,
+        workspace_pin: None,
     }
 }
 

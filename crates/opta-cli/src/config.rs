@@ -78,6 +78,7 @@ const KEYS: &[(&str, &str, Kind)] = &[
     ),
     ("background-keep-secs", "background_keep_secs", Kind::Number),
     ("sync-commits", "sync_commits", Kind::Switch),
+    ("allow-any-workspace", "allow_any_workspace", Kind::Switch),
 ];
 
 #[derive(Subcommand)]
@@ -247,6 +248,7 @@ fn set_field(args: &mut DaemonArgs, key: &str, text: &str) -> Result<()> {
             )
         }
         "sync-commits" => args.sync_commits = text == "true",
+        "allow-any-workspace" => args.allow_any_workspace = text == "true",
         other => bail!("unknown config key {other:?}"),
     }
     Ok(())
@@ -291,6 +293,7 @@ fn get_field(args: &DaemonArgs, key: &str) -> String {
             .map(|m| m.as_str().to_owned())
             .unwrap_or_default(),
         "sync-commits" => args.sync_commits.to_string(),
+        "allow-any-workspace" => args.allow_any_workspace.to_string(),
         _ => String::new(),
     }
 }

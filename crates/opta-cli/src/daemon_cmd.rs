@@ -271,6 +271,7 @@ fn agent_config(args: &DaemonArgs) -> Result<opta_daemon::agent::AgentConfig> {
             .map(std::path::absolute)
             .collect::<std::io::Result<_>>()
             .context("--sandbox-write")?,
+        allow_any_workspace: args.allow_any_workspace,
     })
 }
 

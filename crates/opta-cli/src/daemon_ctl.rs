@@ -155,6 +155,11 @@ pub struct DaemonArgs {
         global = true
     )]
     pub sandbox_write: Vec<PathBuf>,
+    /// Let a session's workspace be `/` or a directory that holds the daemon's home (refused
+    /// by default: 400 `workspace-refused`). The tools never reach the home either way.
+    #[arg(long, env = "OPTA_ALLOW_ANY_WORKSPACE", global = true,
+        value_parser = clap::builder::BoolishValueParser::new())]
+    pub allow_any_workspace: bool,
     /// Mode of `do` and `chat` turns when `--mode` is not given (else `do` for do, `chat` for
     /// chat). A client setting: the daemon does not use it.
     #[arg(long, env = "OPTA_DEFAULT_MODE", global = true, value_parser = crate::do_cmd::parse_mode)]
@@ -224,6 +229,9 @@ impl DaemonArgs {
         }
         if self.sync_commits {
             args.push("--sync-commits".into());
+        }
+        if self.allow_any_workspace {
+            args.push("--allow-any-workspace".into());
         }
         args
     }

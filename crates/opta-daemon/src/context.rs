@@ -173,8 +173,10 @@ pub struct DaemonContext {
     pub metrics: crate::metrics::Metrics,
     /// The agent's settings.
     pub agent: crate::agent::AgentConfig,
-    /// Workspace of sessions created without one.
-    pub default_workspace: crate::agent::Workspace,
+    /// Workspace of sessions created without one, or why it is refused.
+    pub default_workspace: Result<crate::agent::Workspace, String>,
+    /// What no workspace may reach (the daemon's home).
+    pub protected: crate::agent::workspace::Protected,
     /// Models whose server refused `tools`.
     pub tool_support: crate::agent::ToolSupport,
     /// The background process runner.

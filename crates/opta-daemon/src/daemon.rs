@@ -146,8 +146,15 @@ impl RunningDaemon {
             None => std::env::current_dir()
                 .map_err(|e| Error::Config(format!("reading the working directory: {e}")))?,
         };
-        let default_workspace = crate::agent::Workspace::new(&workspace_dir)
-            .map_err(|e| Error::Config(format!("--workspace: {e}")))?;
+        let protected =
+            crate::agent::workspace::Protected::new(&config.home, config.agent.allow_any_workspace);
+        // A default that holds the home is refused for each session that would use it, not
+        // at start: sessions that name their own workspace still work.
+        let default_workspace = match crate::agent::Workspace::open(&workspace_dir, &protected) {
+            Ok(workspace) => Ok(workspace),
+            Err(e @ crate::agent::WorkspaceError::Refused { .. }) => Err(e.to_string()),
+            Err(e) => return Err(Error::Config(format!("--workspace: {e}"))),
+        };
         let (runner, runner_inbox) = crate::process::ProcessRunner::channel();
         let ctx = Arc::new(DaemonContext {
             daemon_id: new_daemon_id(),
@@ -163,6 +170,7 @@ impl RunningDaemon {
             metrics: crate::metrics::Metrics::default(),
             agent: config.agent.clone(),
             default_workspace,
+            protected,
             tool_support: crate::agent::ToolSupport::default(),
             runner,
             sandbox: crate::process::sandbox::Sandbox::probe(

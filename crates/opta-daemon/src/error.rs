@@ -61,6 +61,13 @@ pub enum Error {
     /// The client did not send its whole request body in time; nothing changed.
     #[error("The request body did not arrive within {} s", .0.as_secs())]
     RequestTimeout(std::time::Duration),
+    /// The session's workspace is no longer the directory it was given (renamed, replaced by
+    /// a link); nothing was done.
+    #[error("{0}")]
+    WorkspaceMoved(String),
+    /// A workspace that is `/` or contains the daemon's home (without `--allow-any-workspace`).
+    #[error("{0}")]
+    WorkspaceRefused(String),
     /// The request body exceeds the limit.
     #[error("Request body too large (limit {limit} bytes)")]
     PayloadTooLarge {
@@ -121,6 +128,17 @@ impl Error {
         Error::InvalidInput {
             message: format!("Invalid request: {path}: {message}"),
             details: vec![ErrorDetail { path, message }],
+        }
+    }
+}
+
+impl From<crate::agent::WorkspaceError> for Error {
+    fn from(e: crate::agent::WorkspaceError) -> Self {
+        use crate::agent::WorkspaceError as W;
+        match e {
+            W::Moved(_) => Error::WorkspaceMoved(e.to_string()),
+            W::Refused { .. } => Error::WorkspaceRefused(e.to_string()),
+            other => Error::invalid("metadata.workspace", other.to_string()),
         }
     }
 }

@@ -2,33 +2,17 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure report
 //! server driving tool calls, clients over WebSocket and HTTP.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use opta_test_support::{Reply, ScriptedLmx, TestDaemon, WsClient, conversation, is_terminal_of};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-/// A workspace directory (canonical) and, beside it, a directory outside it with a secret.
-struct Dirs {
-    _base: tempfile::TempDir,
-    ws: PathBuf,
-    outside: PathBuf,
-}
+type Dirs = opta_test_support::WorkspaceDirs;
 
 fn dirs() -> Dirs {
-    let base = tempfile::tempdir().unwrap();
-    let root = base.path().canonicalize().unwrap();
-    let ws = root.join("ws");
-    let outside = root.join("outside");
-    std::fs::create_dir_all(&ws).unwrap();
-    std::fs::create_dir_all(&outside).unwrap();
-    std::fs::write(outside.join("secret.txt"), "top secret\n").unwrap();
-    Dirs {
-        _base: base,
-        ws,
-        outside,
-    }
+    Dirs::new()
 }
 
 /// A scripted server, a daemon using it, and the directories.

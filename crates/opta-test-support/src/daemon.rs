@@ -283,3 +283,37 @@ impl TestDaemon {
         SseClient::connect(&self.http, &url, &self.token, None).await
     }
 }
+
+/// A workspace directory and, beside it, a directory outside it holding `secret.txt`; both
+/// canonical, removed when dropped.
+pub struct WorkspaceDirs {
+    _base: tempfile::TempDir,
+    /// The workspace.
+    pub ws: PathBuf,
+    /// A directory outside it.
+    pub outside: PathBuf,
+}
+
+impl WorkspaceDirs {
+    /// Makes both directories.
+    pub fn new() -> Self {
+        let base = tempfile::tempdir().expect("temp dir");
+        let root = base.path().canonicalize().expect("canonical temp dir");
+        let ws = root.join("ws");
+        let outside = root.join("outside");
+        std::fs::create_dir_all(&ws).expect("workspace");
+        std::fs::create_dir_all(&outside).expect("outside");
+        std::fs::write(outside.join("secret.txt"), "top secret\n").expect("secret");
+        Self {
+            _base: base,
+            ws,
+            outside,
+        }
+    }
+}
+
+impl Default for WorkspaceDirs {
+    fn default() -> Self {
+        Self::new()
+    }
+}

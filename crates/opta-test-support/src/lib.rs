@@ -11,7 +11,7 @@ pub mod proxy;
 pub use clients::{
     SseClient, WsClient, WsItem, assert_contiguous, is_terminal_of, token_events, token_text,
 };
-pub use daemon::{TestDaemon, WAIT};
+pub use daemon::{TestDaemon, WAIT, WorkspaceDirs};
 pub use lmx::{Behaviour, Reply, ScriptedLmx, conversation};
 pub use proxy::CutProxy;
 

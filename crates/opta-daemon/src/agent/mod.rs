@@ -35,6 +35,8 @@ pub struct AgentConfig {
     /// Where sandboxed commands may write besides the workspace and the temporary directory
     /// (`--sandbox-write`).
     pub sandbox_writes: Vec<PathBuf>,
+    /// Let a workspace be `/` or hold the daemon's home (`--allow-any-workspace`).
+    pub allow_any_workspace: bool,
 }
 
 impl Default for AgentConfig {
@@ -46,6 +48,7 @@ impl Default for AgentConfig {
             system_prompt: None,
             workspace: None,
             sandbox_writes: Vec::new(),
+            allow_any_workspace: false,
         }
     }
 }

@@ -25,6 +25,37 @@ pub enum Policy {
     Deny(String),
 }
 
+/// `decidedBy` values only the daemon sets: a client that sent one could pass its own answer
+/// off as a grant, the mode or a timeout.
+pub const DAEMON_DECIDERS: &[&str] = &[
+    "timeout",
+    "cancel",
+    "interrupted",
+    "mode",
+    "grant",
+    "error",
+    "dangerous",
+];
+
+/// A client's `decidedBy` as recorded (`client` when empty), or why it is refused.
+pub fn client_decider(given: &str) -> Result<String, String> {
+    let given = given.trim();
+    if given.is_empty() {
+        return Ok("client".to_owned());
+    }
+    if DAEMON_DECIDERS
+        .iter()
+        .any(|reserved| reserved.eq_ignore_ascii_case(given))
+    {
+        return Err(format!(
+            "{given:?} is set by the daemon only; name the client or person that decides \
+             (reserved: {})",
+            DAEMON_DECIDERS.join(", ")
+        ));
+    }
+    Ok(given.to_owned())
+}
+
 /// The policy for a call of `kind` in `mode` with `overrides`.
 pub fn policy(mode: Mode, overrides: Option<&TurnOverrides>, kind: ToolKind) -> Policy {
     let dangerous = overrides.and_then(|o| o.dangerous).unwrap_or(false);

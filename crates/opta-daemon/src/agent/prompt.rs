@@ -40,10 +40,12 @@ fn mode_rule(mode: Mode) -> &'static str {
 }
 
 /// The system prompt of a turn. `custom` replaces the opening text (`--system-prompt-file`);
-/// with `text_tools` the tools are described for text-form calls.
+/// `agents` is the workspace's `AGENTS.md` ([`agents_md`]); with `text_tools` the tools are
+/// described for text-form calls.
 pub fn system_prompt(
     custom: Option<&str>,
     workspace: &Workspace,
+    agents: Option<&str>,
     mode: Mode,
     format: Option<Format>,
     text_tools: bool,
@@ -80,7 +82,7 @@ pub fn system_prompt(
             );
         }
     }
-    if let Some(agents) = agents_md(workspace) {
+    if let Some(agents) = agents {
         let _ = write!(prompt, "\n\nProject instructions (AGENTS.md):\n{agents}");
     }
     match format {
@@ -94,9 +96,14 @@ pub fn system_prompt(
     prompt
 }
 
-fn agents_md(workspace: &Workspace) -> Option<String> {
-    let path = workspace.resolve("AGENTS.md").ok()?;
-    let text = std::fs::read_to_string(path).ok()?;
+/// The workspace's `AGENTS.md`, when it is a regular file (never a FIFO or a device), read
+/// on a blocking thread, at most four times the cap, shortened to the cap.
+pub async fn agents_md(workspace: &Workspace) -> Option<String> {
+    let ws = workspace.clone();
+    let read = tokio::task::spawn_blocking(move || {
+        ws.read_text(std::path::Path::new("AGENTS.md"), 4 * AGENTS_MD_CAP as u64)
+    });
+    let (text, _, _) = read.await.ok()?.ok()?;
     let text = text.trim();
     if text.is_empty() {
         return None;

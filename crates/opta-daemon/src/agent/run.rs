@@ -261,6 +261,7 @@ impl Turn<'_> {
         // Built once per turn (it reads AGENTS.md), again only if the model turns out to
         // refuse `tools` mid-turn.
         let mut system: Option<(bool, String)> = None;
+        let agents = prompt::agents_md(workspace).await;
         loop {
             rounds += 1;
             let text_tools = self.ctx.tool_support.refuses(&model);
@@ -271,6 +272,7 @@ impl Turn<'_> {
                 let text = prompt::system_prompt(
                     config.system_prompt.as_deref(),
                     workspace,
+                    agents.as_deref(),
                     mode,
                     format,
                     text_tools,
@@ -359,6 +361,11 @@ impl Turn<'_> {
                     cut_calls.push(textcalls::parse_unclosed(&block).name);
                 }
                 Leftover::Unclosed(block) => text_calls.push(textcalls::parse_unclosed(&block)),
+            }
+            // A reply that made native calls meant those: markup in its text is quoted, not
+            // called.
+            if !completion.tool_calls.is_empty() {
+                text_calls.clear();
             }
             for call in text_calls {
                 next_call += 1;
@@ -596,21 +603,33 @@ impl Turn<'_> {
                 grant_scope,
                 change,
             } => {
-                let approved_by = match permissions::policy(mode, overrides, spec.kind) {
+                let always_ask = change.always_ask();
+                let policy = match (permissions::policy(mode, overrides, spec.kind), &always_ask) {
+                    (Policy::Allow("mode"), Some(_)) => Policy::Ask,
+                    (policy, _) => policy,
+                };
+                let approved_by = match policy {
                     Policy::Deny(reason) => return (Err(reason), None),
                     Policy::Allow(by) => by.to_owned(),
                     Policy::Ask => {
+                        let (summary, grant_key) = match &always_ask {
+                            Some(why) => (format!("{summary} (asks every time: {why})"), None),
+                            None => (
+                                summary,
+                                permissions::grant_key(
+                                    spec.name,
+                                    spec.kind,
+                                    grant_scope.as_deref(),
+                                ),
+                            ),
+                        };
                         let (reply, answer) = oneshot::channel();
                         let ask = PermissionAsk {
                             tool_name: spec.name.to_owned(),
                             args: args.clone(),
                             summary,
                             diff,
-                            grant_key: permissions::grant_key(
-                                spec.name,
-                                spec.kind,
-                                grant_scope.as_deref(),
-                            ),
+                            grant_key,
                         };
                         // The actor being gone answers below (the reply is dropped).
                         let _ = updates

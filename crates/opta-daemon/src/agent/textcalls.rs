@@ -10,6 +10,12 @@
 //! (`<`, `<tool_`…) is held back only until it is decided, and markup never reaches clients.
 //! An answer whose first non-blank character is `{` is held whole, then shown as text if it
 //! is not a call.
+//!
+//! Markup counts as a call only where a call can be meant: at the start of a line (blanks
+//! before it allowed) and outside fenced code blocks. A reply that quotes a README's
+//! `<tool_call>` example inside a code block, or mid-sentence, shows it as text and runs
+//! nothing; inline code never starts a line, so it is covered too. A reply that also made
+//! native calls has its text-form calls ignored (the agent loop's rule).
 
 use serde_json::{Map, Value};
 
@@ -36,6 +42,54 @@ pub struct TextCallFilter {
     shown_any: bool,
     whole_json: bool,
     calls: Vec<TextCall>,
+    lines: LineState,
+}
+
+/// Where the shown text stands: at a line's start or not, inside a fenced code block or not.
+#[derive(Debug)]
+struct LineState {
+    /// Only blanks so far on this line.
+    at_start: bool,
+    /// The first non-blank characters of this line (up to three), to spot a fence.
+    head: String,
+    in_fence: bool,
+}
+
+impl Default for LineState {
+    fn default() -> Self {
+        Self {
+            at_start: true,
+            head: String::new(),
+            in_fence: false,
+        }
+    }
+}
+
+impl LineState {
+    fn feed(&mut self, text: &str) {
+        for c in text.chars() {
+            if c == '\n' {
+                self.at_start = true;
+                self.head.clear();
+                continue;
+            }
+            if self.at_start && (c == ' ' || c == '\t') {
+                continue;
+            }
+            self.at_start = false;
+            if self.head.len() < 3 && !self.head.contains(|h: char| h != '`' && h != '~') {
+                self.head.push(c);
+                if self.head == "```" || self.head == "~~~" {
+                    self.in_fence = !self.in_fence;
+                }
+            }
+        }
+    }
+
+    /// Whether markup here may be a call.
+    fn may_call(&self) -> bool {
+        self.at_start && !self.in_fence
+    }
 }
 
 /// What was left when the round ended.
@@ -73,11 +127,20 @@ impl TextCallFilter {
                 }
             }
             let Some(at) = self.pending.find('<') else {
+                self.lines.feed(&self.pending);
                 shown.push_str(&self.pending);
                 self.pending.clear();
                 break;
             };
+            self.lines.feed(&self.pending[..at]);
             shown.push_str(&self.pending[..at]);
+            if !self.lines.may_call() {
+                // Mid-line or in a code block: text, whatever follows.
+                self.lines.feed("<");
+                shown.push('<');
+                self.pending.drain(..=at);
+                continue;
+            }
             let rest = &self.pending[at..];
             if let Some((open, close)) = [
                 (TOOL_CALL_OPEN, TOOL_CALL_CLOSE),
@@ -109,6 +172,7 @@ impl TextCallFilter {
                 self.pending.drain(..at);
                 break;
             }
+            self.lines.feed("<");
             shown.push('<');
             self.pending.drain(..=at);
         }
@@ -330,7 +394,10 @@ mod tests {
         let mut filter = TextCallFilter::default();
         assert_eq!(filter.push("a < b and "), "a < b and ");
         assert_eq!(filter.push("<div>"), "<div>");
-        assert_eq!(filter.push("x <tool"), "x ");
+        // Mid-line markup is text at once; at a line's start a tag prefix waits for the
+        // next delta.
+        assert_eq!(filter.push("x <tool"), "x <tool");
+        assert_eq!(filter.push("\n<tool"), "\n");
         assert_eq!(filter.push("s>"), "<tools>");
         assert_eq!(filter.finish(), (String::new(), Leftover::Nothing));
         let (shown, calls, _) = run("Vec<u8> is bytes", 1);
@@ -339,9 +406,29 @@ mod tests {
     }
 
     #[test]
+    fn quoted_markup_is_text_and_runs_nothing() {
+        let readme = "The README shows how calls look:\n```\n<tool_call>{\"name\": \"write_file\", \"arguments\": {\"path\": \"x\", \"content\": \"y\"}}</tool_call>\n<function=write_file><parameter=path>z</parameter></function>\n```\nand inline `<tool_call>{}</tool_call>` or mid-line <function=run_command></function> too.";
+        for step in [1, 4, 1000] {
+            let (shown, calls, leftover) = run(readme, step);
+            assert!(calls.is_empty(), "step {step}: {calls:?}");
+            assert_eq!(shown, readme, "step {step}");
+            assert_eq!(leftover, Leftover::Nothing);
+        }
+        // After the fence closes, a call at a line's start is a call again; blanks before it
+        // are allowed.
+        let text = "```\n<tool_call>{}</tool_call>\n```\n  <tool_call>{\"name\": \"list_dir\", \"arguments\": {}}</tool_call>";
+        let (_, calls, _) = run(text, 3);
+        assert_eq!(calls.len(), 1);
+        assert_eq!(calls[0].name, "list_dir");
+        // Two calls one after the other on one line are both calls.
+        let two = "<tool_call>{\"name\": \"list_dir\", \"arguments\": {}}</tool_call><tool_call>{\"name\": \"list_dir\", \"arguments\": {}}</tool_call>";
+        assert_eq!(run(two, 5).1.len(), 2);
+    }
+
+    #[test]
     fn unclosed_and_malformed_markup() {
-        let (shown, calls, leftover) = run("ok <tool_call>{\"name\": \"write_file\", \"argu", 3);
-        assert_eq!(shown, "ok ");
+        let (shown, calls, leftover) = run("ok\n<tool_call>{\"name\": \"write_file\", \"argu", 3);
+        assert_eq!(shown, "ok\n");
         assert!(calls.is_empty());
         assert!(matches!(leftover, Leftover::Unclosed(_)));
         let (_, calls, _) = run("<tool_call>not json</tool_call>", 100);

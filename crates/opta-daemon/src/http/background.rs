@@ -58,12 +58,15 @@ pub async fn start(
     };
     let handle = state.registry.get(request.session_id.clone()).await?;
     let workspace = handle.workspace().await?;
-    let cwd = workspace
-        .resolve(request.cwd.as_deref().unwrap_or("."))
-        .map_err(|e| Error::invalid("cwd", e.to_string()))?;
-    if !cwd.is_dir() {
-        return Err(Error::invalid("cwd", "is not a directory"));
-    }
+    let requested = request.cwd.clone().unwrap_or_else(|| ".".to_owned());
+    let ws = workspace.clone();
+    let cwd = tokio::task::spawn_blocking(move || ws.command_dir(&requested))
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))?
+        .map_err(|e| match e {
+            crate::agent::WorkspaceError::Moved(_) => Error::from(e),
+            e => Error::invalid("cwd", e.to_string()),
+        })?;
     let process = state
         .ctx
         .runner

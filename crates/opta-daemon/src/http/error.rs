@@ -25,6 +25,8 @@ impl Error {
             Error::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed"),
             Error::StateConflict { .. } => (StatusCode::CONFLICT, "state-conflict"),
             Error::PermissionConflict(_) => (StatusCode::CONFLICT, "permission-conflict"),
+            Error::WorkspaceMoved(_) => (StatusCode::CONFLICT, "workspace-moved"),
+            Error::WorkspaceRefused(_) => (StatusCode::BAD_REQUEST, "workspace-refused"),
             Error::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload-too-large"),
             Error::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "request-timeout"),
             Error::StorageFull(_) => (StatusCode::INSUFFICIENT_STORAGE, "storage-full"),

@@ -92,8 +92,11 @@ pub async fn create_session(
         let dir = workspace
             .as_str()
             .ok_or_else(|| Error::invalid("metadata.workspace", "must be a string"))?;
-        crate::agent::Workspace::new(std::path::Path::new(dir))
-            .map_err(|e| Error::invalid("metadata.workspace", e.to_string()))?;
+        let dir = std::path::PathBuf::from(dir);
+        let protected = state.ctx.protected.clone();
+        tokio::task::spawn_blocking(move || crate::agent::Workspace::open(&dir, &protected))
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))??;
     }
     let changes = SessionChanges {
         model: request.model.clone(),

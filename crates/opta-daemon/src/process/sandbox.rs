@@ -56,18 +56,43 @@ impl Sandbox {
     /// Spawns `command` confined to write in `workspace` (and the other write roots).
     pub async fn spawn(
         &self,
+        command: tokio::process::Command,
+        workspace: &Path,
+    ) -> std::io::Result<tokio::process::Child> {
+        self.spawn_with(command, workspace, None).await
+    }
+
+    /// Spawns `command` confined to write in the open workspace: its write rule names the
+    /// directory the session opened (its handle), not whatever its path names now.
+    pub async fn spawn_in(
+        &self,
+        command: tokio::process::Command,
+        workspace: &crate::agent::Workspace,
+    ) -> std::io::Result<tokio::process::Child> {
+        // A workspace that holds the home (`--allow-any-workspace`) is split around it by
+        // path; any other is named by its handle.
+        let handle = if self.hidden.starts_with(workspace.root()) {
+            None
+        } else {
+            Some(workspace.dir().try_clone()?)
+        };
+        self.spawn_with(command, workspace.root(), handle).await
+    }
+
+    async fn spawn_with(
+        &self,
         mut command: tokio::process::Command,
         workspace: &Path,
+        handle: Option<cap_std::fs::Dir>,
     ) -> std::io::Result<tokio::process::Child> {
         if !self.available {
             return command.spawn();
         }
         let reads = read_roots(&self.hidden);
-        let mut wanted = vec![
-            workspace.to_owned(),
-            std::env::temp_dir(),
-            "/dev/null".into(),
-        ];
+        let mut wanted = vec![std::env::temp_dir(), "/dev/null".into()];
+        if handle.is_none() {
+            wanted.push(workspace.to_owned());
+        }
         wanted.extend(self.extra_writes.iter().cloned());
         // A write root above the daemon's home (a home in /tmp) must not expose it.
         let writes: Vec<PathBuf> = wanted
@@ -79,7 +104,7 @@ impl Sandbox {
         let (reply, answer) = tokio::sync::oneshot::channel();
         std::thread::spawn(move || {
             let _entered = runtime.enter();
-            let result = confine(&reads, &writes).and_then(|()| command.spawn());
+            let result = confine(&reads, &writes, handle).and_then(|()| command.spawn());
             let _ = reply.send(result);
         });
         answer
@@ -89,7 +114,11 @@ impl Sandbox {
 }
 
 /// Restricts the calling thread (and what it starts) to the rules.
-fn confine(reads: &[PathBuf], writes: &[PathBuf]) -> std::io::Result<()> {
+fn confine(
+    reads: &[PathBuf],
+    writes: &[PathBuf],
+    workspace: Option<cap_std::fs::Dir>,
+) -> std::io::Result<()> {
     let all = AccessFs::from_all(TARGET_ABI);
     let read = AccessFs::from_read(TARGET_ABI);
     let fail = |e: landlock::RulesetError| std::io::Error::other(format!("sandbox: {e}"));
@@ -107,6 +136,9 @@ fn confine(reads: &[PathBuf], writes: &[PathBuf]) -> std::io::Result<()> {
                     .map_err(fail)?;
             }
         }
+    }
+    if let Some(dir) = workspace {
+        ruleset = ruleset.add_rule(PathBeneath::new(dir, all)).map_err(fail)?;
     }
     ruleset.restrict_self().map_err(fail)?;
     Ok(())

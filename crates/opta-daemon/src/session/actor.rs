@@ -23,9 +23,9 @@ use tokio::task::{JoinError, JoinHandle};
 
 use super::feed::Listed;
 use super::{Frame, SessionChanges, SessionCommand, SessionHandle, Subscription};
-use crate::agent::Workspace;
 use crate::agent::run::{PermissionAsk, ToolEnded, TurnPlan, TurnUpdate, Verdict, run_turn};
 use crate::agent::tools::FileMemory;
+use crate::agent::{Workspace, WorkspaceError};
 use crate::context::{Counter, DaemonContext};
 use crate::error::{Error, Result};
 use crate::ids::{new_turn_id, now_iso};
@@ -154,6 +154,15 @@ pub(crate) struct SessionActor {
     own: mpsc::WeakSender<SessionCommand>,
     /// What the session feed last heard of this session (`None`: not yet announced).
     listed: Option<Listed>,
+    /// The workspace directory, open, once a turn or a request needed it.
+    workspace: Option<Workspace>,
+}
+
+/// The workspace a session took: the path it was given and the directory's device:inode.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct WorkspacePin {
+    path: String,
+    identity: String,
 }
 
 impl SessionActor {
@@ -204,6 +213,7 @@ impl SessionActor {
             processes: HashSet::new(),
             own: commands_tx.downgrade(),
             listed: None,
+            workspace: None,
             ctx: ctx.clone(),
         };
         ctx.counters.add(Counter::Sessions, 1);
@@ -319,7 +329,7 @@ impl SessionActor {
                 let _ = reply.send(self.emit(&[*event], Vec::new()).await);
             }
             SessionCommand::Workspace { reply } => {
-                let _ = reply.send(self.workspace());
+                let _ = reply.send(self.workspace().await);
             }
             SessionCommand::SubscriberLeft => {
                 if self.subscribers() == 0 {
@@ -604,13 +614,15 @@ impl SessionActor {
         };
         let mut events = vec![event];
         let mut ops = vec![WriteOp::InsertTurn(row)];
+        // A workspace moved or refused takes no turn (409 / 400 at once, not a failed turn).
+        let workspace = self.workspace().await?;
         // An idle session starts the turn in the same commit as its queueing.
         let mut start = if self.active.is_none()
             && self.queue.is_empty()
             && self.owed.is_none()
             && !self.stopping
         {
-            Some(self.prepare_start(turn.clone())?)
+            Some(self.prepare_start(turn.clone(), workspace)?)
         } else {
             None
         };
@@ -750,7 +762,8 @@ impl SessionActor {
     }
 
     async fn start_turn(&mut self, turn: PendingTurn) -> Result<()> {
-        let mut start = self.prepare_start(turn)?;
+        let workspace = self.workspace().await?;
+        let mut start = self.prepare_start(turn, workspace)?;
         let events = std::mem::take(&mut start.events);
         let ops = std::mem::take(&mut start.ops);
         match self.emit(&events, ops).await {
@@ -769,7 +782,7 @@ impl SessionActor {
     /// the request overlaps the commit; the actor handles the task's deltas only after the
     /// commit (it awaits it), so event order is unaffected. The caller commits `events` and
     /// `ops`, then calls [`Self::commit_start`] (or [`TurnStartPlan::abort`] on failure).
-    fn prepare_start(&mut self, turn: PendingTurn) -> Result<TurnStartPlan> {
+    fn prepare_start(&mut self, turn: PendingTurn, workspace: Workspace) -> Result<TurnStartPlan> {
         let user = Arc::new(ChatMessage::text(Role::User, turn.content.clone()));
         let mut ops = vec![
             self.message_op(&user, &turn.turn_id, false)?,
@@ -797,7 +810,6 @@ impl SessionActor {
         let mut history = Vec::with_capacity(self.history.len() + 1);
         history.extend(self.history.iter().cloned());
         history.push(user.clone());
-        let workspace = self.workspace()?;
         self.next_turn_no += 1;
         let turn_no = self.next_turn_no;
         let started = Instant::now();
@@ -843,8 +855,11 @@ impl SessionActor {
         })
     }
 
-    /// The session's workspace: `metadata.workspace` when set, else the daemon's.
-    fn workspace(&self) -> Result<Workspace> {
+    /// The session's workspace: `metadata.workspace` when set, else the daemon's. The
+    /// directory is opened once and pinned (path and device:inode, stored with the session):
+    /// a path that names another directory since is refused with `workspace-moved`, here and
+    /// after an eviction or a restart. A client that sets another path pins anew.
+    async fn workspace(&mut self) -> Result<Workspace> {
         let chosen = self
             .meta
             .metadata
@@ -855,15 +870,58 @@ impl SessionActor {
                     .and_then(|w| w.as_str())
                     .map(str::to_owned)
             });
-        match chosen {
-            Some(dir) => Workspace::new(std::path::Path::new(&dir)).map_err(|e| {
-                Error::invalid(
-                    "metadata.workspace",
-                    format!("the session's workspace is unusable: {e}"),
-                )
-            }),
-            None => Ok(self.ctx.default_workspace.clone()),
+        let Some(dir) = chosen else {
+            let workspace = self
+                .ctx
+                .default_workspace
+                .clone()
+                .map_err(Error::WorkspaceRefused)?;
+            workspace.ensure_in_place()?;
+            return Ok(workspace);
+        };
+        let pin = self
+            .meta
+            .workspace_pin
+            .as_deref()
+            .and_then(|p| serde_json::from_str::<WorkspacePin>(p).ok())
+            .filter(|pin| pin.path == dir);
+        if let (Some(open), Some(_)) = (&self.workspace, &pin) {
+            open.ensure_in_place()?;
+            return Ok(open.clone());
         }
+        let protected = self.ctx.protected.clone();
+        let pinned = pin.as_ref().and_then(|p| p.identity.parse().ok());
+        let path = std::path::PathBuf::from(&dir);
+        let opened = tokio::task::spawn_blocking(move || match pinned {
+            Some(identity) => Workspace::reopen(&path, &protected, identity),
+            None => Workspace::open(&path, &protected),
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("workspace task: {e}")))?;
+        let workspace = opened.map_err(|e| match e {
+            e @ (WorkspaceError::Moved(_) | WorkspaceError::Refused { .. }) => Error::from(e),
+            e => Error::invalid(
+                "metadata.workspace",
+                format!("the session's workspace is unusable: {e}"),
+            ),
+        })?;
+        if pin.is_none() {
+            let text = serde_json::to_string(&WorkspacePin {
+                path: dir,
+                identity: workspace.identity().to_string(),
+            })
+            .map_err(|e| Error::Internal(e.to_string()))?;
+            self.ctx
+                .store
+                .write(vec![WriteOp::SetWorkspacePin {
+                    session_id: self.id_arc.clone(),
+                    pin: text.clone(),
+                }])
+                .await?;
+            self.meta.workspace_pin = Some(text);
+        }
+        self.workspace = Some(workspace.clone());
+        Ok(workspace)
     }
 
     /// Makes a committed turn start the actor's state.
@@ -1607,6 +1665,9 @@ impl SessionActor {
         request_id: String,
         request: ResolvePermissionRequest,
     ) -> Result<ResolvePermissionResponse> {
+        // Checked first: a refused answer changes nothing, whatever the request's state.
+        let decided_by = crate::agent::permissions::client_decider(&request.decided_by)
+            .map_err(|e| Error::invalid("decidedBy", e))?;
         let pending = self
             .active
             .as_ref()
@@ -1626,10 +1687,6 @@ impl SessionActor {
                 Error::PermissionNotFound(request_id)
             });
         }
-        let decided_by = match request.decided_by.trim() {
-            "" => "client".to_owned(),
-            by => by.to_owned(),
-        };
         let verdict = Verdict {
             allowed: request.decision == Decision::Allow,
             by: decided_by,

@@ -236,6 +236,7 @@ impl RegistryActor {
             updated_at: now,
             tool_call_count: 0,
             grants: None,
+            workspace_pin: None,
         };
         let messages = request
             .messages

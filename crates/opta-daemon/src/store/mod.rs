@@ -66,6 +66,9 @@ pub struct SessionRow {
     pub tool_call_count: u64,
     /// Session grants, a JSON array (read only: written by [`WriteOp::SetGrants`]).
     pub grants: Option<String>,
+    /// The workspace the session took, `{"path", "identity"}` (read only: written by
+    /// [`WriteOp::SetWorkspacePin`]).
+    pub workspace_pin: Option<String>,
 }
 
 /// Lifecycle state of a stored turn.
@@ -167,6 +170,13 @@ pub enum WriteOp {
         session_id: Arc<str>,
         /// The grants.
         grants: String,
+    },
+    /// Replace the workspace a session took (`{"path", "identity"}`).
+    SetWorkspacePin {
+        /// Session id.
+        session_id: Arc<str>,
+        /// The pin.
+        pin: String,
     },
     /// Append one event envelope.
     AppendEvent {

@@ -74,8 +74,8 @@ pub struct SessionPage {
 fn session_row(conn: &Connection, id: &str) -> Result<Option<SessionRow>> {
     Ok(conn
         .prepare_cached(
-            "SELECT id, model, title, metadata, created_at, updated_at, tool_call_count, grants
-             FROM sessions WHERE id = ?1",
+            "SELECT id, model, title, metadata, created_at, updated_at, tool_call_count, grants,
+             workspace_pin FROM sessions WHERE id = ?1",
         )?
         .query_row(params![id], map_session_row)
         .optional()?)
@@ -91,6 +91,7 @@ fn map_session_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRow> {
         updated_at: r.get(5)?,
         tool_call_count: r.get(6)?,
         grants: r.get(7).ok().flatten(),
+        workspace_pin: r.get(8).ok().flatten(),
     })
 }
 

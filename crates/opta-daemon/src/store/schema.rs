@@ -89,6 +89,11 @@ const MIGRATIONS: &[&str] = &[
         ON events (session_id, json_extract(envelope, '$.payload.requestId'))
         WHERE event = 'permission.resolved';
     ",
+    // 6: the workspace directory a session took (path and device:inode), so a path renamed
+    // and replaced by another directory or a link is refused after an eviction or a restart.
+    "
+    ALTER TABLE sessions ADD COLUMN workspace_pin TEXT;
+    ",
 ];
 
 /// Applies the migrations the database has not seen yet, each in its own transaction.

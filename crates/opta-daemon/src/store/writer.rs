@@ -258,6 +258,10 @@ fn apply(conn: &Connection, op: &WriteOp) -> Result<()> {
             conn.prepare_cached("UPDATE processes SET output_pruned = 1 WHERE process_id = ?1")?
                 .execute(params![process_id])?;
         }
+        WriteOp::SetWorkspacePin { session_id, pin } => {
+            conn.prepare_cached("UPDATE sessions SET workspace_pin = ?2 WHERE id = ?1")?
+                .execute(params![session_id.as_ref(), pin])?;
+        }
         WriteOp::SetGrants { session_id, grants } => {
             conn.prepare_cached("UPDATE sessions SET grants = ?2 WHERE id = ?1")?
                 .execute(params![session_id.as_ref(), grants])?;
@@ -399,6 +403,7 @@ mod tests {
             updated_at: "2026-12-01T00:00:00.000Z".into(),
             tool_call_count: 0,
             grants: None,
+            workspace_pin: None,
         })
     }
 

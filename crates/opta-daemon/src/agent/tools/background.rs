@@ -127,8 +127,11 @@ pub async fn start(
     workspace: &Workspace,
     args: BgStartArgs,
 ) -> Result<String, String> {
-    let cwd = workspace
-        .resolve(args.cwd.as_deref().unwrap_or("."))
+    let requested = args.cwd.clone().unwrap_or_else(|| ".".to_owned());
+    let ws = workspace.clone();
+    let cwd = tokio::task::spawn_blocking(move || ws.command_dir(&requested))
+        .await
+        .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
     let timeout = match args.timeout_secs {
         None => Some(bg.default_timeout).filter(|t| !t.is_zero()),

@@ -65,6 +65,48 @@ pub fn prepare(args: RunCommandArgs) -> Prepared {
     }
 }
 
+/// Arguments that make a granted program do something else than it did when the user
+/// allowed it: run other programs, write where they name, or read another configuration or
+/// repository. A command with one of them is never covered by a grant and always asks.
+pub const GRANT_BREAKING_FLAGS: &[&str] = &[
+    "-exec",
+    "-execdir",
+    "-ok",
+    "-okdir",
+    "-delete",
+    "-o",
+    "--output",
+    "-c",
+    "-C",
+    "--git-dir",
+    "--work-tree",
+    "--exec-path",
+];
+
+/// The first argument of `command` (after its program) that is one of
+/// [`GRANT_BREAKING_FLAGS`] (`--output=FILE` counts as `--output`).
+pub fn grant_breaking_flag(command: &str) -> Option<&'static str> {
+    let tokens = brush_parser::tokenize_str(command).ok()?;
+    tokens
+        .iter()
+        .filter_map(|t| match t {
+            brush_parser::Token::Word(word, _) => {
+                Some(word.trim_matches(|c| c == '"' || c == '\''))
+            }
+            brush_parser::Token::Operator(..) => None,
+        })
+        .skip(1)
+        .find_map(|word| {
+            GRANT_BREAKING_FLAGS.iter().copied().find(|flag| {
+                word == *flag
+                    || (flag.starts_with("--")
+                        && word
+                            .strip_prefix(flag)
+                            .is_some_and(|rest| rest.starts_with('=')))
+            })
+        })
+}
+
 /// Words that start a compound command rather than name a program.
 const RESERVED: &[&str] = &[
     "if", "then", "else", "elif", "fi", "for", "while", "until", "do", "done", "case", "esac",
@@ -93,6 +135,9 @@ pub fn simple_scope(command: &str) -> Option<String> {
     }
     let program = *words.first()?;
     if RESERVED.contains(&program) || program.contains('=') {
+        return None;
+    }
+    if grant_breaking_flag(command).is_some() {
         return None;
     }
     let unquote = |w: &str| w.trim_matches(|c| c == '"' || c == '\'').to_owned();
@@ -134,11 +179,14 @@ pub async fn run(
         .filter(|s| *s > 0)
         .map_or(limits.default_timeout, Duration::from_secs)
         .min(limits.max_timeout);
+    // The workspace must still be the directory the session opened; the command starts in
+    // that directory (through its handle), whatever its path names by then.
+    workspace.ensure_in_place().map_err(|e| e.to_string())?;
     let mut command = tokio::process::Command::new("sh");
     command
         .arg("-c")
         .arg(&args.command)
-        .current_dir(workspace.root())
+        .current_dir(workspace.handle_path())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -148,7 +196,7 @@ pub async fn run(
         command.env_remove(name);
     }
     let spawned = match sandbox {
-        Some(sandbox) => sandbox.spawn(command, workspace.root()).await,
+        Some(sandbox) => sandbox.spawn_in(command, workspace).await,
         None => command.spawn(),
     };
     let mut child = spawned.map_err(|e| format!("could not start sh: {e}"))?;
@@ -250,6 +298,30 @@ async fn read_capped(mut reader: impl tokio::io::AsyncRead + Unpin, cap: usize) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn arguments_that_change_what_a_program_does_take_the_grant_scope_away() {
+        assert_eq!(simple_scope("find . -name x").as_deref(), Some("find ."));
+        for risky in [
+            "find . -exec touch pwned \\;",
+            "find . -execdir sh \\;",
+            "find . -delete",
+            "git -c core.fsmonitor=evil status",
+            "git status -C /",
+            "git status --git-dir=/tmp/x",
+            "git status --work-tree /",
+            "git status --exec-path=/tmp",
+            "sort in -o out",
+            "curl --output=/tmp/x url",
+            "python3 -c 'import os'",
+        ] {
+            assert_eq!(simple_scope(risky), None, "{risky:?}");
+            assert!(grant_breaking_flag(risky).is_some(), "{risky:?}");
+        }
+        // The program's own name is not an argument.
+        assert_eq!(grant_breaking_flag("-c"), None);
+        assert_eq!(grant_breaking_flag("ls --outputs"), None);
+    }
 
     #[test]
     fn only_simple_commands_have_a_grant_scope() {

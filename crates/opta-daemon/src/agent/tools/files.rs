@@ -1,19 +1,20 @@
 //! File tools: read, write, edit (one or several replacements), list a directory.
 //!
 //! Writes and edits are prepared first (the new content and a unified diff, for the
-//! permission prompt) and written only once approved. Files are opened without following a
-//! final symlink, so one swapped in after the workspace check is not followed out.
+//! permission prompt) and written only once approved, and only if the file is still as it
+//! was then. Every path goes through the workspace's handle (`agent/workspace`), at the
+//! moment of the operation.
 
 use std::fmt::Write as _;
-use std::io::{ErrorKind, Read as _};
-use std::os::unix::fs::OpenOptionsExt as _;
-use std::path::Path;
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{Change, FileMemory, Prepared};
 use crate::agent::Workspace;
+use crate::agent::workspace::{Stamp, WorkspaceError};
 
 /// Largest file `read_file` returns whole; beyond it, a marker says to use offset/limit.
 pub const READ_CAP_BYTES: usize = 64 * 1024;
@@ -89,38 +90,46 @@ pub struct ListDirArgs {
     pub path: Option<String>,
 }
 
-fn resolve(workspace: &Workspace, path: &str) -> Result<std::path::PathBuf, String> {
-    workspace.resolve(path).map_err(|e| e.to_string())
+/// Largest file read at all; what lies beyond is not read.
+const READ_MAX_BYTES: u64 = 32 * 1024 * 1024;
+
+/// Runs `f` on a blocking thread with a handle of the workspace (file I/O never blocks the
+/// runtime).
+async fn blocking<T: Send + 'static>(
+    workspace: &Workspace,
+    f: impl FnOnce(&Workspace) -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    let ws = workspace.clone();
+    tokio::task::spawn_blocking(move || f(&ws))
+        .await
+        .map_err(|e| format!("file task failed: {e}"))?
 }
 
-/// Reads a regular file inside the workspace, refusing a final symlink (the workspace check
-/// already followed it; one that appeared since is not followed).
-async fn read_text(path: &Path, shown: &str) -> Result<String, String> {
+/// Where `path` is (relative to the workspace; its real path when it exists) and what is
+/// there now.
+async fn locate(workspace: &Workspace, path: &str) -> Result<(PathBuf, Option<Stamp>), String> {
     let path = path.to_owned();
-    let shown = shown.to_owned();
-    tokio::task::spawn_blocking(move || {
-        let mut file = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(nix::libc::O_NOFOLLOW)
-            .open(&path)
-            .map_err(|e| match e.kind() {
-                ErrorKind::NotFound => format!("{shown} does not exist"),
-                _ => format!("{shown}: {e}"),
-            })?;
-        if !file
-            .metadata()
-            .map_err(|e| format!("{shown}: {e}"))?
-            .is_file()
-        {
-            return Err(format!("{shown} is not a regular file"));
-        }
-        let mut bytes = Vec::new();
-        file.read_to_end(&mut bytes)
-            .map_err(|e| format!("{shown}: {e}"))?;
-        String::from_utf8(bytes).map_err(|_| format!("{shown} is not UTF-8 text"))
+    blocking(workspace, move |ws| {
+        let relative = ws.relative(&path).map_err(|e| e.to_string())?;
+        let key = ws.key(&relative).map_err(|e| e.to_string())?;
+        let stamp = ws.stamp(&key).map_err(|e| e.to_string())?;
+        Ok((key, stamp))
     })
     .await
-    .map_err(|e| format!("reading {e}"))?
+}
+
+/// Reads the regular file `key` as text (at most [`READ_MAX_BYTES`]), with its stamp.
+async fn read_text(workspace: &Workspace, key: &Path) -> Result<(String, Stamp, bool), String> {
+    let key = key.to_owned();
+    blocking(workspace, move |ws| {
+        ws.read_text(&key, READ_MAX_BYTES).map_err(|e| match e {
+            WorkspaceError::Io { error, .. } if error.kind() == ErrorKind::NotFound => {
+                format!("{} does not exist", ws.display(&key))
+            }
+            other => other.to_string(),
+        })
+    })
+    .await
 }
 
 /// `read_file`: numbered lines, `offset`/`limit` in lines, capped at [`READ_CAP_BYTES`].
@@ -129,20 +138,21 @@ pub async fn read_file(
     memory: &mut FileMemory,
     args: ReadFileArgs,
 ) -> Result<String, String> {
-    let path = resolve(workspace, &args.path)?;
-    let shown = workspace.display(&path);
-    let key = format!(
+    let (key, stamp) = locate(workspace, &args.path).await?;
+    let cache_key = format!(
         "read_file\0{}\0{:?}\0{:?}",
-        path.display(),
+        key.display(),
         args.offset,
         args.limit
     );
-    if let Some(hit) = memory.cached(&key) {
-        memory.saw(&path);
+    if let Some(now) = stamp
+        && let Some(hit) = memory.cached(&cache_key, now)
+    {
+        memory.saw(&key, now);
         return Ok(hit);
     }
-    let text = read_text(&path, &shown).await?;
-    memory.saw(&path);
+    let (text, stamp, cut) = read_text(workspace, &key).await?;
+    memory.saw(&key, stamp);
     let total = text.lines().count();
     let first = args.offset.unwrap_or(1).max(1);
     let limit = args.limit.unwrap_or(DEFAULT_LINES).max(1);
@@ -170,7 +180,14 @@ pub async fn read_file(
             last + 1
         );
     }
-    memory.remember(key, &path, &out);
+    if cut {
+        let _ = writeln!(
+            out,
+            "[… the file is larger than {} MiB; only its beginning was read …]",
+            READ_MAX_BYTES >> 20
+        );
+    }
+    memory.remember(cache_key, stamp, &out);
     Ok(out)
 }
 
@@ -180,29 +197,32 @@ pub async fn prepare_write(
     memory: &FileMemory,
     args: WriteFileArgs,
 ) -> Prepared {
-    let path = match resolve(workspace, &args.path) {
-        Ok(p) => p,
+    let (key, stamp) = match locate(workspace, &args.path).await {
+        Ok(found) => found,
         Err(e) => return Prepared::Finished(Err(e)),
     };
-    let shown = workspace.display(&path);
-    if path.is_dir() {
+    let shown = workspace.display(&key);
+    if key.as_os_str().is_empty() || workspace.is_dir(&key) {
         return Prepared::Finished(Err(format!("{shown} is a directory")));
     }
-    if let Some(why) = memory.stale(&path, &shown) {
+    if let Some(why) = memory.stale(&key, stamp, &shown) {
         return Prepared::Finished(Err(why));
     }
-    let old = match read_text(&path, &shown).await {
-        Ok(old) => old,
-        Err(_) if !path.exists() => String::new(),
-        Err(e) => return Prepared::Finished(Err(e)),
+    let (old, stamp) = match stamp {
+        None => (String::new(), None),
+        Some(_) => match read_text(workspace, &key).await {
+            Ok((old, now, _)) => (old, Some(now)),
+            Err(e) => return Prepared::Finished(Err(e)),
+        },
     };
     Prepared::Change {
         summary: format!("write {} bytes to {shown}", args.content.len()),
         diff: Some(unified_diff(&shown, &old, &args.content)),
         grant_scope: None,
         change: Change::Write {
-            path,
+            path: key,
             content: args.content,
+            expected: stamp,
         },
     }
 }
@@ -215,21 +235,27 @@ pub async fn prepare_edits(
     path: &str,
     edits: Vec<Edit>,
 ) -> Prepared {
-    let path = match resolve(workspace, path) {
-        Ok(p) => p,
+    let (key, stamp) = match locate(workspace, path).await {
+        Ok(found) => found,
         Err(e) => return Prepared::Finished(Err(e)),
     };
-    let shown = workspace.display(&path);
-    if !path.exists() {
+    let shown = workspace.display(&key);
+    if stamp.is_none() {
         return Prepared::Finished(Err(format!(
             "{shown} does not exist; create it with write_file"
         )));
     }
-    if let Some(why) = memory.stale(&path, &shown) {
+    if let Some(why) = memory.stale(&key, stamp, &shown) {
         return Prepared::Finished(Err(why));
     }
-    let old = match read_text(&path, &shown).await {
-        Ok(old) => old,
+    let (old, stamp) = match read_text(workspace, &key).await {
+        Ok((old, now, false)) => (old, now),
+        Ok((_, _, true)) => {
+            return Prepared::Finished(Err(format!(
+                "{shown} is larger than {} MiB; it cannot be edited",
+                READ_MAX_BYTES >> 20
+            )));
+        }
         Err(e) => return Prepared::Finished(Err(e)),
     };
     if edits.is_empty() {
@@ -259,7 +285,11 @@ pub async fn prepare_edits(
         ),
         diff: Some(unified_diff(&shown, &old, &new)),
         grant_scope: None,
-        change: Change::Write { path, content: new },
+        change: Change::Write {
+            path: key,
+            content: new,
+            expected: Some(stamp),
+        },
     }
 }
 
@@ -341,58 +371,47 @@ pub fn unified_diff(name: &str, old: &str, new: &str) -> String {
         .to_string()
 }
 
-/// Writes `content` to `path`: parents created, through a temporary file renamed into place
-/// (a crash leaves the old or the new file, never half of one; a symlink at `path` is
-/// replaced, not followed).
-pub async fn write(path: &Path, content: &str) -> Result<(), String> {
-    let path = path.to_owned();
+/// Writes `content` to `key` (relative to the workspace) atomically, if the file is still as
+/// it was when the change was prepared (`expected`); answers its stamp after the write.
+pub async fn write(
+    workspace: &Workspace,
+    key: &Path,
+    content: &str,
+    expected: Option<Stamp>,
+) -> Result<Option<Stamp>, String> {
+    let key = key.to_owned();
     let content = content.to_owned();
-    tokio::task::spawn_blocking(move || {
-        let fail = |e: std::io::Error| format!("writing {}: {e}", path.display());
-        let parent = path
-            .parent()
-            .ok_or_else(|| "no parent directory".to_owned())?;
-        std::fs::create_dir_all(parent).map_err(fail)?;
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-        let temp = parent.join(format!(
-            ".{}.opta-{}",
-            name.unwrap_or_default(),
-            std::process::id()
-        ));
-        let permissions = std::fs::metadata(&path).ok().map(|m| m.permissions());
-        std::fs::write(&temp, content.as_bytes()).map_err(fail)?;
-        if let Some(p) = permissions {
-            let _ = std::fs::set_permissions(&temp, p);
-        }
-        std::fs::rename(&temp, &path).map_err(|e| {
-            let _ = std::fs::remove_file(&temp);
-            fail(e)
-        })
+    blocking(workspace, move |ws| {
+        ws.write_atomic(&key, content.as_bytes(), Some(expected))
+            .map_err(|e| e.to_string())?;
+        Ok(ws.stamp(&key).ok().flatten())
     })
     .await
-    .map_err(|e| format!("writing: {e}"))?
 }
 
 /// `list_dir`: entries sorted, directories with a trailing `/`.
 pub async fn list_dir(workspace: &Workspace, args: ListDirArgs) -> Result<String, String> {
-    let path = resolve(workspace, args.path.as_deref().unwrap_or("."))?;
-    let shown = workspace.display(&path);
-    let mut entries = tokio::fs::read_dir(&path)
-        .await
-        .map_err(|e| format!("{shown}: {e}"))?;
-    let mut names = Vec::new();
-    while let Some(entry) = entries.next_entry().await.map_err(|e| e.to_string())? {
-        let mut name = entry.file_name().to_string_lossy().into_owned();
-        if entry.file_type().await.is_ok_and(|t| t.is_dir()) {
-            name.push('/');
+    let path = args.path.unwrap_or_else(|| ".".to_owned());
+    blocking(workspace, move |ws| {
+        let relative = ws.relative(&path).map_err(|e| e.to_string())?;
+        let shown = ws.display(&relative);
+        let dir = ws.open_dir(&relative).map_err(|e| e.to_string())?;
+        let mut names = Vec::new();
+        for entry in dir.entries().map_err(|e| format!("{shown}: {e}"))? {
+            let entry = entry.map_err(|e| format!("{shown}: {e}"))?;
+            let mut name = entry.file_name().to_string_lossy().into_owned();
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                name.push('/');
+            }
+            names.push(name);
         }
-        names.push(name);
-    }
-    names.sort();
-    if names.is_empty() {
-        return Ok(format!("{shown} is empty"));
-    }
-    Ok(names.join("\n"))
+        names.sort();
+        if names.is_empty() {
+            return Ok(format!("{shown} is empty"));
+        }
+        Ok(names.join("\n"))
+    })
+    .await
 }
 
 #[cfg(test)]

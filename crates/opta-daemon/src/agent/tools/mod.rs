@@ -10,13 +10,14 @@ pub mod search;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use schemars::JsonSchema;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 use super::Workspace;
+use super::workspace::Stamp;
 
 /// What a tool does, which decides whether it asks first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -169,19 +170,19 @@ pub fn names() -> String {
     TOOLS.iter().map(|t| t.name).collect::<Vec<_>>().join(", ")
 }
 
-/// What the session remembers between tool calls: which files the model has read (and
-/// their modification time then), so a write of a file it has not seen is refused, and a
-/// short-lived cache of read results.
+/// What the session remembers between tool calls: which files the model has read (and what
+/// they were then), so a write of a file it has not seen, or that changed since, is refused,
+/// and a short-lived cache of read results. Files are keyed by their real path relative to
+/// the workspace.
 #[derive(Debug, Default)]
 pub struct FileMemory {
-    read: HashMap<PathBuf, Option<SystemTime>>,
+    read: HashMap<PathBuf, Stamp>,
     cache: HashMap<String, CachedRead>,
 }
 
 #[derive(Debug)]
 struct CachedRead {
-    path: PathBuf,
-    modified: Option<SystemTime>,
+    stamp: Stamp,
     at: std::time::Instant,
     output: String,
 }
@@ -192,20 +193,20 @@ const CACHE_ENTRIES: usize = 200;
 const CACHE_TTL: Duration = Duration::from_secs(30);
 
 impl FileMemory {
-    /// Notes that the model has seen `path` as it is now.
-    pub fn saw(&mut self, path: &std::path::Path) {
-        self.read.insert(path.to_owned(), modified(path));
+    /// Notes that the model has seen `key` as `stamp` says.
+    pub fn saw(&mut self, key: &std::path::Path, stamp: Stamp) {
+        self.read.insert(key.to_owned(), stamp);
     }
 
-    /// Why a write to existing `path` must wait for a read, if it must.
-    pub fn stale(&self, path: &std::path::Path, shown: &str) -> Option<String> {
-        let now = modified(path)?;
-        match self.read.get(path) {
+    /// Why a write to `key`, now as `now` says (`None`: absent), must wait for a read.
+    pub fn stale(&self, key: &std::path::Path, now: Option<Stamp>, shown: &str) -> Option<String> {
+        let now = now?;
+        match self.read.get(key) {
             None => Some(format!(
                 "{shown} exists and you have not read it in this session: read it with \
                  read_file first, then write or edit it"
             )),
-            Some(seen) if *seen != Some(now) => Some(format!(
+            Some(seen) if *seen != now => Some(format!(
                 "{shown} changed on disk since you read it: read it again with read_file \
                  first, then write or edit it"
             )),
@@ -213,15 +214,14 @@ impl FileMemory {
         }
     }
 
-    /// A cached result for `key` that is still valid.
-    pub fn cached(&self, key: &str) -> Option<String> {
+    /// A cached result for `key` that is still valid for a file now as `now` says.
+    pub fn cached(&self, key: &str, now: Stamp) -> Option<String> {
         let hit = self.cache.get(key)?;
-        (hit.at.elapsed() < CACHE_TTL && modified(&hit.path) == hit.modified)
-            .then(|| hit.output.clone())
+        (hit.at.elapsed() < CACHE_TTL && hit.stamp == now).then(|| hit.output.clone())
     }
 
-    /// Keeps a read result of `path` under `key`.
-    pub fn remember(&mut self, key: String, path: &std::path::Path, output: &str) {
+    /// Keeps a read result of a file as `stamp` says under `key`.
+    pub fn remember(&mut self, key: String, stamp: Stamp, output: &str) {
         if self.cache.len() >= CACHE_ENTRIES {
             // Stale entries first; else the oldest goes.
             self.cache.retain(|_, c| c.at.elapsed() < CACHE_TTL);
@@ -238,8 +238,7 @@ impl FileMemory {
         self.cache.insert(
             key,
             CachedRead {
-                path: path.to_owned(),
-                modified: modified(path),
+                stamp,
                 at: std::time::Instant::now(),
                 output: output.to_owned(),
             },
@@ -252,19 +251,18 @@ impl FileMemory {
     }
 }
 
-fn modified(path: &std::path::Path) -> Option<SystemTime> {
-    std::fs::metadata(path).and_then(|m| m.modified()).ok()
-}
-
 /// A change a tool wants to make, prepared (validated, diffed) but not yet done.
 #[derive(Debug, Clone)]
 pub enum Change {
     /// Write `content` to `path` (created with its parent directories when missing).
     Write {
-        /// Where.
+        /// Where, relative to the workspace.
         path: PathBuf,
         /// The whole new content.
         content: String,
+        /// What the file was when the change was prepared (`None`: absent); a file no longer
+        /// so is not written.
+        expected: Option<Stamp>,
     },
     /// Run a shell command.
     Command(command::RunCommandArgs),
@@ -272,6 +270,36 @@ pub enum Change {
     BackgroundStart(background::BgStartArgs),
     /// Stop a background process.
     BackgroundKill(background::BgKillArgs),
+}
+
+impl Change {
+    /// Why this change is asked about every time, even where the mode or a grant would let
+    /// it run: a write to git's configuration, hooks or info (they run programs at the next
+    /// `git` command), or a command with an argument that makes its program do more than a
+    /// grant for it covers.
+    pub fn always_ask(&self) -> Option<String> {
+        match self {
+            Change::Write { path, .. } => {
+                let mut parts = path.components().map(|c| c.as_os_str());
+                let git = parts.next().is_some_and(|p| p == ".git");
+                let inner = parts.next().and_then(|p| p.to_str());
+                (git && matches!(inner, Some("config" | "hooks" | "info"))).then(|| {
+                    "it changes git's configuration or hooks, which run programs at the next \
+                     git command"
+                        .to_owned()
+                })
+            }
+            Change::Command(args) => command::grant_breaking_flag(&args.command).map(|flag| {
+                format!("{flag} can make the program run or write other things than a grant for it covers")
+            }),
+            Change::BackgroundStart(args) => {
+                command::grant_breaking_flag(&args.command).map(|flag| {
+                    format!("{flag} can make the program run or write other things than a grant for it covers")
+                })
+            }
+            Change::BackgroundKill(_) => None,
+        }
+    }
 }
 
 /// What a tool call works with.
@@ -405,11 +433,17 @@ pub async fn apply(
     env.memory.clear_cache();
     let workspace = env.workspace;
     match change {
-        Change::Write { path, content } => {
+        Change::Write {
+            path,
+            content,
+            expected,
+        } => {
             let shown = workspace.display(&path);
-            let result = files::write(&path, &content).await;
-            env.memory.saw(&path);
-            result.map(|()| format!("wrote {} bytes to {shown}", content.len()))
+            let stamp = files::write(workspace, &path, &content, expected).await?;
+            if let Some(stamp) = stamp {
+                env.memory.saw(&path, stamp);
+            }
+            Ok(format!("wrote {} bytes to {shown}", content.len()))
         }
         Change::Command(args) => match (&env.background, args.background_after_secs) {
             (Some(bg), Some(after)) => {

@@ -1,5 +1,6 @@
-//! Search tools: files by glob, contents by regex. Both walk with ripgrep's `ignore` crate
-//! (`.gitignore`, `.ignore` and hidden files respected, symlinks never followed), so nothing
+//! Search tools: files by glob, contents by regex. Both walk the workspace through its
+//! handle (`agent/workspace/walk.rs`: `.gitignore`, `.ignore` and hidden files respected,
+//! symlinks never followed, every file opened beneath its directory's handle), so nothing
 //! outside the workspace is reached.
 
 use std::fmt::Write as _;
@@ -10,6 +11,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::agent::Workspace;
+use crate::agent::workspace::Walk;
 
 /// Paths `find_files` lists at most.
 const MAX_FILES: usize = 200;
@@ -49,33 +51,6 @@ pub struct SearchFilesArgs {
     pub case_insensitive: bool,
 }
 
-/// Regular files under `root` that the ignore rules let through, as (absolute, relative).
-fn walk(
-    workspace: &Workspace,
-    root: &std::path::Path,
-) -> impl Iterator<Item = (std::path::PathBuf, String)> {
-    let base = root.to_owned();
-    let ws = workspace.clone();
-    ignore::WalkBuilder::new(root)
-        .follow_links(false)
-        .require_git(false)
-        .sort_by_file_path(|a, b| a.cmp(b))
-        .build()
-        .filter_map(Result::ok)
-        // A symlink is never followed, even to a file inside: its target is checked by
-        // nothing here.
-        .filter(|e| e.file_type().is_some_and(|t| t.is_file()))
-        .filter(move |e| e.path().starts_with(ws.root()))
-        .map(move |e| {
-            let relative = e
-                .path()
-                .strip_prefix(&base)
-                .map(|p| p.display().to_string())
-                .unwrap_or_default();
-            (e.into_path(), relative)
-        })
-}
-
 fn glob(pattern: &str) -> Result<globset::GlobMatcher, String> {
     globset::GlobBuilder::new(pattern)
         .literal_separator(false)
@@ -86,26 +61,32 @@ fn glob(pattern: &str) -> Result<globset::GlobMatcher, String> {
 
 /// `find_files`: workspace-relative paths matching the glob, sorted.
 pub async fn find_files(workspace: &Workspace, args: FindFilesArgs) -> Result<String, String> {
-    let root = workspace
-        .resolve(args.path.as_deref().unwrap_or("."))
-        .map_err(|e| e.to_string())?;
     let matcher = glob(&args.pattern)?;
     let ws = workspace.clone();
     tokio::task::spawn_blocking(move || {
+        let start = ws
+            .relative(args.path.as_deref().unwrap_or("."))
+            .map_err(|e| e.to_string())?;
+        let name_only = !args.pattern.contains('/');
         let mut found = Vec::new();
         let mut more = false;
-        for (path, relative) in walk(&ws, &root) {
-            let name_only = !args.pattern.contains('/');
-            let hit = matcher.is_match(&relative)
-                || (name_only && path.file_name().is_some_and(|n| matcher.is_match(n)));
-            if hit {
-                if found.len() == MAX_FILES {
-                    more = true;
-                    break;
+        Walk::new(&ws)
+            .files(&start, |entry| {
+                let below = entry
+                    .relative
+                    .strip_prefix(&start)
+                    .unwrap_or(entry.relative);
+                let hit = matcher.is_match(below) || (name_only && matcher.is_match(entry.name));
+                if hit {
+                    if found.len() == MAX_FILES {
+                        more = true;
+                        return false;
+                    }
+                    found.push(ws.display(entry.relative));
                 }
-                found.push(ws.display(&path));
-            }
-        }
+                true
+            })
+            .map_err(|e| e.to_string())?;
         if found.is_empty() {
             return Ok(format!("no file matches {:?}", args.pattern));
         }
@@ -122,11 +103,50 @@ pub async fn find_files(workspace: &Workspace, args: FindFilesArgs) -> Result<St
     .map_err(|e| format!("find_files failed: {e}"))?
 }
 
+/// Appends the matching lines of `file` (shown as `shown`) to `out`; false once the cap is
+/// reached.
+fn search_one(
+    searcher: &mut grep_searcher::Searcher,
+    matcher: &grep_regex::RegexMatcher,
+    file: &std::fs::File,
+    shown: &str,
+    out: &mut String,
+    count: &mut usize,
+) -> bool {
+    let mut lines = Vec::new();
+    let already = *count;
+    let _ = searcher.search_file(
+        matcher,
+        file,
+        UTF8(|number, line| {
+            lines.push((number, line.trim_end().to_owned()));
+            Ok(lines.len() + already < MAX_MATCHES + 1)
+        }),
+    );
+    for (number, mut line) in lines {
+        if *count == MAX_MATCHES {
+            let _ = writeln!(
+                out,
+                "[… more than {MAX_MATCHES} matches; narrow the search …]"
+            );
+            return false;
+        }
+        if line.len() > MAX_LINE {
+            let mut end = MAX_LINE;
+            while !line.is_char_boundary(end) {
+                end -= 1;
+            }
+            line.truncate(end);
+            line.push('…');
+        }
+        let _ = writeln!(out, "{shown}:{number}: {line}");
+        *count += 1;
+    }
+    true
+}
+
 /// `search_files`: `path:line: text` for each matching line, in path order.
 pub async fn search_files(workspace: &Workspace, args: SearchFilesArgs) -> Result<String, String> {
-    let root = workspace
-        .resolve(args.path.as_deref().unwrap_or("."))
-        .map_err(|e| e.to_string())?;
     let matcher = RegexMatcherBuilder::new()
         .case_insensitive(args.case_insensitive)
         .build(&args.pattern)
@@ -134,53 +154,39 @@ pub async fn search_files(workspace: &Workspace, args: SearchFilesArgs) -> Resul
     let filter = args.glob.as_deref().map(glob).transpose()?;
     let ws = workspace.clone();
     tokio::task::spawn_blocking(move || {
+        let start = ws
+            .relative(args.path.as_deref().unwrap_or("."))
+            .map_err(|e| e.to_string())?;
         let mut searcher = SearcherBuilder::new()
             .binary_detection(BinaryDetection::quit(0))
             .line_number(true)
             .build();
         let mut out = String::new();
         let mut count = 0usize;
-        let files: Vec<_> = if root.is_file() {
-            vec![(root.clone(), String::new())]
+        if !ws.is_dir(&start) {
+            let (file, _) = ws.open_file(&start).map_err(|e| e.to_string())?;
+            let shown = ws.display(&start);
+            search_one(&mut searcher, &matcher, &file, &shown, &mut out, &mut count);
         } else {
-            walk(&ws, &root).collect()
-        };
-        'files: for (path, relative) in files {
-            if let Some(filter) = &filter
-                && !filter.is_match(&relative)
-                && !path.file_name().is_some_and(|n| filter.is_match(n))
-            {
-                continue;
-            }
-            let shown = ws.display(&path);
-            let mut lines = Vec::new();
-            let _ = searcher.search_path(
-                &matcher,
-                &path,
-                UTF8(|number, line| {
-                    lines.push((number, line.trim_end().to_owned()));
-                    Ok(lines.len() + count < MAX_MATCHES + 1)
-                }),
-            );
-            for (number, mut line) in lines {
-                if count == MAX_MATCHES {
-                    let _ = writeln!(
-                        out,
-                        "[… more than {MAX_MATCHES} matches; narrow the search …]"
-                    );
-                    break 'files;
-                }
-                if line.len() > MAX_LINE {
-                    let mut end = MAX_LINE;
-                    while !line.is_char_boundary(end) {
-                        end -= 1;
+            Walk::new(&ws)
+                .files(&start, |entry| {
+                    let below = entry
+                        .relative
+                        .strip_prefix(&start)
+                        .unwrap_or(entry.relative);
+                    if let Some(filter) = &filter
+                        && !filter.is_match(below)
+                        && !filter.is_match(entry.name)
+                    {
+                        return true;
                     }
-                    line.truncate(end);
-                    line.push('…');
-                }
-                let _ = writeln!(out, "{shown}:{number}: {line}");
-                count += 1;
-            }
+                    let Some(file) = entry.open() else {
+                        return true;
+                    };
+                    let shown = ws.display(entry.relative);
+                    search_one(&mut searcher, &matcher, &file, &shown, &mut out, &mut count)
+                })
+                .map_err(|e| e.to_string())?;
         }
         if count == 0 {
             return Ok(format!("no match for {:?}", args.pattern));
