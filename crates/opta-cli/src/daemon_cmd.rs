@@ -21,7 +21,13 @@ use crate::daemon_ctl::{self, DaemonArgs, Started};
 #[derive(Subcommand)]
 pub enum DaemonAction {
     /// Serve in the foreground until SIGINT/SIGTERM.
-    Run,
+    Run {
+        /// Read the token from the first line of stdin (how `daemon start` and the daemon's
+        /// own re-execution pass it: never on a command line or in the environment, where
+        /// any local process could read it from /proc).
+        #[arg(long, hide = true)]
+        token_stdin: bool,
+    },
     /// Start in the background (if not running) and wait until it answers.
     Start,
     /// Stop gracefully and wait until it exited.
@@ -47,8 +53,14 @@ pub enum DaemonAction {
 
 pub async fn run(action: DaemonAction, home: &Path, args: &DaemonArgs) -> Result<ExitCode> {
     match action {
-        DaemonAction::Run => {
-            run_foreground(home, args).await?;
+        DaemonAction::Run { token_stdin } => {
+            let mut args = args.clone();
+            if token_stdin {
+                args.token = Some(token_from_stdin()?);
+            } else if let Some(token) = token_in_sight(&args) {
+                reexec_without_token(&token)?;
+            }
+            run_foreground(home, &args).await?;
             Ok(ExitCode::SUCCESS)
         }
         DaemonAction::Start => {
@@ -273,6 +285,71 @@ fn agent_config(args: &DaemonArgs) -> Result<opta_daemon::agent::AgentConfig> {
             .context("--sandbox-write")?,
         allow_any_workspace: args.allow_any_workspace,
     })
+}
+
+/// The first line of stdin: the token `daemon start` (or the re-execution) piped in.
+fn token_from_stdin() -> Result<String> {
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .context("reading the token from stdin (--token-stdin)")?;
+    let token = line.trim().to_owned();
+    if token.is_empty() {
+        anyhow::bail!("--token-stdin: stdin held no token");
+    }
+    Ok(token)
+}
+
+/// The token, when it was given where other local processes can read it: `OPTA_TOKEN` in
+/// this process's environment (`/proc/PID/environ`) or `--token` on its command line
+/// (`/proc/PID/cmdline`).
+fn token_in_sight(args: &DaemonArgs) -> Option<String> {
+    let on_command_line =
+        std::env::args_os().any(|a| a == "--token" || a.to_string_lossy().starts_with("--token="));
+    let in_environment = std::env::var_os("OPTA_TOKEN").is_some();
+    (on_command_line || in_environment)
+        .then(|| args.token.clone())
+        .flatten()
+}
+
+/// Replaces this process with itself, minus `OPTA_TOKEN` and `--token`, the token piped to
+/// its stdin (`--token-stdin`). Removing the variable at run time would not change
+/// `/proc/PID/environ`; a new image does. Returns only on failure.
+fn reexec_without_token(token: &str) -> Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::process::CommandExt as _;
+    let exe = std::env::current_exe().context("locating the opta binary")?;
+    let mut argv = std::env::args_os().skip(1);
+    let mut kept = Vec::new();
+    while let Some(arg) = argv.next() {
+        if arg == "--token" {
+            argv.next();
+            continue;
+        }
+        if arg.to_string_lossy().starts_with("--token=") {
+            continue;
+        }
+        kept.push(arg);
+    }
+    let Some(run) = kept
+        .windows(2)
+        .position(|w| w[0] == "daemon" && w[1] == "run")
+    else {
+        anyhow::bail!("cannot re-run the daemon without its token in sight: no `daemon run`");
+    };
+    kept.insert(run + 2, "--token-stdin".into());
+    let (reader, mut writer) = std::io::pipe().context("a pipe for the token")?;
+    // A token is far smaller than a pipe's buffer: the write cannot block.
+    writeln!(writer, "{token}").context("writing the token to the pipe")?;
+    drop(writer);
+    let error = std::process::Command::new(exe)
+        .args(kept)
+        .env_remove("OPTA_TOKEN")
+        .stdin(reader)
+        .exec();
+    Err(anyhow::anyhow!(
+        "re-running the daemon without its token in sight: {error}"
+    ))
 }
 
 /// Log lines queued for the log file's writer thread (more are dropped, never blocking).

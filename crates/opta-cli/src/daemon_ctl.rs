@@ -168,7 +168,7 @@ pub struct DaemonArgs {
 
 impl DaemonArgs {
     /// The same flags as command-line arguments for `opta daemon run` (the token goes through
-    /// the environment so it never shows in `ps`).
+    /// a pipe to its stdin, so it shows neither in `ps` nor in `/proc/PID/environ`).
     fn to_run_args(&self) -> Vec<String> {
         let mut args = vec![
             "--host".into(),
@@ -306,18 +306,26 @@ pub async fn start(home: &Path, args: &DaemonArgs) -> Result<Started> {
     let mut command = Command::new(exe);
     command
         .args(["daemon", "run"])
+        .args(args.token.is_some().then_some("--token-stdin"))
         .args(args.to_run_args())
         .env("OPTA_HOME", home)
-        .stdin(Stdio::null())
+        // The token goes through a pipe, never the environment or the command line, which
+        // any local process can read in /proc.
+        .env_remove("OPTA_TOKEN")
+        .stdin(if args.token.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::null())
         .stderr(Stdio::from(err_file))
         // Its own process group: a Ctrl-C in this terminal must not reach the daemon.
         .process_group(0);
-    match &args.token {
-        Some(token) => command.env("OPTA_TOKEN", token),
-        None => command.env_remove("OPTA_TOKEN"),
-    };
     let mut child = command.spawn().context("spawning the daemon")?;
+    if let (Some(token), Some(mut stdin)) = (&args.token, child.stdin.take()) {
+        use std::io::Write as _;
+        writeln!(stdin, "{token}").context("passing the token to the daemon")?;
+    }
     let deadline = Instant::now() + WAIT;
     loop {
         if let Some(r) = running(home).await

@@ -393,3 +393,77 @@ async fn a_stalled_client_delays_sigterm_by_the_grace_period_and_a_second_signal
         assert!(!state_file(home.path()).exists());
     }
 }
+
+/// Whether `/proc/PID/environ` or `/proc/PID/cmdline` holds `secret`.
+fn proc_shows(pid: u64, secret: &str) -> bool {
+    ["environ", "cmdline"].iter().any(|file| {
+        std::fs::read(format!("/proc/{pid}/{file}"))
+            .map(|bytes| String::from_utf8_lossy(&bytes).contains(secret))
+            .unwrap_or(false)
+    })
+}
+
+#[tokio::test]
+async fn a_token_given_in_the_environment_or_on_the_command_line_never_stays_in_proc() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    for on_command_line in [false, true] {
+        let home = tempfile::tempdir().unwrap();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_opta"));
+        command
+            .args(["daemon", "run", "--port", "0", "--lmx-url", &lmx.url()])
+            .env("OPTA_HOME", home.path())
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if on_command_line {
+            command.args(["--token", TOKEN]).env_remove("OPTA_TOKEN");
+        } else {
+            command.env("OPTA_TOKEN", TOKEN);
+        }
+        let mut child = command.spawn().unwrap();
+        let state = wait_ready(home.path(), &mut child).await;
+        // The same process, re-executed without it: the token still authenticates.
+        assert!(
+            !proc_shows(u64::from(child.id()), TOKEN),
+            "command line: {on_command_line}"
+        );
+        let (status, _) = call(
+            state["port"].as_u64().unwrap(),
+            reqwest::Method::GET,
+            "/v3/sessions",
+            None,
+        )
+        .await;
+        assert_eq!(status, 200);
+        signal(&child, "TERM");
+        wait_exit(&mut child);
+    }
+}
+
+#[tokio::test]
+async fn daemon_start_passes_its_token_through_a_pipe() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let started = Command::new(env!("CARGO_BIN_EXE_opta"))
+        .args(["daemon", "start", "--port", "0", "--lmx-url", &lmx.url()])
+        .env("OPTA_HOME", home.path())
+        .env("OPTA_TOKEN", TOKEN)
+        .output()
+        .unwrap();
+    assert!(
+        started.status.success(),
+        "{}",
+        String::from_utf8_lossy(&started.stderr)
+    );
+    let state: Value =
+        serde_json::from_slice(&std::fs::read(state_file(home.path())).unwrap()).unwrap();
+    let pid = state["pid"].as_u64().unwrap();
+    assert!(!proc_shows(pid, TOKEN));
+    assert_eq!(state["token"], TOKEN);
+    let stopped = Command::new(env!("CARGO_BIN_EXE_opta"))
+        .args(["daemon", "stop"])
+        .env("OPTA_HOME", home.path())
+        .output()
+        .unwrap();
+    assert!(stopped.status.success());
+}
