@@ -105,31 +105,57 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| format!("file task failed: {e}"))?
 }
 
-/// Where `path` is (relative to the workspace; its real path when it exists) and what is
-/// there now.
-async fn locate(workspace: &Workspace, path: &str) -> Result<(PathBuf, Option<Stamp>), String> {
+/// What a path names now: its key (its real path relative to the workspace when it
+/// exists; files are remembered by it) and, when a regular file is there, that file opened,
+/// with its stamp. Resolved once, on a blocking thread.
+async fn find(
+    workspace: &Workspace,
+    path: &str,
+) -> Result<(PathBuf, Option<(std::fs::File, Stamp)>), String> {
     let path = path.to_owned();
     blocking(workspace, move |ws| {
         let relative = ws.relative(&path).map_err(|e| e.to_string())?;
         let key = ws.key(&relative).map_err(|e| e.to_string())?;
-        let stamp = ws.stamp(&key).map_err(|e| e.to_string())?;
-        Ok((key, stamp))
+        if key.as_os_str().is_empty() {
+            return Err(WorkspaceError::Directory(ws.display(&key)).to_string());
+        }
+        match ws.open_file(&key) {
+            Ok(found) => Ok((key, Some(found))),
+            Err(WorkspaceError::Io { error, .. }) if error.kind() == ErrorKind::NotFound => {
+                Ok((key, None))
+            }
+            Err(e) => Err(e.to_string()),
+        }
     })
     .await
 }
 
-/// Reads the regular file `key` as text (at most [`READ_MAX_BYTES`]), with its stamp.
-async fn read_text(workspace: &Workspace, key: &Path) -> Result<(String, Stamp, bool), String> {
+/// Reads a file [`find`] opened (at most [`READ_MAX_BYTES`]) as text, and whether it was cut.
+async fn read_open(
+    workspace: &Workspace,
+    key: &Path,
+    file: std::fs::File,
+) -> Result<(String, bool), String> {
     let key = key.to_owned();
     blocking(workspace, move |ws| {
-        ws.read_text(&key, READ_MAX_BYTES).map_err(|e| match e {
-            WorkspaceError::Io { error, .. } if error.kind() == ErrorKind::NotFound => {
-                format!("{} does not exist", ws.display(&key))
-            }
-            other => other.to_string(),
-        })
+        ws.read_open(file, &key, READ_MAX_BYTES)
+            .map_err(|e| e.to_string())
     })
     .await
+}
+
+/// What is at `path` now, read: its key and, for an existing file, its text, its stamp and
+/// whether the text was cut.
+async fn load(
+    workspace: &Workspace,
+    path: &str,
+) -> Result<(PathBuf, Option<(String, Stamp, bool)>), String> {
+    let (key, found) = find(workspace, path).await?;
+    let Some((file, stamp)) = found else {
+        return Ok((key, None));
+    };
+    let (text, cut) = read_open(workspace, &key, file).await?;
+    Ok((key, Some((text, stamp, cut))))
 }
 
 /// `read_file`: numbered lines, `offset`/`limit` in lines, capped at [`READ_CAP_BYTES`].
@@ -138,21 +164,21 @@ pub async fn read_file(
     memory: &mut FileMemory,
     args: ReadFileArgs,
 ) -> Result<String, String> {
-    let (key, stamp) = locate(workspace, &args.path).await?;
+    let (key, found) = find(workspace, &args.path).await?;
+    let Some((file, stamp)) = found else {
+        return Err(format!("{} does not exist", workspace.display(&key)));
+    };
     let cache_key = format!(
         "read_file\0{}\0{:?}\0{:?}",
         key.display(),
         args.offset,
         args.limit
     );
-    if let Some(now) = stamp
-        && let Some(hit) = memory.cached(&cache_key, now)
-    {
-        memory.saw(&key, now);
+    memory.saw(&key, stamp);
+    if let Some(hit) = memory.cached(&cache_key, stamp) {
         return Ok(hit);
     }
-    let (text, stamp, cut) = read_text(workspace, &key).await?;
-    memory.saw(&key, stamp);
+    let (text, cut) = read_open(workspace, &key, file).await?;
     let total = text.lines().count();
     let first = args.offset.unwrap_or(1).max(1);
     let limit = args.limit.unwrap_or(DEFAULT_LINES).max(1);
@@ -197,23 +223,19 @@ pub async fn prepare_write(
     memory: &FileMemory,
     args: WriteFileArgs,
 ) -> Prepared {
-    let (key, stamp) = match locate(workspace, &args.path).await {
+    let (key, found) = match load(workspace, &args.path).await {
         Ok(found) => found,
         Err(e) => return Prepared::Finished(Err(e)),
     };
     let shown = workspace.display(&key);
-    if key.as_os_str().is_empty() || workspace.is_dir(&key) {
-        return Prepared::Finished(Err(format!("{shown} is a directory")));
-    }
+    let stamp = found.as_ref().map(|(_, stamp, _)| *stamp);
     if let Some(why) = memory.stale(&key, stamp, &shown) {
         return Prepared::Finished(Err(why));
     }
-    let (old, stamp) = match stamp {
-        None => (String::new(), None),
-        Some(_) => match read_text(workspace, &key).await {
-            Ok((old, now, _)) => (old, Some(now)),
-            Err(e) => return Prepared::Finished(Err(e)),
-        },
+    let old = match found {
+        None => String::new(),
+        Some((old, _, false)) => old,
+        Some((_, _, true)) => return Prepared::Finished(Err(too_large(&shown))),
     };
     Prepared::Change {
         summary: format!("write {} bytes to {shown}", args.content.len()),
@@ -227,6 +249,14 @@ pub async fn prepare_write(
     }
 }
 
+/// Why a file too large to read whole cannot be changed by the file tools.
+fn too_large(shown: &str) -> String {
+    format!(
+        "{shown} is larger than {} MiB; it cannot be written or edited with the file tools",
+        READ_MAX_BYTES >> 20
+    )
+}
+
 /// `edit_file` / `multi_edit`, prepared: every edit applied in memory (all must apply), the
 /// diff of the result.
 pub async fn prepare_edits(
@@ -235,29 +265,22 @@ pub async fn prepare_edits(
     path: &str,
     edits: Vec<Edit>,
 ) -> Prepared {
-    let (key, stamp) = match locate(workspace, path).await {
+    let (key, found) = match load(workspace, path).await {
         Ok(found) => found,
         Err(e) => return Prepared::Finished(Err(e)),
     };
     let shown = workspace.display(&key);
-    if stamp.is_none() {
+    let Some((old, stamp, cut)) = found else {
         return Prepared::Finished(Err(format!(
             "{shown} does not exist; create it with write_file"
         )));
-    }
-    if let Some(why) = memory.stale(&key, stamp, &shown) {
+    };
+    if let Some(why) = memory.stale(&key, Some(stamp), &shown) {
         return Prepared::Finished(Err(why));
     }
-    let (old, stamp) = match read_text(workspace, &key).await {
-        Ok((old, now, false)) => (old, now),
-        Ok((_, _, true)) => {
-            return Prepared::Finished(Err(format!(
-                "{shown} is larger than {} MiB; it cannot be edited",
-                READ_MAX_BYTES >> 20
-            )));
-        }
-        Err(e) => return Prepared::Finished(Err(e)),
-    };
+    if cut {
+        return Prepared::Finished(Err(too_large(&shown)));
+    }
     if edits.is_empty() {
         return Prepared::Finished(Err("no edits given".to_owned()));
     }
@@ -372,19 +395,18 @@ pub fn unified_diff(name: &str, old: &str, new: &str) -> String {
 }
 
 /// Writes `content` to `key` (relative to the workspace) atomically, if the file is still as
-/// it was when the change was prepared (`expected`); answers its stamp after the write.
+/// it was when the change was prepared (`expected`); answers the written file's stamp.
 pub async fn write(
     workspace: &Workspace,
     key: &Path,
     content: &str,
     expected: Option<Stamp>,
-) -> Result<Option<Stamp>, String> {
+) -> Result<Stamp, String> {
     let key = key.to_owned();
     let content = content.to_owned();
     blocking(workspace, move |ws| {
         ws.write_atomic(&key, content.as_bytes(), Some(expected))
-            .map_err(|e| e.to_string())?;
-        Ok(ws.stamp(&key).ok().flatten())
+            .map_err(|e| e.to_string())
     })
     .await
 }

@@ -440,9 +440,7 @@ pub async fn apply(
         } => {
             let shown = workspace.display(&path);
             let stamp = files::write(workspace, &path, &content, expected).await?;
-            if let Some(stamp) = stamp {
-                env.memory.saw(&path, stamp);
-            }
+            env.memory.saw(&path, stamp);
             Ok(format!("wrote {} bytes to {shown}", content.len()))
         }
         Change::Command(args) => match (&env.background, args.background_after_secs) {

@@ -11,7 +11,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::agent::Workspace;
-use crate::agent::workspace::Walk;
+use crate::agent::workspace::{Walk, WalkEntry, WorkspaceError};
 
 /// Paths `find_files` lists at most.
 const MAX_FILES: usize = 200;
@@ -59,25 +59,29 @@ fn glob(pattern: &str) -> Result<globset::GlobMatcher, String> {
         .map_err(|e| format!("invalid glob {pattern:?}: {e}"))
 }
 
+/// Whether `glob` matches the entry's path below the search's start or, with `by_name`, its
+/// name alone (`*.rs` finds files at any depth).
+fn hits(glob: &globset::GlobMatcher, entry: &WalkEntry<'_>, by_name: bool) -> bool {
+    glob.is_match(entry.below) || (by_name && glob.is_match(entry.name))
+}
+
+/// The walk's start: the path given (default the whole workspace), relative to it.
+fn start_of(ws: &Workspace, path: Option<&str>) -> Result<std::path::PathBuf, String> {
+    ws.relative(path.unwrap_or(".")).map_err(|e| e.to_string())
+}
+
 /// `find_files`: workspace-relative paths matching the glob, sorted.
 pub async fn find_files(workspace: &Workspace, args: FindFilesArgs) -> Result<String, String> {
     let matcher = glob(&args.pattern)?;
     let ws = workspace.clone();
     tokio::task::spawn_blocking(move || {
-        let start = ws
-            .relative(args.path.as_deref().unwrap_or("."))
-            .map_err(|e| e.to_string())?;
+        let start = start_of(&ws, args.path.as_deref())?;
         let name_only = !args.pattern.contains('/');
         let mut found = Vec::new();
         let mut more = false;
         Walk::new(&ws)
             .files(&start, |entry| {
-                let below = entry
-                    .relative
-                    .strip_prefix(&start)
-                    .unwrap_or(entry.relative);
-                let hit = matcher.is_match(below) || (name_only && matcher.is_match(entry.name));
-                if hit {
+                if hits(&matcher, &entry, name_only) {
                     if found.len() == MAX_FILES {
                         more = true;
                         return false;
@@ -154,30 +158,27 @@ pub async fn search_files(workspace: &Workspace, args: SearchFilesArgs) -> Resul
     let filter = args.glob.as_deref().map(glob).transpose()?;
     let ws = workspace.clone();
     tokio::task::spawn_blocking(move || {
-        let start = ws
-            .relative(args.path.as_deref().unwrap_or("."))
-            .map_err(|e| e.to_string())?;
+        let start = start_of(&ws, args.path.as_deref())?;
         let mut searcher = SearcherBuilder::new()
             .binary_detection(BinaryDetection::quit(0))
             .line_number(true)
             .build();
         let mut out = String::new();
         let mut count = 0usize;
-        if !ws.is_dir(&start) {
-            let (file, _) = ws.open_file(&start).map_err(|e| e.to_string())?;
+        // A file is searched alone; a directory (the root too) is walked.
+        let single = match ws.open_file(&start) {
+            Ok((file, _)) => Some(file),
+            Err(WorkspaceError::Directory(_)) => None,
+            Err(_) if start.as_os_str().is_empty() => None,
+            Err(e) => return Err(e.to_string()),
+        };
+        if let Some(file) = single {
             let shown = ws.display(&start);
             search_one(&mut searcher, &matcher, &file, &shown, &mut out, &mut count);
         } else {
             Walk::new(&ws)
                 .files(&start, |entry| {
-                    let below = entry
-                        .relative
-                        .strip_prefix(&start)
-                        .unwrap_or(entry.relative);
-                    if let Some(filter) = &filter
-                        && !filter.is_match(below)
-                        && !filter.is_match(entry.name)
-                    {
+                    if filter.as_ref().is_some_and(|f| !hits(f, &entry, true)) {
                         return true;
                     }
                     let Some(file) = entry.open() else {

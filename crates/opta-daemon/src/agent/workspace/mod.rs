@@ -69,6 +69,9 @@ pub enum WorkspaceError {
     /// The path is (or leads into) the daemon's own files.
     #[error("{0:?} belongs to the opta daemon (its token and settings); no tool may use it")]
     Protected(String),
+    /// The path is a directory where a file was wanted.
+    #[error("{0} is a directory")]
+    Directory(String),
     /// The path is a FIFO, a device or a socket.
     #[error("{0} is not a regular file")]
     NotRegular(String),
@@ -191,6 +194,13 @@ impl Protected {
         found
     }
 
+    /// Whether the home lies below `root` (canonical): only then can a path reach it.
+    fn inside(&self, root: &Path) -> bool {
+        self.home
+            .as_ref()
+            .is_some_and(|home| home.starts_with(root))
+    }
+
     /// Whether `root` (canonical) is `/` or holds the home: such a workspace is refused.
     fn refuses(&self, root: &Path) -> Option<String> {
         if self.allow_any {
@@ -200,7 +210,7 @@ impl Protected {
             return Some("the root directory cannot be a workspace".to_owned());
         }
         let home = self.home.as_ref()?;
-        home.starts_with(root)
+        self.inside(root)
             .then(|| format!("it contains the opta daemon's home ({})", home.display()))
     }
 }
@@ -218,6 +228,9 @@ struct Inner {
     dir: Dir,
     identity: Identity,
     protected: Protected,
+    /// The daemon's home lies below the root (`--allow-any-workspace`): every directory
+    /// opened is checked against it.
+    holds_home: bool,
 }
 
 impl PartialEq for Workspace {
@@ -282,10 +295,11 @@ impl Workspace {
         }
         let workspace = Self {
             inner: Arc::new(Inner {
-                root: canonical,
                 dir,
                 identity: Identity::of(&meta),
+                holds_home: protected.inside(&canonical),
                 protected: protected.clone(),
+                root: canonical,
             }),
         };
         // Swapped between the canonicalisation and the open: not the directory named.
@@ -416,19 +430,10 @@ impl Workspace {
     /// Refuses `dir` when it is the daemon's home or lies below it: walks up from the open
     /// handle (never by path) to the workspace's root.
     fn check_ancestry(&self, dir: &Dir, relative: &Path) -> Result<(), WorkspaceError> {
-        let Some(home) = self.inner.protected.home_identity() else {
+        // Only a workspace that holds the home can reach it.
+        let Some(home) = self.home_below() else {
             return Ok(());
         };
-        // Only a workspace that contains the home can reach it.
-        let contains = self
-            .inner
-            .protected
-            .home
-            .as_ref()
-            .is_some_and(|h| h.starts_with(&self.inner.root));
-        if !contains {
-            return Ok(());
-        }
         let protected = || WorkspaceError::Protected(self.display(relative));
         let mut current = dir.try_clone().map_err(|e| self.fail(relative, e))?;
         for _ in 0..4096 {
@@ -445,6 +450,14 @@ impl Workspace {
                 .map_err(|e| self.fail(relative, e))?;
         }
         Err(protected())
+    }
+
+    /// The identity of the daemon's home when it lies below the workspace's root.
+    fn home_below(&self) -> Option<Identity> {
+        if !self.inner.holds_home {
+            return None;
+        }
+        self.inner.protected.home_identity()
     }
 
     /// Refuses a file that is one of the daemon's own (a hard link to it).
@@ -486,6 +499,9 @@ impl Workspace {
             .open_with(&name, &nonblocking_read())
             .map_err(|e| self.fail(relative, e))?;
         let meta = file.metadata().map_err(|e| self.fail(relative, e))?;
+        if meta.is_dir() {
+            return Err(WorkspaceError::Directory(self.display(relative)));
+        }
         if !meta.is_file() {
             return Err(WorkspaceError::NotRegular(self.display(relative)));
         }
@@ -501,6 +517,18 @@ impl Workspace {
         cap: u64,
     ) -> Result<(String, Stamp, bool), WorkspaceError> {
         let (file, stamp) = self.open_file(relative)?;
+        let (text, cut) = self.read_open(file, relative, cap)?;
+        Ok((text, stamp, cut))
+    }
+
+    /// Reads at most `cap` bytes of a file [`Self::open_file`] opened, as UTF-8 text, and
+    /// whether it was cut. Blocking.
+    pub fn read_open(
+        &self,
+        file: std::fs::File,
+        relative: &Path,
+        cap: u64,
+    ) -> Result<(String, bool), WorkspaceError> {
         let mut bytes = Vec::new();
         file.take(cap.saturating_add(1))
             .read_to_end(&mut bytes)
@@ -525,27 +553,7 @@ impl Workspace {
                 });
             }
         };
-        Ok((text, stamp, cut))
-    }
-
-    /// The stamp of `relative` (links inside followed), `None` when nothing is there.
-    pub fn stamp(&self, relative: &Path) -> Result<Option<Stamp>, WorkspaceError> {
-        if relative.as_os_str().is_empty() {
-            return Ok(None);
-        }
-        let (parent, name) = match self.parent_of(relative) {
-            Ok(found) => found,
-            // No parent yet: nothing is there.
-            Err(WorkspaceError::Io { error, .. }) if error.kind() == io::ErrorKind::NotFound => {
-                return Ok(None);
-            }
-            Err(e) => return Err(e),
-        };
-        match parent.symlink_metadata(&name) {
-            Ok(meta) => Ok(Some(Stamp::of(&meta))),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(self.fail(relative, e)),
-        }
+        Ok((text, cut))
     }
 
     /// The directory `requested` names inside the workspace, as an absolute path for a
@@ -557,11 +565,6 @@ impl Workspace {
         self.open_dir(&key)?;
         self.ensure_in_place()?;
         Ok(self.inner.root.join(key))
-    }
-
-    /// Whether `relative` is a directory (links inside followed).
-    pub fn is_dir(&self, relative: &Path) -> bool {
-        relative.as_os_str().is_empty() || self.inner.dir.is_dir(relative)
     }
 
     /// The real path of `relative` inside the workspace, relative to it (links inside
@@ -582,13 +585,14 @@ impl Workspace {
     /// temporary file with a random name created exclusively (`O_EXCL`: never a link planted
     /// there) in the target's directory, renamed over the target (a link at the target is
     /// replaced, not followed). With `expected`, the target must still be as it was then
-    /// (`None`: absent), or nothing is written. Blocking.
+    /// (`None`: absent), or nothing is written. Answers the written file's stamp (taken from
+    /// the file itself, so a change after the rename is not mistaken for ours). Blocking.
     pub fn write_atomic(
         &self,
         relative: &Path,
         content: &[u8],
         expected: Option<Option<Stamp>>,
-    ) -> Result<(), WorkspaceError> {
+    ) -> Result<Stamp, WorkspaceError> {
         // A link inside the workspace is written through (to its real file), as before.
         let real = self.key(relative)?;
         let name = real
@@ -652,12 +656,15 @@ impl Workspace {
         let written = file
             .write_all(content)
             .and_then(|()| file.set_permissions(cap_std::fs::Permissions::from_mode(mode)))
-            .and_then(|()| parent.rename(&temp, &parent, name));
-        if let Err(e) = written {
+            .and_then(|()| file.metadata())
+            .and_then(|meta| {
+                parent.rename(&temp, &parent, name)?;
+                Ok(Stamp::of(&meta))
+            });
+        written.map_err(|e| {
             let _ = parent.remove_file(&temp);
-            return Err(self.fail(relative, e));
-        }
-        Ok(())
+            self.fail(relative, e)
+        })
     }
 }
 

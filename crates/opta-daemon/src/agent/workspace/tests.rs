@@ -35,6 +35,10 @@ fn read(ws: &Workspace, path: &str) -> Result<String, WorkspaceError> {
     ws.read_text(&relative, 1 << 20).map(|(text, _, _)| text)
 }
 
+fn stamp(ws: &Workspace, path: &str) -> Stamp {
+    ws.open_file(Path::new(path)).unwrap().1
+}
+
 fn refused<T: std::fmt::Debug>(what: &str, result: Result<T, WorkspaceError>) {
     match result {
         Err(WorkspaceError::Outside { .. }) => {}
@@ -212,7 +216,7 @@ fn a_parent_swapped_for_a_link_during_writes_and_reads_never_leads_out() {
 fn a_write_is_refused_when_the_file_changed_since_it_was_prepared() {
     let f = fixture();
     let key = Path::new("src/main.rs");
-    let before = f.ws.stamp(key).unwrap();
+    let before = Some(stamp(&f.ws, "src/main.rs"));
     std::fs::write(f.ws.root().join(key), "fn main() { /* the user's line */ }").unwrap();
     let e =
         f.ws.write_atomic(key, b"overwrite", Some(before))
@@ -229,8 +233,13 @@ fn a_write_is_refused_when_the_file_changed_since_it_was_prepared() {
         f.ws.write_atomic(Path::new("late.txt"), b"mine", Some(None))
             .is_err()
     );
-    let now = f.ws.stamp(key).unwrap();
-    f.ws.write_atomic(key, b"fine", Some(now)).unwrap();
+    let now = stamp(&f.ws, "src/main.rs");
+    let written = f.ws.write_atomic(key, b"fine", Some(Some(now))).unwrap();
+    assert_eq!(
+        written,
+        stamp(&f.ws, "src/main.rs"),
+        "the stamp answered is the file's"
+    );
 }
 
 #[test]
@@ -374,10 +383,14 @@ fn the_workspace_must_be_an_existing_absolute_directory() {
 }
 
 #[test]
-fn nothing_is_there_below_a_missing_directory() {
+fn a_file_below_missing_directories_is_created_with_them() {
     let f = fixture();
-    assert_eq!(f.ws.stamp(Path::new("new/dir/file.txt")).unwrap(), None);
+    let missing = f.ws.open_file(Path::new("new/dir/file.txt")).unwrap_err();
+    assert!(
+        matches!(&missing, WorkspaceError::Io { error, .. } if error.kind() == io::ErrorKind::NotFound),
+        "{missing:?}"
+    );
     f.ws.write_atomic(Path::new("new/dir/file.txt"), b"x", Some(None))
         .unwrap();
-    assert!(f.ws.stamp(Path::new("new/dir/file.txt")).unwrap().is_some());
+    assert_eq!(read(&f.ws, "new/dir/file.txt").unwrap(), "x");
 }

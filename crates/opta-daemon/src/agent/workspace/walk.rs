@@ -31,6 +31,8 @@ pub struct WalkEntry<'a> {
     pub name: &'a std::ffi::OsStr,
     /// Its path relative to the workspace.
     pub relative: &'a Path,
+    /// Its path relative to where the walk started.
+    pub below: &'a Path,
 }
 
 /// A walk over the workspace.
@@ -47,18 +49,10 @@ struct Frame {
 impl<'w> Walk<'w> {
     /// A walk of `workspace`.
     pub fn new(workspace: &'w Workspace) -> Self {
-        let contains_home = workspace
-            .inner
-            .protected
-            .home
-            .as_ref()
-            .is_some_and(|h| h.starts_with(workspace.root()));
-        let home = if contains_home {
-            workspace.inner.protected.home_identity()
-        } else {
-            None
-        };
-        Self { workspace, home }
+        Self {
+            workspace,
+            home: workspace.home_below(),
+        }
     }
 
     /// Calls `visit` with every regular file under `start` (relative to the workspace) that
@@ -87,7 +81,7 @@ impl<'w> Walk<'w> {
             dir,
             relative: start.to_owned(),
         };
-        self.descend(frame, &mut rules, 0, &mut visit);
+        self.descend(frame, start, &mut rules, 0, &mut visit);
         Ok(())
     }
 
@@ -95,6 +89,7 @@ impl<'w> Walk<'w> {
     fn descend(
         &self,
         frame: Frame,
+        start: &Path,
         rules: &mut Vec<Gitignore>,
         depth: usize,
         visit: &mut impl FnMut(WalkEntry<'_>) -> bool,
@@ -123,6 +118,7 @@ impl<'w> Walk<'w> {
                     dir: &frame.dir,
                     name: &name,
                     relative: &relative,
+                    below: relative.strip_prefix(start).unwrap_or(&relative),
                 };
                 if !visit(entry) {
                     return false;
@@ -151,6 +147,7 @@ impl<'w> Walk<'w> {
                     dir: child,
                     relative,
                 },
+                start,
                 rules,
                 depth + 1,
                 visit,
