@@ -138,7 +138,10 @@ impl From<crate::agent::WorkspaceError> for Error {
         match e {
             W::Moved(_) => Error::WorkspaceMoved(e.to_string()),
             W::Refused { .. } => Error::WorkspaceRefused(e.to_string()),
-            other => Error::invalid("metadata.workspace", other.to_string()),
+            other => Error::invalid(
+                "metadata.workspace",
+                format!("the session's workspace is unusable: {other}"),
+            ),
         }
     }
 }

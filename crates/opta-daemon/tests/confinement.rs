@@ -178,17 +178,42 @@ async fn a_workspace_renamed_and_replaced_by_a_link_is_refused_with_workspace_mo
     let (status, body) = submit(&d, &s, "again", "do").await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
     assert_eq!(body["code"], "workspace-moved");
-    // Setting the workspace again takes what is there now.
+    // Setting the workspace again, the same path too, takes what is there now.
     let (status, _) = d
         .post(
             "/v3/sessions",
-            json!({"sessionId": s, "metadata": {"workspace": dirs.ws.with_file_name("ws-old")}}),
+            json!({"sessionId": s, "metadata": {"workspace": dirs.ws}}),
         )
         .await;
     assert_eq!(status, StatusCode::CREATED);
     lmx.push(Reply::chunks(["back"]));
     let events = run(&d, &s, "again", "do").await;
     assert!(events.iter().any(|e| e["event"] == "turn.done"));
+}
+
+#[tokio::test]
+async fn a_workspace_swapped_before_the_first_turn_is_refused_too() {
+    // Pinned when it was set, not when a turn first used it.
+    let (_lmx, d, dirs, s) = setup().await;
+    std::fs::rename(&dirs.ws, dirs.ws.with_file_name("ws-old")).unwrap();
+    symlink(&dirs.outside, &dirs.ws).unwrap();
+    let (status, body) = submit(&d, &s, "first", "do").await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["code"], "workspace-moved");
+    // The pin taken at creation is stored with the session.
+    let d = d.restart().await;
+    let (status, body) = submit(&d, &s, "first", "do").await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["code"], "workspace-moved");
+    // A background process asks the same question.
+    let (status, body) = d
+        .post(
+            "/v3/background/start",
+            json!({"sessionId": s, "command": "true"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["code"], "workspace-moved");
 }
 
 fn allow_any(config: &mut opta_daemon::DaemonConfig) {

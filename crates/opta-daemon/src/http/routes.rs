@@ -17,7 +17,7 @@ use super::AppState;
 use super::extract::{ApiJson, ApiPath, ApiQuery, session_id};
 use crate::error::{Error, Result};
 use crate::ids::now_iso;
-use crate::session::{Opened, SessionChanges};
+use crate::session::{Opened, SessionChanges, WorkspacePin};
 use crate::store::SessionRow;
 
 /// The daemon's version, reported by the health routes.
@@ -83,27 +83,36 @@ pub async fn create_session(
     {
         return Err(Error::invalid("model", "must not be empty"));
     }
-    if let Some(workspace) = request
+    // The workspace is opened (and so pinned) when it is set: a swap after this is refused.
+    let pin = match request
         .metadata
         .as_ref()
         .and_then(|m| m.get("workspace"))
         .filter(|w| !w.is_null())
     {
-        let dir = workspace
-            .as_str()
-            .ok_or_else(|| Error::invalid("metadata.workspace", "must be a string"))?;
-        let dir = std::path::PathBuf::from(dir);
-        let protected = state.ctx.protected.clone();
-        tokio::task::spawn_blocking(move || crate::agent::Workspace::open(&dir, &protected))
+        Some(workspace) => {
+            let path = workspace
+                .as_str()
+                .ok_or_else(|| Error::invalid("metadata.workspace", "must be a string"))?
+                .to_owned();
+            let dir = std::path::PathBuf::from(&path);
+            let protected = state.ctx.protected.clone();
+            let workspace = tokio::task::spawn_blocking(move || {
+                crate::agent::Workspace::open(&dir, &protected)
+            })
             .await
             .map_err(|e| Error::Internal(e.to_string()))??;
-    }
+            Some(WorkspacePin { path, workspace })
+        }
+        None => None,
+    };
     let changes = SessionChanges {
         model: request.model.clone(),
         title: request.title.clone(),
         metadata: request.metadata.clone(),
+        workspace: pin.clone(),
     };
-    let snapshot = match state.registry.open(request).await? {
+    let snapshot = match state.registry.open(request, pin).await? {
         Opened::Created(handle) => handle.announce_created().await?,
         Opened::Existing(handle) => handle.open(changes).await?,
     };

@@ -22,10 +22,10 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::{JoinError, JoinHandle};
 
 use super::feed::Listed;
-use super::{Frame, SessionChanges, SessionCommand, SessionHandle, Subscription};
+use super::{Frame, SessionChanges, SessionCommand, SessionHandle, Subscription, WorkspacePin};
+use crate::agent::Workspace;
 use crate::agent::run::{PermissionAsk, ToolEnded, TurnPlan, TurnUpdate, Verdict, run_turn};
 use crate::agent::tools::FileMemory;
-use crate::agent::{Workspace, WorkspaceError};
 use crate::context::{Counter, DaemonContext};
 use crate::error::{Error, Result};
 use crate::ids::{new_turn_id, now_iso};
@@ -154,15 +154,9 @@ pub(crate) struct SessionActor {
     own: mpsc::WeakSender<SessionCommand>,
     /// What the session feed last heard of this session (`None`: not yet announced).
     listed: Option<Listed>,
-    /// The workspace directory, open, once a turn or a request needed it.
-    workspace: Option<Workspace>,
-}
-
-/// The workspace a session took: the path it was given and the directory's device:inode.
-#[derive(serde::Serialize, serde::Deserialize)]
-struct WorkspacePin {
-    path: String,
-    identity: String,
+    /// The workspace directory, open, with the path it was set by, once it was set or a
+    /// turn needed it.
+    workspace: Option<WorkspacePin>,
 }
 
 impl SessionActor {
@@ -540,6 +534,15 @@ impl SessionActor {
             meta.updated_at = now_iso();
             ops.push(WriteOp::UpdateSession(meta.clone()));
         }
+        // A workspace set again (the same path too) is pinned as it is now.
+        if let Some(pin) = &changes.workspace {
+            let stored = pin.stored();
+            meta.workspace_pin = Some(stored.clone());
+            ops.push(WriteOp::SetWorkspacePin {
+                session_id: self.id_arc.clone(),
+                pin: stored,
+            });
+        }
         let previous = std::mem::replace(&mut self.meta, meta);
         let snapshot = self.snapshot();
         let event = Event::SessionSnapshot(SessionSnapshotEvent {
@@ -549,6 +552,9 @@ impl SessionActor {
         if let Err(e) = self.emit(&[event], ops).await {
             self.meta = previous;
             return Err(e);
+        }
+        if changes.workspace.is_some() {
+            self.workspace = changes.workspace;
         }
         Ok(snapshot)
     }
@@ -856,9 +862,10 @@ impl SessionActor {
     }
 
     /// The session's workspace: `metadata.workspace` when set, else the daemon's. The
-    /// directory is opened once and pinned (path and device:inode, stored with the session):
-    /// a path that names another directory since is refused with `workspace-moved`, here and
-    /// after an eviction or a restart. A client that sets another path pins anew.
+    /// directory was opened and pinned when the workspace was set (path and device:inode,
+    /// stored with the session); a path that names another directory since is refused with
+    /// `workspace-moved`, here and after an eviction or a restart, until a client sets the
+    /// workspace again. Sessions stored before pins existed take theirs on first use.
     async fn workspace(&mut self) -> Result<Workspace> {
         let chosen = self
             .meta
@@ -879,48 +886,39 @@ impl SessionActor {
             workspace.ensure_in_place()?;
             return Ok(workspace);
         };
-        let pin = self
+        if let Some(open) = self.workspace.as_ref().filter(|open| open.path == dir) {
+            open.workspace.ensure_in_place()?;
+            return Ok(open.workspace.clone());
+        }
+        let pinned = self
             .meta
             .workspace_pin
             .as_deref()
-            .and_then(|p| serde_json::from_str::<WorkspacePin>(p).ok())
-            .filter(|pin| pin.path == dir);
-        if let (Some(open), Some(_)) = (&self.workspace, &pin) {
-            open.ensure_in_place()?;
-            return Ok(open.clone());
-        }
+            .and_then(|stored| WorkspacePin::identity_of(stored, &dir));
         let protected = self.ctx.protected.clone();
-        let pinned = pin.as_ref().and_then(|p| p.identity.parse().ok());
         let path = std::path::PathBuf::from(&dir);
-        let opened = tokio::task::spawn_blocking(move || match pinned {
+        let workspace = tokio::task::spawn_blocking(move || match pinned {
             Some(identity) => Workspace::reopen(&path, &protected, identity),
             None => Workspace::open(&path, &protected),
         })
         .await
-        .map_err(|e| Error::Internal(format!("workspace task: {e}")))?;
-        let workspace = opened.map_err(|e| match e {
-            e @ (WorkspaceError::Moved(_) | WorkspaceError::Refused { .. }) => Error::from(e),
-            e => Error::invalid(
-                "metadata.workspace",
-                format!("the session's workspace is unusable: {e}"),
-            ),
-        })?;
-        if pin.is_none() {
-            let text = serde_json::to_string(&WorkspacePin {
-                path: dir,
-                identity: workspace.identity().to_string(),
-            })
-            .map_err(|e| Error::Internal(e.to_string()))?;
+        .map_err(|e| Error::Internal(format!("workspace task: {e}")))??;
+        let pin = WorkspacePin {
+            path: dir,
+            workspace: workspace.clone(),
+        };
+        if pinned.is_none() {
+            let stored = pin.stored();
             self.ctx
                 .store
                 .write(vec![WriteOp::SetWorkspacePin {
                     session_id: self.id_arc.clone(),
-                    pin: text.clone(),
+                    pin: stored.clone(),
                 }])
                 .await?;
-            self.meta.workspace_pin = Some(text);
+            self.meta.workspace_pin = Some(stored);
         }
-        self.workspace = Some(workspace.clone());
+        self.workspace = Some(pin);
         Ok(workspace)
     }
 

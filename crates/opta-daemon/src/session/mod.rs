@@ -47,6 +47,43 @@ pub struct SessionChanges {
     pub title: Option<String>,
     /// New metadata.
     pub metadata: Option<serde_json::Value>,
+    /// The workspace `metadata.workspace` names, opened when the request was checked: the
+    /// session pins it (see [`WorkspacePin`]).
+    pub workspace: Option<WorkspacePin>,
+}
+
+/// The workspace a session took: the path it was given and the directory opened then. Its
+/// stored form (`{"path", "identity"}`, identity `dev:ino`) lets a reload refuse a path that
+/// names another directory since.
+#[derive(Debug, Clone)]
+pub struct WorkspacePin {
+    /// `metadata.workspace` as given.
+    pub path: String,
+    /// The directory, open.
+    pub workspace: crate::agent::Workspace,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredPin {
+    path: String,
+    identity: String,
+}
+
+impl WorkspacePin {
+    /// The stored form.
+    pub fn stored(&self) -> String {
+        serde_json::to_string(&StoredPin {
+            path: self.path.clone(),
+            identity: self.workspace.identity().to_string(),
+        })
+        .unwrap_or_default()
+    }
+
+    /// The identity a stored pin gives `path`, if it pins that path.
+    pub fn identity_of(stored: &str, path: &str) -> Option<crate::agent::workspace::Identity> {
+        let pin: StoredPin = serde_json::from_str(stored).ok()?;
+        (pin.path == path).then(|| pin.identity.parse().ok())?
+    }
 }
 
 pub(crate) enum SessionCommand {

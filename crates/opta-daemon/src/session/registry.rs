@@ -26,6 +26,7 @@ pub enum Opened {
 enum RegistryCommand {
     Open {
         request: CreateSessionRequest,
+        workspace: Option<super::WorkspacePin>,
         reply: oneshot::Sender<Result<Opened>>,
     },
     Get {
@@ -68,10 +69,19 @@ impl Registry {
         crate::actor::ask(&self.commands, make).await
     }
 
-    /// Creates a session, or finds the existing one the request names.
-    pub async fn open(&self, request: CreateSessionRequest) -> Result<Opened> {
-        self.ask(|reply| RegistryCommand::Open { request, reply })
-            .await?
+    /// Creates a session (pinned to `workspace`, opened when the request was checked), or
+    /// finds the existing one the request names.
+    pub async fn open(
+        &self,
+        request: CreateSessionRequest,
+        workspace: Option<super::WorkspacePin>,
+    ) -> Result<Opened> {
+        self.ask(|reply| RegistryCommand::Open {
+            request,
+            workspace,
+            reply,
+        })
+        .await?
     }
 
     /// The session's actor, loading it from the store if needed.
@@ -126,8 +136,12 @@ impl RegistryActor {
                 }
             };
             match command {
-                RegistryCommand::Open { request, reply } => {
-                    let _ = reply.send(self.open(request).await);
+                RegistryCommand::Open {
+                    request,
+                    workspace,
+                    reply,
+                } => {
+                    let _ = reply.send(self.open(request, workspace).await);
                 }
                 RegistryCommand::Get { id, reply } => {
                     let _ = reply.send(self.get(&id).await);
@@ -209,7 +223,11 @@ impl RegistryActor {
         Ok(handle)
     }
 
-    async fn open(&mut self, request: CreateSessionRequest) -> Result<Opened> {
+    async fn open(
+        &mut self,
+        request: CreateSessionRequest,
+        workspace: Option<super::WorkspacePin>,
+    ) -> Result<Opened> {
         if let Some(id) = &request.session_id {
             match self.get(id).await {
                 Ok(handle) => return Ok(Opened::Existing(handle)),
@@ -236,7 +254,7 @@ impl RegistryActor {
             updated_at: now,
             tool_call_count: 0,
             grants: None,
-            workspace_pin: None,
+            workspace_pin: workspace.as_ref().map(super::WorkspacePin::stored),
         };
         let messages = request
             .messages

@@ -214,8 +214,9 @@ fn apply(conn: &Connection, op: &WriteOp) -> Result<()> {
     match op {
         WriteOp::InsertSession(row) => {
             conn.prepare_cached(
-                "INSERT INTO sessions (id, model, title, metadata, created_at, updated_at, tool_call_count)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                "INSERT INTO sessions (id, model, title, metadata, created_at, updated_at,
+                 tool_call_count, workspace_pin)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             )?
             .execute(params![
                 row.id,
@@ -224,7 +225,8 @@ fn apply(conn: &Connection, op: &WriteOp) -> Result<()> {
                 row.metadata,
                 row.created_at,
                 row.updated_at,
-                row.tool_call_count
+                row.tool_call_count,
+                row.workspace_pin
             ])?;
         }
         WriteOp::InsertProcess {
