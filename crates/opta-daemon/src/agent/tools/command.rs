@@ -83,28 +83,54 @@ pub const GRANT_BREAKING_FLAGS: &[&str] = &[
     "--exec-path",
 ];
 
-/// The first argument of `command` (after its program) that is one of
+/// The first of `arguments` (unquoted, the program left out) that is one of
 /// [`GRANT_BREAKING_FLAGS`] (`--output=FILE` counts as `--output`).
+fn breaking_flag<'a>(mut arguments: impl Iterator<Item = &'a str>) -> Option<&'static str> {
+    arguments.find_map(|word| {
+        GRANT_BREAKING_FLAGS.iter().copied().find(|flag| {
+            word == *flag
+                || (flag.starts_with("--")
+                    && word
+                        .strip_prefix(flag)
+                        .is_some_and(|rest| rest.starts_with('=')))
+        })
+    })
+}
+
+/// The first argument of `command`, simple or not, that is one of [`GRANT_BREAKING_FLAGS`]
+/// once the shell's quoting is removed (`-ex''ec` is `-exec`).
 pub fn grant_breaking_flag(command: &str) -> Option<&'static str> {
-    let tokens = brush_parser::tokenize_str(command).ok()?;
-    tokens
+    let words: Vec<String> = brush_parser::tokenize_str(command)
+        .ok()?
         .iter()
         .filter_map(|t| match t {
-            brush_parser::Token::Word(word, _) => {
-                Some(word.trim_matches(|c| c == '"' || c == '\''))
-            }
+            brush_parser::Token::Word(word, _) => Some(brush_parser::unquote_str(word)),
             brush_parser::Token::Operator(..) => None,
         })
-        .skip(1)
-        .find_map(|word| {
-            GRANT_BREAKING_FLAGS.iter().copied().find(|flag| {
-                word == *flag
-                    || (flag.starts_with("--")
-                        && word
-                            .strip_prefix(flag)
-                            .is_some_and(|rest| rest.starts_with('=')))
-            })
-        })
+        .collect();
+    breaking_flag(words.iter().skip(1).map(String::as_str))
+}
+
+/// Whether the shell would expand something in `word` (a parameter, a substitution, a glob,
+/// a brace list): its words are then not what the user saw. Quoting is followed: `'$x'`
+/// and `"*"` are plain.
+fn expands(word: &str) -> bool {
+    let mut chars = word.chars();
+    let (mut single, mut double) = (false, false);
+    while let Some(c) = chars.next() {
+        match c {
+            '\'' if !double => single = !single,
+            _ if single => {}
+            '"' => double = !double,
+            '\\' => {
+                chars.next();
+            }
+            '$' | '`' => return true,
+            '*' | '?' | '[' | '{' if !double => return true,
+            _ => {}
+        }
+    }
+    false
 }
 
 /// Words that start a compound command rather than name a program.
@@ -113,38 +139,30 @@ const RESERVED: &[&str] = &[
     "select", "function", "{", "}", "!", "[[", "]]", "time", "coproc",
 ];
 
-/// `program firstArg` for a *simple* command (one program, plain words, no operators,
-/// substitutions, redirections or assignments), else `None`. Uses a shell tokenizer, so
-/// quoting is understood: `echo "a;b"` is simple, `echo a;b` is not.
+/// `program firstArg` for a *simple* command (one program, plain words: no operators,
+/// substitutions, expansions, globs, redirections or assignments, and none of the
+/// [`GRANT_BREAKING_FLAGS`]), quoting removed, else `None`. Uses a shell tokenizer, so
+/// quoting is understood: `echo "a;b"` is simple, `echo a;b` is not. A glob is never simple:
+/// `find . -ex*` would meet a file named `-exec`.
 pub fn simple_scope(command: &str) -> Option<String> {
     let tokens = brush_parser::tokenize_str(command).ok()?;
     let mut words = Vec::new();
     for token in &tokens {
         match token {
             brush_parser::Token::Operator(..) => return None,
-            brush_parser::Token::Word(word, _) => {
-                if ["$(", "`", "<(", ">(", "${"]
-                    .iter()
-                    .any(|s| word.contains(s))
-                {
-                    return None;
-                }
-                words.push(word.as_str());
-            }
+            brush_parser::Token::Word(word, _) if expands(word) => return None,
+            brush_parser::Token::Word(word, _) => words.push(word.as_str()),
         }
     }
     let program = *words.first()?;
     if RESERVED.contains(&program) || program.contains('=') {
         return None;
     }
-    if grant_breaking_flag(command).is_some() {
+    let words: Vec<String> = words.into_iter().map(brush_parser::unquote_str).collect();
+    if breaking_flag(words.iter().skip(1).map(String::as_str)).is_some() {
         return None;
     }
-    let unquote = |w: &str| w.trim_matches(|c| c == '"' || c == '\'').to_owned();
-    Some(match words.get(1) {
-        Some(first) => format!("{} {}", unquote(program), unquote(first)),
-        None => unquote(program),
-    })
+    Some(words.iter().take(2).cloned().collect::<Vec<_>>().join(" "))
 }
 
 /// Kills the process group when dropped, unless it is known to be gone.
@@ -318,6 +336,31 @@ mod tests {
             assert_eq!(simple_scope(risky), None, "{risky:?}");
             assert!(grant_breaking_flag(risky).is_some(), "{risky:?}");
         }
+        // Quoting does not hide a flag; a glob or a parameter could become one.
+        for hidden in [
+            "find . -ex''ec touch pwned \\;",
+            "find . \"-exec\" touch pwned \\;",
+            "find . -ex\\ec touch pwned \\;",
+        ] {
+            assert_eq!(simple_scope(hidden), None, "{hidden:?}");
+            assert_eq!(grant_breaking_flag(hidden), Some("-exec"), "{hidden:?}");
+        }
+        for expanding in [
+            "find . -ex? touch pwned \\;",
+            "find . [-]exec touch pwned \\;",
+            "find . -{exec,x} touch \\;",
+            "ls *.rs",
+            "find . $FLAGS",
+            "echo \"$HOME\"",
+        ] {
+            assert_eq!(simple_scope(expanding), None, "{expanding:?}");
+        }
+        // Quoted, nothing expands: still simple, the key without its quotes.
+        assert_eq!(
+            simple_scope("grep '*.rs' src").as_deref(),
+            Some("grep *.rs")
+        );
+        assert_eq!(simple_scope("\"find\" .").as_deref(), Some("find ."));
         // The program's own name is not an argument.
         assert_eq!(grant_breaking_flag("-c"), None);
         assert_eq!(grant_breaking_flag("ls --outputs"), None);

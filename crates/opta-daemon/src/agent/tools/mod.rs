@@ -289,12 +289,13 @@ impl Change {
                         .to_owned()
                 })
             }
-            Change::Command(args) => command::grant_breaking_flag(&args.command).map(|flag| {
-                format!("{flag} can make the program run or write other things than a grant for it covers")
-            }),
-            Change::BackgroundStart(args) => {
-                command::grant_breaking_flag(&args.command).map(|flag| {
-                    format!("{flag} can make the program run or write other things than a grant for it covers")
+            Change::Command(command::RunCommandArgs { command, .. })
+            | Change::BackgroundStart(background::BgStartArgs { command, .. }) => {
+                command::grant_breaking_flag(command).map(|flag| {
+                    format!(
+                        "{flag} can make the program run or write other things than a grant \
+                         for it covers"
+                    )
                 })
             }
             Change::BackgroundKill(_) => None,
