@@ -293,11 +293,13 @@ fn token_from_stdin() -> Result<String> {
     std::io::stdin()
         .read_line(&mut line)
         .context("reading the token from stdin (--token-stdin)")?;
-    let token = line.trim().to_owned();
+    // Only the line end goes: the token is used exactly as it was given.
+    let token = line.strip_suffix('\n').unwrap_or(&line);
+    let token = token.strip_suffix('\r').unwrap_or(token);
     if token.is_empty() {
         anyhow::bail!("--token-stdin: stdin held no token");
     }
-    Ok(token)
+    Ok(token.to_owned())
 }
 
 /// The token, when it was given where other local processes can read it: `OPTA_TOKEN` in
@@ -318,6 +320,7 @@ fn token_in_sight(args: &DaemonArgs) -> Option<String> {
 fn reexec_without_token(token: &str) -> Result<()> {
     use std::io::Write as _;
     use std::os::unix::process::CommandExt as _;
+    opta_daemon::daemon::check_token_line(token).map_err(anyhow::Error::msg)?;
     let exe = std::env::current_exe().context("locating the opta binary")?;
     let mut argv = std::env::args_os().skip(1);
     let mut kept = Vec::new();

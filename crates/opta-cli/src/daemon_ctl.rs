@@ -321,10 +321,15 @@ pub async fn start(home: &Path, args: &DaemonArgs) -> Result<Started> {
         .stderr(Stdio::from(err_file))
         // Its own process group: a Ctrl-C in this terminal must not reach the daemon.
         .process_group(0);
+    if let Some(token) = &args.token {
+        opta_daemon::daemon::check_token_line(token).map_err(anyhow::Error::msg)?;
+    }
     let mut child = command.spawn().context("spawning the daemon")?;
     if let (Some(token), Some(mut stdin)) = (&args.token, child.stdin.take()) {
         use std::io::Write as _;
-        writeln!(stdin, "{token}").context("passing the token to the daemon")?;
+        // A daemon that died before it read the token is reported below with its stderr; the
+        // broken pipe itself must not end this command as if our own reader had gone.
+        let _ = writeln!(stdin, "{token}");
     }
     let deadline = Instant::now() + WAIT;
     loop {

@@ -467,3 +467,44 @@ async fn daemon_start_passes_its_token_through_a_pipe() {
         .unwrap();
     assert!(stopped.status.success());
 }
+
+#[tokio::test]
+async fn a_piped_token_is_kept_exactly_and_an_unusable_one_is_refused() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let start = |home: &Path, token: &str| {
+        Command::new(env!("CARGO_BIN_EXE_opta"))
+            .args(["daemon", "start", "--port", "0", "--lmx-url", &lmx.url()])
+            .env("OPTA_HOME", home)
+            .env("OPTA_TOKEN", token)
+            .output()
+            .unwrap()
+    };
+    let home = tempfile::tempdir().unwrap();
+    let broken = start(home.path(), "two\nlines");
+    assert_eq!(broken.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&broken.stderr).contains("line break"),
+        "{}",
+        String::from_utf8_lossy(&broken.stderr)
+    );
+    for unusable in [" spaced", "tab\there"] {
+        let refused = start(home.path(), unusable);
+        assert_eq!(refused.status.code(), Some(1), "{unusable:?}");
+    }
+    let spaced = "inner spaces are kept";
+    let started = start(home.path(), spaced);
+    assert!(
+        started.status.success(),
+        "{}",
+        String::from_utf8_lossy(&started.stderr)
+    );
+    let state: Value =
+        serde_json::from_slice(&std::fs::read(state_file(home.path())).unwrap()).unwrap();
+    assert_eq!(state["token"], spaced);
+    let stopped = Command::new(env!("CARGO_BIN_EXE_opta"))
+        .args(["daemon", "stop"])
+        .env("OPTA_HOME", home.path())
+        .output()
+        .unwrap();
+    assert!(stopped.status.success());
+}

@@ -199,7 +199,10 @@ impl RunningDaemon {
         let listener = bind(&config.host, config.port).await?;
         let addr = listener.local_addr()?;
         let token: Arc<str> = match &config.token {
-            Some(token) => token.clone(),
+            Some(token) => {
+                check_token_line(token).map_err(|e| Error::Config(format!("--token: {e}")))?;
+                token.clone()
+            }
             None => kept_token(&dir)?,
         }
         .into();
@@ -380,6 +383,22 @@ fn write_state(path: &Path, state: &DaemonState) -> Result<()> {
 }
 
 /// Writes `bytes` to `path` atomically (a synced temporary file renamed over it), mode 0600.
+/// Why `token` is unusable: empty, with blanks at either end (HTTP drops them from the
+/// `Authorization` header, so no client could match it) or with a control character (a line
+/// break, which could not be passed on one line or sent in a header).
+pub fn check_token_line(token: &str) -> std::result::Result<(), String> {
+    if token.is_empty() {
+        return Err("the token is empty".to_owned());
+    }
+    if token.chars().any(char::is_control) {
+        return Err("the token holds a control character or a line break".to_owned());
+    }
+    if token.trim() != token {
+        return Err("the token starts or ends with a blank".to_owned());
+    }
+    Ok(())
+}
+
 fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp");
     let mut file = OpenOptions::new()
