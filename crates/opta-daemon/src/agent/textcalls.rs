@@ -50,17 +50,19 @@ pub struct TextCallFilter {
 struct LineState {
     /// Only blanks so far on this line.
     at_start: bool,
-    /// The first non-blank characters of this line (up to three), to spot a fence.
-    head: String,
-    in_fence: bool,
+    /// The fence character and how many of it open this line so far (`None` once the line
+    /// holds anything else): three make a fence.
+    lead: Option<(char, u8)>,
+    /// The fence character (`` ` `` or `~`) of the code block the text is in.
+    fence: Option<char>,
 }
 
 impl Default for LineState {
     fn default() -> Self {
         Self {
             at_start: true,
-            head: String::new(),
-            in_fence: false,
+            lead: Some(('`', 0)),
+            fence: None,
         }
     }
 }
@@ -70,25 +72,35 @@ impl LineState {
         for c in text.chars() {
             if c == '\n' {
                 self.at_start = true;
-                self.head.clear();
+                self.lead = Some(('`', 0));
                 continue;
             }
             if self.at_start && (c == ' ' || c == '\t') {
                 continue;
             }
             self.at_start = false;
-            if self.head.len() < 3 && !self.head.contains(|h: char| h != '`' && h != '~') {
-                self.head.push(c);
-                if self.head == "```" || self.head == "~~~" {
-                    self.in_fence = !self.in_fence;
+            self.lead = match self.lead {
+                Some((mark, n)) if matches!(c, '`' | '~') && (n == 0 || mark == c) => {
+                    if n == 2 {
+                        // A block opened with one fence character is closed only by it.
+                        self.fence = match self.fence {
+                            None => Some(c),
+                            Some(open) if open == c => None,
+                            open => open,
+                        };
+                        None
+                    } else {
+                        Some((c, n + 1))
+                    }
                 }
-            }
+                _ => None,
+            };
         }
     }
 
     /// Whether markup here may be a call.
     fn may_call(&self) -> bool {
-        self.at_start && !self.in_fence
+        self.at_start && self.fence.is_none()
     }
 }
 
@@ -420,6 +432,10 @@ mod tests {
         let (_, calls, _) = run(text, 3);
         assert_eq!(calls.len(), 1);
         assert_eq!(calls[0].name, "list_dir");
+        // A ~~~ line inside a ``` block does not close it.
+        let mixed =
+            "```\n~~~\n<tool_call>{\"name\": \"list_dir\", \"arguments\": {}}</tool_call>\n```";
+        assert!(run(mixed, 2).1.is_empty());
         // Two calls one after the other on one line are both calls.
         let two = "<tool_call>{\"name\": \"list_dir\", \"arguments\": {}}</tool_call><tool_call>{\"name\": \"list_dir\", \"arguments\": {}}</tool_call>";
         assert_eq!(run(two, 5).1.len(), 2);

@@ -394,3 +394,20 @@ fn a_file_below_missing_directories_is_created_with_them() {
         .unwrap();
     assert_eq!(read(&f.ws, "new/dir/file.txt").unwrap(), "x");
 }
+
+#[test]
+fn a_child_started_in_the_handle_runs_in_the_opened_directory_whatever_the_path_names() {
+    let f = fixture();
+    let root = f.ws.root().to_owned();
+    std::fs::rename(&root, root.with_file_name("ws-old")).unwrap();
+    symlink(&f.outside, &root).unwrap();
+    let out = std::process::Command::new("pwd")
+        .arg("-P")
+        .current_dir(f.ws.handle_path())
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        root.with_file_name("ws-old").display().to_string()
+    );
+}
