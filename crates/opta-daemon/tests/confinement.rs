@@ -23,16 +23,37 @@ async fn setup() -> (ScriptedLmx, TestDaemon, Dirs, String) {
 }
 
 async fn submit(d: &TestDaemon, session: &str, content: &str, mode: &str) -> (StatusCode, Value) {
+    submit_with(d, session, content, mode, json!({})).await
+}
+
+async fn submit_with(
+    d: &TestDaemon,
+    session: &str,
+    content: &str,
+    mode: &str,
+    overrides: Value,
+) -> (StatusCode, Value) {
     d.post(
         &format!("/v3/sessions/{session}/turns"),
-        json!({"clientId": "test", "writerId": "w1", "content": content, "mode": mode}),
+        json!({"clientId": "test", "writerId": "w1", "content": content, "mode": mode,
+               "overrides": overrides}),
     )
     .await
 }
 
 async fn run(d: &TestDaemon, session: &str, content: &str, mode: &str) -> Vec<Value> {
+    run_with(d, session, content, mode, json!({})).await
+}
+
+async fn run_with(
+    d: &TestDaemon,
+    session: &str,
+    content: &str,
+    mode: &str,
+    overrides: Value,
+) -> Vec<Value> {
     let mut ws = d.ws(session, u64::MAX).await;
-    let (status, body) = submit(d, session, content, mode).await;
+    let (status, body) = submit_with(d, session, content, mode, overrides).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
     let turn = body["turnId"].as_str().unwrap().to_owned();
     ws.envelopes_until(is_terminal_of(&turn)).await
@@ -271,6 +292,21 @@ async fn a_workspace_holding_the_home_is_refused_and_when_allowed_the_home_is_ou
     let events = run(&d, &s, "rewrite", "do").await;
     for result in tool_ends(&events) {
         assert_eq!(result["ok"], false, "{result}");
+    }
+    // `dangerous` runs every tool without asking: the home is still out of reach.
+    lmx.push(Reply::tool_call(
+        "read_file",
+        json!({"path": "daemon/token"}),
+    ));
+    lmx.push(Reply::tool_call(
+        "edit_file",
+        json!({"path": "config.toml", "oldString": "9999", "newString": "1"}),
+    ));
+    lmx.push(Reply::chunks(["done"]));
+    let events = run_with(&d, &s, "anything", "do", json!({"dangerous": true})).await;
+    for result in tool_ends(&events) {
+        assert_eq!(result["ok"], false, "{result}");
+        assert!(!result.to_string().contains("TOKEN-SECRET-123"));
     }
     assert_eq!(
         std::fs::read_to_string(home.join("config.toml")).unwrap(),

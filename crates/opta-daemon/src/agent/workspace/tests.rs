@@ -131,10 +131,11 @@ fn a_symlink_planted_at_every_temporary_name_is_never_followed() {
     .unwrap();
     // A racer turns every temporary file that appears into a link out.
     let stop = Arc::new(AtomicBool::new(false));
+    let planted = Arc::new(std::sync::atomic::AtomicU32::new(0));
     let racer = {
-        let (stop, root, target) = (stop.clone(), root.clone(), target.clone());
+        let (stop, planted) = (stop.clone(), planted.clone());
+        let (root, target) = (root.clone(), target.clone());
         std::thread::spawn(move || {
-            let mut planted = 0u32;
             while !stop.load(Ordering::Relaxed) {
                 for entry in std::fs::read_dir(&root).into_iter().flatten().flatten() {
                     let name = entry.file_name().to_string_lossy().into_owned();
@@ -142,25 +143,40 @@ fn a_symlink_planted_at_every_temporary_name_is_never_followed() {
                         && std::fs::remove_file(entry.path()).is_ok()
                         && symlink(&target, entry.path()).is_ok()
                     {
-                        planted += 1;
+                        planted.fetch_add(1, Ordering::Relaxed);
                     }
                 }
             }
-            planted
         })
     };
-    for i in 0..300 {
+    // Until the racer has planted links at several temporary names (it must, or the test
+    // proves nothing).
+    let mut writes = 0;
+    while planted.load(Ordering::Relaxed) < 5 && writes < 20_000 {
         let _ =
-            f.ws.write_atomic(Path::new("f.txt"), format!("{i}").as_bytes(), None);
+            f.ws.write_atomic(Path::new("f.txt"), format!("{writes}").as_bytes(), None);
+        // A link the racer got renamed into place is a link out: writes to it are refused,
+        // so it is cleared for the next round.
+        if root
+            .join("f.txt")
+            .symlink_metadata()
+            .is_ok_and(|m| m.file_type().is_symlink())
+        {
+            let _ = std::fs::remove_file(root.join("f.txt"));
+        }
+        writes += 1;
     }
     stop.store(true, Ordering::Relaxed);
-    let planted = racer.join().unwrap();
+    racer.join().unwrap();
+    assert!(
+        planted.load(Ordering::Relaxed) > 0,
+        "the racer planted nothing in {writes} writes"
+    );
     assert_eq!(std::fs::read_to_string(&target).unwrap(), "untouched");
     assert!(
         std::fs::read_dir(&f.outside).unwrap().count() == 2,
         "nothing new outside"
     );
-    eprintln!("links planted at temporary names: {planted}");
 }
 
 #[test]
@@ -183,19 +199,24 @@ fn a_parent_swapped_for_a_link_during_writes_and_reads_never_leads_out() {
             }
         })
     };
-    let mut leaked_reads = 0;
+    let (mut leaked_reads, mut refused) = (0, 0);
     for i in 0..1000 {
-        let _ =
+        let written =
             f.ws.write_atomic(Path::new("sub/written"), format!("{i}").as_bytes(), None);
-        if let Ok(text) = read(&f.ws, "sub/secret")
-            && text == "OUTSIDE"
-        {
-            leaked_reads += 1;
+        match read(&f.ws, "sub/secret") {
+            Ok(text) if text == "OUTSIDE" => leaked_reads += 1,
+            Err(WorkspaceError::Outside { .. }) => refused += 1,
+            _ => {}
+        }
+        if matches!(written, Err(WorkspaceError::Outside { .. })) {
+            refused += 1;
         }
     }
     stop.store(true, Ordering::Relaxed);
     racer.join().unwrap();
     assert_eq!(leaked_reads, 0, "reads that went outside");
+    // The race was real: some operations met the link and were refused.
+    assert!(refused > 0, "no operation met the swapped directory");
     let outside: Vec<_> = std::fs::read_dir(&f.outside)
         .unwrap()
         .flatten()
