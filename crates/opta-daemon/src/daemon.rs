@@ -127,6 +127,13 @@ impl RunningDaemon {
     /// writes the state file.
     pub async fn start(config: DaemonConfig) -> Result<Self> {
         check_lmx_url(&config.lmx_url)?;
+        // Not dumpable: `/proc/PID/mem` and `environ` then need CAP_SYS_PTRACE, which no
+        // sandboxed command holds, even one run as root (same-user access alone would do).
+        if let Err(e) =
+            rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)
+        {
+            tracing::warn!(error = %e, "could not make the daemon undumpable");
+        }
         let dir = config.daemon_dir();
         fs::create_dir_all(&dir)?;
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))?;

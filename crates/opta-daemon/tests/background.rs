@@ -411,6 +411,11 @@ async fn deleting_a_session_stops_its_processes() {
 /// Whether the kernel offers Landlock, asked directly (`landlock_create_ruleset` with the
 /// version flag), not through the daemon.
 fn kernel_has_landlock() -> bool {
+    landlock_abi() > 0
+}
+
+/// The kernel's Landlock ABI version (0: none).
+fn landlock_abi() -> i64 {
     const SYS_LANDLOCK_CREATE_RULESET: nix::libc::c_long = 444;
     const LANDLOCK_CREATE_RULESET_VERSION: u32 = 1;
     // SAFETY: with a null attribute, size 0 and the version flag, the call only answers the
@@ -423,7 +428,7 @@ fn kernel_has_landlock() -> bool {
             LANDLOCK_CREATE_RULESET_VERSION,
         )
     };
-    abi > 0
+    abi.max(0)
 }
 
 #[tokio::test]
@@ -462,10 +467,16 @@ async fn sandboxed_commands_write_only_in_the_workspace_and_cannot_read_the_daem
     let s = session_in(&d, &ws).await;
     let state = d.home().join("daemon/state.json");
     assert!(state.exists());
+    // The daemon runs in this test process.
+    let daemon = std::process::id();
     let script = format!(
         "echo inside > made.txt && echo wrote-inside; \
          echo outside > {out}/escaped.txt || echo write-outside-refused; \
          cat {state} > /dev/null || echo state-unreadable; \
+         cat /proc/{daemon}/environ > /dev/null || echo environ-unreadable; \
+         (exec 3< /proc/{daemon}/mem) 2> /dev/null || echo memory-unopenable; \
+         mknod raw-disk b 8 0 2> /dev/null || echo mknod-refused; \
+         kill -0 {daemon} || echo signal-refused; \
          cat /etc/hostname > /dev/null && echo reads-elsewhere",
         out = outside.display(),
         state = state.display()
@@ -482,12 +493,20 @@ async fn sandboxed_commands_write_only_in_the_workspace_and_cannot_read_the_daem
         .iter()
         .map(|c| c["text"].as_str().unwrap())
         .collect();
-    for line in [
+    let mut expected = vec![
         "wrote-inside",
         "write-outside-refused",
         "state-unreadable",
+        "environ-unreadable",
+        "memory-unopenable",
+        "mknod-refused",
         "reads-elsewhere",
-    ] {
+    ];
+    // Signals are scoped from ABI 6 on.
+    if landlock_abi() >= 6 {
+        expected.push("signal-refused");
+    }
+    for line in expected {
         assert!(stdout.contains(line), "{line} missing from {stdout:?}");
     }
     assert_eq!(

@@ -2,7 +2,9 @@
 //! (its state file holds the token: a command that read it could approve its own prompts),
 //! and write only in the session's workspace, the temporary directory, `/dev/null` and the
 //! roots the user added (`--sandbox-write`). Where the kernel has no Landlock, commands run
-//! unsandboxed and `/v3/health` says `sandbox: "none"`.
+//! unsandboxed and `/v3/health` says `sandbox: "none"`. Where the kernel has Landlock ABI 6,
+//! they also cannot signal processes outside the sandbox (the daemon) or connect to abstract
+//! sockets made outside it.
 //!
 //! Landlock restricts a thread and the processes it starts afterwards, so each sandboxed
 //! command is spawned from a short-lived thread that restricts itself first; the daemon's own
@@ -10,13 +12,17 @@
 
 use std::path::{Path, PathBuf};
 
+use rustix::thread::CapabilitySet;
+
 use landlock::{
     ABI, Access, AccessFs, PathBeneath, PathFd, Ruleset, RulesetAttr, RulesetCreatedAttr,
-    RulesetStatus,
+    RulesetStatus, Scope,
 };
 
 /// The Landlock ABI the rules are written for; older kernels enforce what they know.
 const TARGET_ABI: ABI = ABI::V5;
+/// The ABI of the scopes (6: signals and abstract sockets); older kernels go without them.
+const SCOPE_ABI: ABI = ABI::V6;
 
 /// Where sandboxed commands may write, and what they may not read.
 #[derive(Debug, Clone)]
@@ -86,7 +92,8 @@ impl Sandbox {
         handle: Option<cap_std::fs::Dir>,
     ) -> std::io::Result<tokio::process::Child> {
         if !self.available {
-            return command.spawn();
+            return spawn_from_thread(move || drop_capabilities().and_then(|()| command.spawn()))
+                .await;
         }
         let reads = read_roots(&self.hidden);
         let mut wanted = vec![std::env::temp_dir(), "/dev/null".into()];
@@ -100,17 +107,63 @@ impl Sandbox {
             .map(|root| root.canonicalize().unwrap_or_else(|_| root.clone()))
             .flat_map(|root| except(&root, &self.hidden))
             .collect();
-        let runtime = tokio::runtime::Handle::current();
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        std::thread::spawn(move || {
-            let _entered = runtime.enter();
-            let result = confine(&reads, &writes, handle).and_then(|()| command.spawn());
-            let _ = reply.send(result);
-        });
-        answer
-            .await
-            .map_err(|_| std::io::Error::other("the sandbox thread failed"))?
+        spawn_from_thread(move || {
+            drop_capabilities()
+                .and_then(|()| confine(&reads, &writes, handle))
+                .and_then(|()| command.spawn())
+        })
+        .await
     }
+}
+
+/// Runs `spawn` on a short-lived thread of its own: what it restricts (capabilities, the
+/// Landlock domain) is that thread's and its children's, never the daemon's.
+async fn spawn_from_thread(
+    spawn: impl FnOnce() -> std::io::Result<tokio::process::Child> + Send + 'static,
+) -> std::io::Result<tokio::process::Child> {
+    let runtime = tokio::runtime::Handle::current();
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let _entered = runtime.enter();
+        let _ = reply.send(spawn());
+    });
+    answer
+        .await
+        .map_err(|_| std::io::Error::other("the sandbox thread failed"))?
+}
+
+/// Capabilities a sandboxed command never holds, even run as root: each reaches past the
+/// sandbox (the daemon's memory and environment through ptrace or `/proc`, kernel modules,
+/// device nodes that read the disk raw, mounts, raw I/O, file handles, BPF).
+const DROPPED_CAPABILITIES: CapabilitySet = CapabilitySet::SYS_PTRACE
+    .union(CapabilitySet::SYS_MODULE)
+    .union(CapabilitySet::SYS_RAWIO)
+    .union(CapabilitySet::MKNOD)
+    .union(CapabilitySet::SYS_ADMIN)
+    .union(CapabilitySet::SYS_BOOT)
+    .union(CapabilitySet::SYS_TIME)
+    .union(CapabilitySet::DAC_READ_SEARCH)
+    .union(CapabilitySet::BPF)
+    .union(CapabilitySet::PERFMON)
+    .union(CapabilitySet::MAC_ADMIN)
+    .union(CapabilitySet::MAC_OVERRIDE)
+    .union(CapabilitySet::AUDIT_CONTROL)
+    .union(CapabilitySet::SYSLOG);
+
+/// Removes [`DROPPED_CAPABILITIES`] from the calling thread (and so from what it starts): from
+/// its bounding set, so no program it runs gets them back, and from its own sets. A thread
+/// that never had them (not root) changes nothing.
+fn drop_capabilities() -> std::io::Result<()> {
+    for capability in DROPPED_CAPABILITIES.iter() {
+        // Needs CAP_SETPCAP; without it the thread has none of these to lose.
+        let _ = rustix::thread::remove_capability_from_bounding_set(capability);
+    }
+    let mut sets = rustix::thread::capabilities(None)?;
+    sets.effective.remove(DROPPED_CAPABILITIES);
+    sets.permitted.remove(DROPPED_CAPABILITIES);
+    sets.inheritable.remove(DROPPED_CAPABILITIES);
+    rustix::thread::set_capabilities(None, sets)?;
+    Ok(())
 }
 
 /// Restricts the calling thread (and what it starts) to the rules.
@@ -122,8 +175,14 @@ fn confine(
     let all = AccessFs::from_all(TARGET_ABI);
     let read = AccessFs::from_read(TARGET_ABI);
     let fail = |e: landlock::RulesetError| std::io::Error::other(format!("sandbox: {e}"));
+    // Scoped (where the kernel has ABI 6): no signal to a process outside the sandbox (the
+    // daemon: SIGSTOP, SIGKILL) and no connection to its abstract sockets. A sandboxed
+    // process can never ptrace one outside either (Landlock's rule since ABI 1), so the
+    // daemon's memory and `/proc/PID/environ` are out of reach.
     let mut ruleset = Ruleset::default()
         .handle_access(all)
+        .map_err(fail)?
+        .scope(Scope::from_all(SCOPE_ABI))
         .map_err(fail)?
         .create()
         .map_err(fail)?;
