@@ -301,7 +301,7 @@ impl Store {
                     let mut wal = writer::WalLimit {
                         path: wal_path,
                         max_bytes: options.wal_limit_bytes.unwrap_or(WAL_LIMIT_BYTES),
-                        retry_at: None,
+                        held_off: false,
                     };
                     writer::run(conn, wrx, &writer_dirty, options.full_disk_fault, &mut wal);
                 })?,
@@ -550,8 +550,8 @@ mod tests {
             took < BUSY_TIMEOUT / 2,
             "200 commits took {took:?} behind a reader"
         );
-        // Once the reader is done, a later commit truncates the log again (after the back-off,
-        // and not while the checkpointer's own passive checkpoint runs).
+        // Once the reader is done, a later commit truncates the log again (not while the
+        // checkpointer's own passive checkpoint runs).
         reader.execute_batch("COMMIT").unwrap();
         drop(reader);
         let wal_size = || std::fs::metadata(dir.path().join("t.db-wal")).map_or(0, |m| m.len());

@@ -26,40 +26,47 @@ pub(super) enum WriterMsg {
 pub(super) struct WalLimit {
     pub path: std::path::PathBuf,
     pub max_bytes: u64,
-    /// No truncation is tried before this (set when readers held one off).
-    pub retry_at: Option<std::time::Instant>,
+    /// The last truncation was held off (a reader on old frames, or the checkpointer's own
+    /// passive checkpoint): the next ones do not wait.
+    pub held_off: bool,
 }
 
-/// How long a truncation waits for readers of old frames, on the commit path.
+/// How long a truncation waits for readers of old frames, on the commit path, the first
+/// time; while it stays held off, later tries do not wait at all.
 const TRUNCATE_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
-/// After readers held a truncation off, commits go on without trying again for this long.
-const TRUNCATE_BACKOFF: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl WalLimit {
     /// Checkpoints the whole log into the database and truncates it once it has outgrown its
     /// limit. Run between commits by the only writer, so no frame is appended meanwhile and
     /// the checkpoint can reach the log's end. Readers still reading old frames (a long
-    /// replay) make it wait at most [`TRUNCATE_WAIT`]; then commits go on and it is tried
-    /// again after [`TRUNCATE_BACKOFF`], so a long read never stalls the commits behind it.
+    /// replay), or the checkpointer's passive checkpoint, make it wait at most
+    /// [`TRUNCATE_WAIT`]; while they hold it off, it is tried again after every commit
+    /// without waiting (a few lock attempts: the frames up to the readers' mark are copied
+    /// once), so a long read never stalls the commits behind it and the log is truncated at
+    /// the first commit after it ends (a one-second back-off let a busy checkpointer grow
+    /// the log by a second of commits).
     fn enforce(&mut self, conn: &Connection) {
         let size = std::fs::metadata(&self.path).map_or(0, |m| m.len());
-        if size <= self.max_bytes
-            || self
-                .retry_at
-                .is_some_and(|at| at > std::time::Instant::now())
-        {
+        if size <= self.max_bytes {
             return;
         }
-        let _ = conn.busy_timeout(TRUNCATE_WAIT);
+        let wait = if self.held_off {
+            std::time::Duration::ZERO
+        } else {
+            TRUNCATE_WAIT
+        };
+        let _ = conn.busy_timeout(wait);
         // One row: (busy, log frames, checkpointed frames); busy = 1 when readers held it off.
         match conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
             r.get::<_, i64>(0)
         }) {
-            Ok(0) => self.retry_at = None,
-            Ok(_) => self.retry_at = Some(std::time::Instant::now() + TRUNCATE_BACKOFF),
+            Ok(0) => self.held_off = false,
+            Ok(_) => self.held_off = true,
             Err(e) => {
-                self.retry_at = Some(std::time::Instant::now() + TRUNCATE_BACKOFF);
-                tracing::warn!(error = %e, wal_bytes = size, "could not truncate the write-ahead log");
+                if !self.held_off {
+                    tracing::warn!(error = %e, wal_bytes = size, "could not truncate the write-ahead log");
+                }
+                self.held_off = true;
             }
         }
         let _ = conn.busy_timeout(super::BUSY_TIMEOUT);
