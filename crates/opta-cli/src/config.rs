@@ -79,6 +79,12 @@ const KEYS: &[(&str, &str, Kind)] = &[
     ("background-keep-secs", "background_keep_secs", Kind::Number),
     ("sync-commits", "sync_commits", Kind::Switch),
     ("allow-any-workspace", "allow_any_workspace", Kind::Switch),
+    ("command-max-procs", "command_max_procs", Kind::Number),
+    (
+        "command-max-memory-mb",
+        "command_max_memory_mb",
+        Kind::Number,
+    ),
 ];
 
 #[derive(Subcommand)]
@@ -249,6 +255,8 @@ fn set_field(args: &mut DaemonArgs, key: &str, text: &str) -> Result<()> {
         }
         "sync-commits" => args.sync_commits = text == "true",
         "allow-any-workspace" => args.allow_any_workspace = text == "true",
+        "command-max-procs" => args.command_max_procs = number()?,
+        "command-max-memory-mb" => args.command_max_memory_mb = number()?,
         other => bail!("unknown config key {other:?}"),
     }
     Ok(())
@@ -294,6 +302,8 @@ fn get_field(args: &DaemonArgs, key: &str) -> String {
             .unwrap_or_default(),
         "sync-commits" => args.sync_commits.to_string(),
         "allow-any-workspace" => args.allow_any_workspace.to_string(),
+        "command-max-procs" => args.command_max_procs.to_string(),
+        "command-max-memory-mb" => args.command_max_memory_mb.to_string(),
         _ => String::new(),
     }
 }

@@ -284,6 +284,10 @@ fn agent_config(args: &DaemonArgs) -> Result<opta_daemon::agent::AgentConfig> {
             .collect::<std::io::Result<_>>()
             .context("--sandbox-write")?,
         allow_any_workspace: args.allow_any_workspace,
+        command_caps: opta_daemon::process::contain::CommandCaps {
+            max_procs: args.command_max_procs,
+            max_memory_bytes: args.command_max_memory_mb.saturating_mul(1 << 20),
+        },
     })
 }
 

@@ -160,6 +160,22 @@ pub struct DaemonArgs {
     #[arg(long, env = "OPTA_ALLOW_ANY_WORKSPACE", global = true,
         value_parser = clap::builder::BoolishValueParser::new())]
     pub allow_any_workspace: bool,
+    /// Processes (and threads) one command may run at once (0: no limit).
+    #[arg(
+        long,
+        env = "OPTA_COMMAND_MAX_PROCS",
+        default_value_t = 256,
+        global = true
+    )]
+    pub command_max_procs: u64,
+    /// Memory one command may use, in MiB (0: no limit).
+    #[arg(
+        long,
+        env = "OPTA_COMMAND_MAX_MEMORY_MB",
+        default_value_t = 4096,
+        global = true
+    )]
+    pub command_max_memory_mb: u64,
     /// Mode of `do` and `chat` turns when `--mode` is not given (else `do` for do, `chat` for
     /// chat). A client setting: the daemon does not use it.
     #[arg(long, env = "OPTA_DEFAULT_MODE", global = true, value_parser = crate::do_cmd::parse_mode)]
@@ -213,6 +229,10 @@ impl DaemonArgs {
             self.background_output_kib.to_string(),
             "--background-keep-secs".into(),
             self.background_keep_secs.to_string(),
+            "--command-max-procs".into(),
+            self.command_max_procs.to_string(),
+            "--command-max-memory-mb".into(),
+            self.command_max_memory_mb.to_string(),
         ];
         for path in &self.sandbox_write {
             args.push("--sandbox-write".into());

@@ -114,7 +114,17 @@ pub async fn doctor(
             checks.push(check_tools(&http, lmx_url, &model).await);
         }
     }
-    checks.push(check_sandbox(home).await);
+    let health = match daemon_ctl::running(home).await {
+        Some(r) => r.client.check_contract().await.ok(),
+        None => None,
+    };
+    checks.push(check_sandbox(
+        home,
+        health.as_ref().and_then(|h| h.sandbox.clone()),
+    ));
+    checks.push(check_processes(
+        health.as_ref().and_then(|h| h.processes.as_deref()),
+    ));
     checks.push(check_disk(home));
     report(&checks, json)?;
     let failed = checks.iter().any(|c| c.status == Status::Fail);
@@ -125,13 +135,25 @@ pub async fn doctor(
     })
 }
 
-/// How commands are confined: the running daemon's answer, else this kernel's.
-async fn check_sandbox(home: &Path) -> Check {
-    let kind = match daemon_ctl::running(home).await {
-        Some(r) => r.client.check_contract().await.ok().and_then(|h| h.sandbox),
-        None => None,
+/// How a command's processes are tracked to their end, as the running daemon says.
+fn check_processes(kind: Option<&str>) -> Check {
+    match kind {
+        Some("cgroup") => Check::ok(
+            "processes",
+            "cgroup: each command runs in its own, and everything it started dies with it, setsid or not",
+        ),
+        Some(other) => Check::warn(
+            "processes",
+            format!("{other}: a command that detaches (setsid) can outlive its stop"),
+            "run the daemon where it can make cgroup v2 directories (as root, or in a systemd user slice with delegation)",
+        ),
+        None => Check::ok("processes", "reported by the daemon once it runs"),
     }
-    .unwrap_or_else(|| {
+}
+
+/// How commands are confined: the running daemon's answer, else this kernel's.
+fn check_sandbox(home: &Path, kind: Option<String>) -> Check {
+    let kind = kind.unwrap_or_else(|| {
         opta_daemon::process::sandbox::Sandbox::probe(home, Vec::new())
             .kind()
             .to_owned()

@@ -508,3 +508,93 @@ async fn a_piped_token_is_kept_exactly_and_an_unusable_one_is_refused() {
         .unwrap();
     assert!(stopped.status.success());
 }
+
+/// The pids a command wrote to `file`, once there are `n`.
+async fn pids_in(file: &Path, n: usize) -> Vec<u64> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let pids: Vec<u64> = std::fs::read_to_string(file)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect();
+        if pids.len() == n {
+            return pids;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the command never wrote its pids"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn commands_and_what_they_detached_die_with_a_killed_daemon_at_its_restart() {
+    use opta_test_support::{host_has_cgroups, process_alive};
+    if !host_has_cgroups() {
+        eprintln!("no cgroups on this host: processes that call setsid are not tracked");
+        return;
+    }
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let ws = tempfile::tempdir().unwrap();
+    let ws = ws.path().canonicalize().unwrap();
+    let mut daemon = spawn_daemon(home.path(), &lmx.url());
+    let state = wait_ready(home.path(), &mut daemon).await;
+    let port = state["port"].as_u64().unwrap();
+    let (status, _) = call(
+        port,
+        reqwest::Method::POST,
+        "/v3/sessions",
+        Some(json!({"sessionId": "procs", "metadata": {"workspace": ws}})),
+    )
+    .await;
+    assert_eq!(status, 201);
+    // A background process and a plain run_command, each with a child that called setsid.
+    let (status, body) = call(
+        port,
+        reqwest::Method::POST,
+        "/v3/background/start",
+        Some(json!({"sessionId": "procs",
+                    "command": "setsid sleep 300 & echo $! > bg.pids; sleep 300"})),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    lmx.push(Reply::tool_call(
+        "run_command",
+        json!({"command": "setsid sleep 301 & echo $! > cmd.pids; echo $$ >> cmd.pids; sleep 300"}),
+    ));
+    let (status, body) = call(
+        port,
+        reqwest::Method::POST,
+        "/v3/sessions/procs/turns",
+        Some(
+            json!({"clientId": "c", "writerId": "w", "content": "run", "mode": "do",
+                    "overrides": {"dangerous": true}}),
+        ),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    let mut pids = pids_in(&ws.join("bg.pids"), 1).await;
+    pids.extend(pids_in(&ws.join("cmd.pids"), 2).await);
+
+    signal(&daemon, "KILL");
+    wait_exit(&mut daemon);
+    // Nothing killed them: the daemon could not.
+    for pid in &pids {
+        assert!(process_alive(*pid), "{pid} died with the daemon already");
+    }
+    let mut daemon = spawn_daemon(home.path(), &lmx.url());
+    wait_ready(home.path(), &mut daemon).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pids.iter().any(|p| process_alive(*p)) {
+        assert!(
+            Instant::now() < deadline,
+            "still running after the restart: {pids:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    signal(&daemon, "TERM");
+    wait_exit(&mut daemon);
+}

@@ -183,6 +183,8 @@ pub struct DaemonContext {
     pub runner: crate::process::ProcessRunner,
     /// The sandbox commands run in.
     pub sandbox: crate::process::sandbox::Sandbox,
+    /// How every command's processes are tracked to their end (a cgroup each).
+    pub containment: crate::process::contain::Containment,
     /// Limits of background processes.
     pub background: crate::process::BackgroundLimits,
     /// Session changes, for live session lists.

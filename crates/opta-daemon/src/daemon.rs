@@ -162,6 +162,17 @@ impl RunningDaemon {
             Err(e @ crate::agent::WorkspaceError::Refused { .. }) => Err(e.to_string()),
             Err(e) => return Err(Error::Config(format!("--workspace: {e}"))),
         };
+        // Commands of a previous run killed with it are still in its cgroups: gone now.
+        let containment =
+            crate::process::contain::Containment::probe(&dir, config.agent.command_caps);
+        let left = containment.recover();
+        if left > 0 {
+            tracing::info!(
+                cgroups = left,
+                "commands a previous run left behind were killed"
+            );
+        }
+        containment.release();
         let (runner, runner_inbox) = crate::process::ProcessRunner::channel();
         let ctx = Arc::new(DaemonContext {
             daemon_id: new_daemon_id(),
@@ -184,6 +195,7 @@ impl RunningDaemon {
                 &config.home,
                 config.agent.sandbox_writes.clone(),
             ),
+            containment,
             background: config.background,
             session_feed: crate::session::SessionFeed::default(),
         });
@@ -286,6 +298,7 @@ impl RunningDaemon {
         // Background processes first: their ends are recorded in their sessions.
         self.runner.shutdown().await;
         self.registry.shutdown().await;
+        self.ctx.containment.release();
         self.ctx.store.shutdown().await?;
         if let Err(e) = fs::remove_file(&self.state_path) {
             tracing::warn!(error = %e, "could not remove the state file");

@@ -82,6 +82,11 @@ pub struct V3HealthResponse {
     /// How commands are confined: `landlock`, or `none` where the kernel cannot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sandbox: Option<String>,
+    /// How a command's processes are tracked to their end: `cgroup` (each command in its own,
+    /// killed whole, those that called setsid included), or `process-group` where no cgroup
+    /// can be made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub processes: Option<String>,
 }
 
 /// `GET /v3/metrics`.

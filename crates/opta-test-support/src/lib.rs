@@ -15,6 +15,33 @@ pub use daemon::{TestDaemon, WAIT, WorkspaceDirs};
 pub use lmx::{Behaviour, Reply, ScriptedLmx, conversation};
 pub use proxy::CutProxy;
 
+/// Whether process `pid` is running (a zombie, exited but not yet reaped by whoever
+/// inherited it, counts as gone).
+pub fn process_alive(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .next()
+            != Some("Z")
+    })
+}
+
+/// Whether this host lets a root process make cgroup v2 directories (so a daemon tracks its
+/// commands by cgroup): running as root, with a cgroup2 mount.
+pub fn host_has_cgroups() -> bool {
+    let root = std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
+        s.lines()
+            .find(|l| l.starts_with("Uid:"))
+            .and_then(|l| l.split_whitespace().nth(2))
+            == Some("0")
+    });
+    let mounted = std::fs::read_to_string("/proc/mounts")
+        .is_ok_and(|m| m.lines().any(|l| l.split(' ').nth(2) == Some("cgroup2")));
+    root && mounted
+}
+
 /// Whether any live process is in process group `pgid` (zombies, exited but not yet reaped
 /// by whoever inherited them, count as gone).
 pub fn group_alive(pgid: u64) -> bool {

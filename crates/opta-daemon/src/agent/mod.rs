@@ -37,6 +37,8 @@ pub struct AgentConfig {
     pub sandbox_writes: Vec<PathBuf>,
     /// Let a workspace be `/` or hold the daemon's home (`--allow-any-workspace`).
     pub allow_any_workspace: bool,
+    /// What each command may use (`--command-max-procs`, `--command-max-memory-mb`).
+    pub command_caps: crate::process::contain::CommandCaps,
 }
 
 impl Default for AgentConfig {
@@ -49,6 +51,7 @@ impl Default for AgentConfig {
             workspace: None,
             sandbox_writes: Vec::new(),
             allow_any_workspace: false,
+            command_caps: crate::process::contain::CommandCaps::default(),
         }
     }
 }

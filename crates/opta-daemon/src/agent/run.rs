@@ -594,6 +594,7 @@ impl Turn<'_> {
                     default_timeout: ctx.background.default_timeout,
                 }),
             sandbox: (!dangerous).then_some(&ctx.sandbox),
+            containment: &ctx.containment,
         };
         match tools::prepare(spec, args, &mut env).await {
             Prepared::Finished(result) => (result, Some("mode".to_owned())),

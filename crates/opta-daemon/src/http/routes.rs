@@ -42,6 +42,7 @@ pub async fn v3_health(State(state): State<AppState>) -> Json<V3HealthResponse> 
         contract: Contract::current(),
         runtime: state.ctx.counters.snapshot(),
         sandbox: Some(state.ctx.sandbox.kind().to_owned()),
+        processes: Some(state.ctx.containment.kind().to_owned()),
     })
 }
 

@@ -8,6 +8,7 @@
 //! each to the runner (for the output route) and to the session (as an event, awaited, so a
 //! process's events are in order), handles kill and timeout escalation, and reports the end.
 
+pub mod contain;
 mod monitor;
 pub mod sandbox;
 

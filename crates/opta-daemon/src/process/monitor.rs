@@ -53,6 +53,10 @@ pub(super) async fn spawn(
     for name in &ctx.agent.command.env_remove {
         command.env_remove(name);
     }
+    let cell = ctx
+        .containment
+        .prepare(&mut command)
+        .map_err(|e| Error::Internal(format!("could not give the process its cgroup: {e}")))?;
     let spawned = if spec.sandboxed {
         ctx.sandbox.spawn(command, &spec.workspace).await
     } else {
@@ -91,6 +95,7 @@ pub(super) async fn spawn(
             .filter(|p| *p > 0)
             .map(Pid::from_raw),
         session: spec.session.clone(),
+        cell,
         runner,
         seq: 0,
         started: std::time::Instant::now(),
@@ -129,6 +134,9 @@ async fn read_stream(
 struct Monitor {
     info: BackgroundProcess,
     group: Option<Pid>,
+    /// Its cgroup: a SIGKILL reaches every process it started, those that left the group too;
+    /// dropped (the monitor ends), it is emptied and removed.
+    cell: crate::process::contain::Cell,
     session: SessionHandle,
     runner: mpsc::Sender<RunnerCommand>,
     seq: u64,
@@ -149,6 +157,9 @@ impl Monitor {
     fn signal(&self, signal: Signal) {
         if let Some(group) = self.group {
             let _ = killpg(group, signal);
+        }
+        if signal == Signal::SIGKILL {
+            self.cell.kill();
         }
     }
 

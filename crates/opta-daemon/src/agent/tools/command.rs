@@ -165,9 +165,11 @@ pub fn simple_scope(command: &str) -> Option<String> {
     Some(words.iter().take(2).cloned().collect::<Vec<_>>().join(" "))
 }
 
-/// Kills the process group when dropped, unless it is known to be gone.
+/// Kills the process group and everything in the command's cgroup when dropped (a cancel
+/// drops the call), unless the group is known to be gone.
 struct GroupGuard {
     pgid: Option<nix::unistd::Pid>,
+    cell: crate::process::contain::Cell,
 }
 
 impl GroupGuard {
@@ -175,6 +177,7 @@ impl GroupGuard {
         if let Some(pgid) = self.pgid.take() {
             let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
         }
+        self.cell.kill();
     }
 }
 
@@ -191,6 +194,7 @@ pub async fn run(
     args: RunCommandArgs,
     limits: &CommandLimits,
     sandbox: Option<&crate::process::sandbox::Sandbox>,
+    containment: &crate::process::contain::Containment,
 ) -> Result<String, String> {
     let timeout = args
         .timeout_secs
@@ -213,6 +217,9 @@ pub async fn run(
     for name in &limits.env_remove {
         command.env_remove(name);
     }
+    let cell = containment
+        .prepare(&mut command)
+        .map_err(|e| format!("could not give the command its cgroup: {e}"))?;
     let spawned = match sandbox {
         Some(sandbox) => sandbox.spawn_in(command, workspace).await,
         None => command.spawn(),
@@ -223,6 +230,7 @@ pub async fn run(
             .id()
             .and_then(|id| i32::try_from(id).ok())
             .map(nix::unistd::Pid::from_raw),
+        cell,
     };
     let cap = limits.output_cap;
     let stdout = child
@@ -398,6 +406,7 @@ mod tests {
     async fn output_is_capped_and_failures_are_errors() {
         let dir = tempfile::tempdir().unwrap();
         let ws = Workspace::new(&dir.path().canonicalize().unwrap()).unwrap();
+        let groups = crate::process::contain::Containment::process_groups_only();
         let limits = CommandLimits {
             output_cap: 1000,
             ..CommandLimits::default()
@@ -407,12 +416,14 @@ mod tests {
             timeout_secs: None,
             background_after_secs: None,
         };
-        let out = run(&ws, args("seq 1 100000"), &limits, None).await.unwrap();
+        let out = run(&ws, args("seq 1 100000"), &limits, None, &groups)
+            .await
+            .unwrap();
         assert!(out.starts_with("exit code 0"), "{out}");
         assert!(out.contains("bytes cut"), "{out}");
         assert!(out.contains("\n100000"), "{out}");
         assert!(out.len() < 1300, "{}", out.len());
-        let err = run(&ws, args("echo oops >&2; exit 3"), &limits, None)
+        let err = run(&ws, args("echo oops >&2; exit 3"), &limits, None, &groups)
             .await
             .unwrap_err();
         assert!(err.starts_with("exit code 3"), "{err}");

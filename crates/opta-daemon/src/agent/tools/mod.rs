@@ -313,6 +313,8 @@ pub struct ToolEnv<'a> {
     pub background: Option<background::Background<'a>>,
     /// The sandbox commands run in (absent for `dangerous` turns).
     pub sandbox: Option<&'a crate::process::sandbox::Sandbox>,
+    /// How commands are tracked to their end (every turn, `dangerous` included).
+    pub containment: &'a crate::process::contain::Containment,
 }
 
 /// A call turned into what happens next.
@@ -448,7 +450,7 @@ pub async fn apply(
             (Some(bg), Some(after)) => {
                 background::run_or_detach(bg, workspace, args.command, after, limits).await
             }
-            _ => command::run(workspace, args, limits, env.sandbox).await,
+            _ => command::run(workspace, args, limits, env.sandbox, env.containment).await,
         },
         Change::BackgroundStart(args) => match &env.background {
             Some(bg) => background::start(bg, workspace, args).await,
