@@ -1663,3 +1663,48 @@ async fn do_without_a_terminal_denies_what_it_would_ask_and_yes_allows_it() {
         "x\n"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn web_opens_a_private_redirect_page_never_the_link_on_a_command_line() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let home = Home::new(&lmx.url());
+    // A browser opener that records what it was given.
+    let bin = tempfile::tempdir().unwrap();
+    let opener = bin.path().join("xdg-open");
+    let given = bin.path().join("given");
+    std::fs::write(
+        &opener,
+        format!("#!/bin/sh\nprintf '%s\\n' \"$@\" > {}\n", given.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&opener, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut web = home.command(&["web"]);
+    web.env("PATH", path).env("DISPLAY", ":99");
+    let out = run(web).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let link = text(&out.stdout).trim().to_owned();
+    let code = link.split("#code=").nth(1).unwrap().to_owned();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !given.exists() {
+        assert!(std::time::Instant::now() < deadline, "the opener never ran");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let arg = std::fs::read_to_string(&given).unwrap();
+    let arg = arg.trim();
+    assert!(
+        !arg.contains(&code),
+        "the code was on a command line: {arg}"
+    );
+    let page = std::path::Path::new(arg);
+    assert!(page.starts_with(home.path()), "{arg}");
+    let mode = std::fs::metadata(page).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let html = std::fs::read_to_string(page).unwrap();
+    assert!(html.contains(&format!("url={link}")), "{html}");
+}
