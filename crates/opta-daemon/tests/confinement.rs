@@ -500,3 +500,70 @@ async fn writes_to_git_hooks_and_config_ask_even_in_do_mode_and_under_a_grant() 
     assert!(dirs.ws.join("notes.txt").exists(), "an ordinary write ran");
     assert!(!dirs.ws.join(".git/hooks/pre-commit").exists());
 }
+
+#[tokio::test]
+async fn a_git_grant_asks_again_once_a_hook_or_the_config_changed() {
+    let (lmx, d, dirs, s) = setup().await;
+    std::fs::create_dir_all(dirs.ws.join(".git/hooks")).unwrap();
+    std::fs::write(dirs.ws.join(".git/config"), "[core]\n").unwrap();
+    // One grant key (`git status`), different calls (a call repeated a third time is not
+    // run). The first is allowed for the session, the second runs on the grant.
+    lmx.push(Reply::tool_call(
+        "run_command",
+        json!({"command": "git status"}),
+    ));
+    lmx.push(Reply::tool_call(
+        "run_command",
+        json!({"command": "git status --short"}),
+    ));
+    lmx.push(Reply::chunks(["done"]));
+    let mut ws = d.ws(&s, u64::MAX).await;
+    let (_, body) = submit(&d, &s, "status", "do").await;
+    let turn = body["turnId"].as_str().unwrap().to_owned();
+    answer_next(
+        &d,
+        &mut ws,
+        &s,
+        json!({"decision": "allow", "decidedBy": "cli", "remember": "session"}),
+    )
+    .await;
+    let events = ws.envelopes_until(is_terminal_of(&turn)).await;
+    assert!(
+        events
+            .iter()
+            .any(|e| e["event"] == "tool.end" && e["payload"]["approvedBy"] == "grant"),
+        "the second call ran on the grant"
+    );
+    // A hook appears: the same grant no longer covers git.
+    std::fs::write(
+        dirs.ws.join(".git/hooks/post-checkout"),
+        "#!/bin/sh\ntouch pwned\n",
+    )
+    .unwrap();
+    lmx.push(Reply::tool_call(
+        "run_command",
+        json!({"command": "git status --branch"}),
+    ));
+    lmx.push(Reply::chunks(["done"]));
+    let (_, body) = submit(&d, &s, "again", "do").await;
+    let turn = body["turnId"].as_str().unwrap().to_owned();
+    let request = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        answer_next(
+            &d,
+            &mut ws,
+            &s,
+            json!({"decision": "deny", "decidedBy": "cli"}),
+        ),
+    )
+    .await
+    .expect("the call after the hook appeared asks");
+    assert!(
+        request["summary"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("asks again"),
+        "{request}"
+    );
+    ws.envelopes_until(is_terminal_of(&turn)).await;
+}

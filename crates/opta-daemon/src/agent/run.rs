@@ -52,6 +52,16 @@ pub(crate) struct PermissionAsk {
     pub diff: Option<String>,
     /// The grant that would cover it (`None`: no grant can).
     pub grant_key: Option<String>,
+    /// For a `git` command: what git's configuration, hooks and info are now. A grant given
+    /// when they were otherwise does not cover the call.
+    pub guard: Option<u64>,
+}
+
+/// Whether a grant is for `git` (what it runs depends on the repository's configuration
+/// and hooks).
+fn is_git_grant(key: &str) -> bool {
+    key.split_once(':')
+        .is_some_and(|(_, scope)| scope == "git" || scope.starts_with("git "))
 }
 
 /// The answer: allowed or not, and by whom (`grant`, a client's `decidedBy`, `timeout`,
@@ -624,6 +634,17 @@ impl Turn<'_> {
                                 ),
                             ),
                         };
+                        let guard = match grant_key.as_deref() {
+                            Some(key) if is_git_grant(key) => {
+                                let ws = workspace.clone();
+                                tokio::task::spawn_blocking(move || {
+                                    ws.fingerprint(tools::GIT_PROGRAM_PATHS)
+                                })
+                                .await
+                                .ok()
+                            }
+                            _ => None,
+                        };
                         let (reply, answer) = oneshot::channel();
                         let ask = PermissionAsk {
                             tool_name: spec.name.to_owned(),
@@ -631,6 +652,7 @@ impl Turn<'_> {
                             summary,
                             diff,
                             grant_key,
+                            guard,
                         };
                         // The actor being gone answers below (the reply is dropped).
                         let _ = updates

@@ -76,6 +76,7 @@ struct PendingPermission {
     request_id: String,
     tool_name: String,
     grant_key: Option<String>,
+    guard: Option<u64>,
     reply: oneshot::Sender<Verdict>,
     deadline: tokio::time::Instant,
 }
@@ -143,6 +144,9 @@ pub(crate) struct SessionActor {
     retry_delay: Duration,
     /// Session grants (`remember: "session"`), stored with the session row.
     grants: Vec<String>,
+    /// For `git` grants, what git's configuration, hooks and info were when given (kept in
+    /// memory: after a restart such a grant asks once more).
+    grant_guards: HashMap<String, u64>,
     /// Recently decided permission request ids.
     decided: VecDeque<String>,
     /// The agent's memory of reads; lent to the running turn.
@@ -202,6 +206,7 @@ impl SessionActor {
             retry_at: None,
             retry_delay: RETRY_FIRST,
             grants,
+            grant_guards: HashMap::new(),
             decided: VecDeque::new(),
             memory: Some(FileMemory::default()),
             processes: HashSet::new(),
@@ -1185,10 +1190,21 @@ impl SessionActor {
 
     /// A call needs approval: a grant answers at once; else `permission.request` goes out
     /// and the answer waits for a client, the timeout or the turn's end.
-    async fn ask_permission(&mut self, ask: PermissionAsk, reply: oneshot::Sender<Verdict>) {
-        if let Some(key) = &ask.grant_key
-            && self.grants.contains(key)
-        {
+    async fn ask_permission(&mut self, mut ask: PermissionAsk, reply: oneshot::Sender<Verdict>) {
+        let granted = ask
+            .grant_key
+            .as_ref()
+            .is_some_and(|key| self.grants.contains(key));
+        let unchanged = ask.grant_key.as_ref().is_none_or(|key| {
+            ask.guard.is_none() || self.grant_guards.get(key) == ask.guard.as_ref()
+        });
+        if granted && !unchanged {
+            ask.summary.push_str(
+                " (asks again: git's configuration, hooks or info changed since the grant, or \
+                 the daemon restarted since)",
+            );
+        }
+        if granted && unchanged {
             self.count_decision("allow", "grant");
             let _ = reply.send(Verdict {
                 allowed: true,
@@ -1212,6 +1228,7 @@ impl SessionActor {
             request_id,
             tool_name: ask.tool_name,
             grant_key: ask.grant_key,
+            guard: ask.guard,
             reply,
             deadline: tokio::time::Instant::now() + self.ctx.agent.permission_timeout,
         });
@@ -1259,6 +1276,12 @@ impl SessionActor {
             self.grants.push(key.clone());
             ops.push(self.grants_op());
         }
+        // A grant for git holds for the repository as it is now.
+        if let (Some(key), Some(guard), Some(Remember::Session), true) =
+            (&pending.grant_key, pending.guard, remember, verdict.allowed)
+        {
+            self.grant_guards.insert(key.clone(), guard);
+        }
         self.note_decided(pending.request_id);
         self.count_decision(if verdict.allowed { "allow" } else { "deny" }, &verdict.by);
         tracing::info!(session = %self.id, tool = %pending.tool_name, allowed = verdict.allowed,
@@ -1293,6 +1316,8 @@ impl SessionActor {
             Some(g) => self.grants.retain(|x| x != g),
             None => self.grants.clear(),
         }
+        let kept = &self.grants;
+        self.grant_guards.retain(|key, _| kept.contains(key));
         if let Err(e) = self.ctx.store.write(vec![self.grants_op()]).await {
             self.grants = previous;
             return Err(e);

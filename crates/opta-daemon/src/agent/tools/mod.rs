@@ -272,6 +272,10 @@ pub enum Change {
     BackgroundKill(background::BgKillArgs),
 }
 
+/// What in a repository runs programs at the next `git` command: its configuration (an
+/// `fsmonitor`, an alias), its hooks, its info (attributes, excludes).
+pub const GIT_PROGRAM_PATHS: &[&str] = &[".git/config", ".git/hooks", ".git/info"];
+
 impl Change {
     /// Why this change is asked about every time, even where the mode or a grant would let
     /// it run: a write to git's configuration, hooks or info (they run programs at the next
@@ -279,16 +283,14 @@ impl Change {
     /// grant for it covers.
     pub fn always_ask(&self) -> Option<String> {
         match self {
-            Change::Write { path, .. } => {
-                let mut parts = path.components().map(|c| c.as_os_str());
-                let git = parts.next().is_some_and(|p| p == ".git");
-                let inner = parts.next().and_then(|p| p.to_str());
-                (git && matches!(inner, Some("config" | "hooks" | "info"))).then(|| {
+            Change::Write { path, .. } => GIT_PROGRAM_PATHS
+                .iter()
+                .any(|p| path.starts_with(p))
+                .then(|| {
                     "it changes git's configuration or hooks, which run programs at the next \
                      git command"
                         .to_owned()
-                })
-            }
+                }),
             Change::Command(command::RunCommandArgs { command, .. })
             | Change::BackgroundStart(background::BgStartArgs { command, .. }) => {
                 command::grant_breaking_flag(command).map(|flag| {

@@ -129,7 +129,7 @@ impl std::str::FromStr for Identity {
 }
 
 /// What a file was when a tool looked at it: a write is refused when it is no longer so.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Stamp {
     identity: Identity,
     size: u64,
@@ -554,6 +554,36 @@ impl Workspace {
             }
         };
         Ok((text, cut))
+    }
+
+    /// A digest of what `paths` (relative to the workspace) are now: each file's stamp, each
+    /// directory's entries and their stamps (one level), absence too. It changes when any of
+    /// them is written, added, removed or replaced. Blocking.
+    pub fn fingerprint(&self, paths: &[&str]) -> u64 {
+        use std::hash::{Hash as _, Hasher as _};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        for path in paths {
+            path.hash(&mut hasher);
+            let relative = Path::new(path);
+            match self.inner.dir.symlink_metadata(relative) {
+                Err(_) => 0u8.hash(&mut hasher),
+                Ok(meta) => {
+                    Stamp::of(&meta).hash(&mut hasher);
+                    if meta.is_dir()
+                        && let Ok(dir) = self.open_dir(relative)
+                        && let Ok(entries) = dir.entries()
+                    {
+                        let mut seen: Vec<(OsString, Option<Stamp>)> = entries
+                            .flatten()
+                            .map(|e| (e.file_name(), e.metadata().ok().map(|m| Stamp::of(&m))))
+                            .collect();
+                        seen.sort_by(|a, b| a.0.cmp(&b.0));
+                        seen.hash(&mut hasher);
+                    }
+                }
+            }
+        }
+        hasher.finish()
     }
 
     /// The directory `requested` names inside the workspace, as an absolute path for a
