@@ -440,16 +440,31 @@ async fn a_token_given_in_the_environment_or_on_the_command_line_never_stays_in_
     }
 }
 
+/// `opta daemon start` on `home` with `token` in its environment.
+fn daemon_start(home: &Path, lmx_url: &str, token: &str) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_opta"))
+        .args(["daemon", "start", "--port", "0", "--lmx-url", lmx_url])
+        .env("OPTA_HOME", home)
+        .env("OPTA_TOKEN", token)
+        .output()
+        .unwrap()
+}
+
+/// `opta daemon stop` on `home`, which must succeed.
+fn daemon_stop(home: &Path) {
+    let stopped = Command::new(env!("CARGO_BIN_EXE_opta"))
+        .args(["daemon", "stop"])
+        .env("OPTA_HOME", home)
+        .output()
+        .unwrap();
+    assert!(stopped.status.success());
+}
+
 #[tokio::test]
 async fn daemon_start_passes_its_token_through_a_pipe() {
     let lmx = ScriptedLmx::start().await.unwrap();
     let home = tempfile::tempdir().unwrap();
-    let started = Command::new(env!("CARGO_BIN_EXE_opta"))
-        .args(["daemon", "start", "--port", "0", "--lmx-url", &lmx.url()])
-        .env("OPTA_HOME", home.path())
-        .env("OPTA_TOKEN", TOKEN)
-        .output()
-        .unwrap();
+    let started = daemon_start(home.path(), &lmx.url(), TOKEN);
     assert!(
         started.status.success(),
         "{}",
@@ -460,25 +475,13 @@ async fn daemon_start_passes_its_token_through_a_pipe() {
     let pid = state["pid"].as_u64().unwrap();
     assert!(!proc_shows(pid, TOKEN));
     assert_eq!(state["token"], TOKEN);
-    let stopped = Command::new(env!("CARGO_BIN_EXE_opta"))
-        .args(["daemon", "stop"])
-        .env("OPTA_HOME", home.path())
-        .output()
-        .unwrap();
-    assert!(stopped.status.success());
+    daemon_stop(home.path());
 }
 
 #[tokio::test]
 async fn a_piped_token_is_kept_exactly_and_an_unusable_one_is_refused() {
     let lmx = ScriptedLmx::start().await.unwrap();
-    let start = |home: &Path, token: &str| {
-        Command::new(env!("CARGO_BIN_EXE_opta"))
-            .args(["daemon", "start", "--port", "0", "--lmx-url", &lmx.url()])
-            .env("OPTA_HOME", home)
-            .env("OPTA_TOKEN", token)
-            .output()
-            .unwrap()
-    };
+    let start = |home: &Path, token: &str| daemon_start(home, &lmx.url(), token);
     let home = tempfile::tempdir().unwrap();
     let broken = start(home.path(), "two\nlines");
     assert_eq!(broken.status.code(), Some(1));
@@ -501,12 +504,7 @@ async fn a_piped_token_is_kept_exactly_and_an_unusable_one_is_refused() {
     let state: Value =
         serde_json::from_slice(&std::fs::read(state_file(home.path())).unwrap()).unwrap();
     assert_eq!(state["token"], spaced);
-    let stopped = Command::new(env!("CARGO_BIN_EXE_opta"))
-        .args(["daemon", "stop"])
-        .env("OPTA_HOME", home.path())
-        .output()
-        .unwrap();
-    assert!(stopped.status.success());
+    daemon_stop(home.path());
 }
 
 /// The pids a command wrote to `file`, once there are `n`.

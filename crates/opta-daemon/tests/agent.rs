@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use opta_test_support::{Reply, ScriptedLmx, TestDaemon, WsClient, conversation, is_terminal_of};
+use opta_test_support::{Reply, ScriptedLmx, TestDaemon, conversation, is_terminal_of};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -199,24 +199,6 @@ async fn a_write_in_chat_asks_and_a_second_client_allows_it() {
     }
 }
 
-/// Waits for the next permission request and answers it over HTTP; returns its id.
-async fn answer_next(d: &TestDaemon, ws: &mut WsClient, s: &str, body: Value) -> String {
-    let asked = ws
-        .envelopes_until(|e| e["event"] == "permission.request")
-        .await;
-    let id = asked.last().unwrap()["payload"]["requestId"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let mut body = body;
-    body["requestId"] = json!(id);
-    let (status, answer) = d
-        .post(&format!("/v3/sessions/{s}/permissions/{id}"), body)
-        .await;
-    assert_eq!(status, StatusCode::OK, "{answer}");
-    id
-}
-
 #[tokio::test]
 async fn a_denial_reaches_the_model_and_nothing_is_written() {
     let (lmx, d, dirs) = setup().await;
@@ -228,13 +210,8 @@ async fn a_denial_reaches_the_model_and_nothing_is_written() {
     lmx.push(Reply::chunks(["OK, I will not."]));
     let mut ws = d.ws(&s, u64::MAX).await;
     let turn = submit(&d, &s, "make a file", "do", json!({})).await;
-    answer_next(
-        &d,
-        &mut ws,
-        &s,
-        json!({"decision": "deny", "decidedBy": "cli"}),
-    )
-    .await;
+    d.answer_next(&mut ws, &s, json!({"decision": "deny", "decidedBy": "cli"}))
+        .await;
     let rest = ws.envelopes_until(is_terminal_of(&turn)).await;
     let end = named(&rest, "tool.end");
     assert_eq!(end[0]["payload"]["result"]["ok"], false);
@@ -379,8 +356,7 @@ async fn a_session_grant_answers_later_requests_and_can_be_revoked() {
     lmx.push(Reply::chunks(["ran"]));
     let mut ws = d.ws(&s, u64::MAX).await;
     let turn = submit(&d, &s, "echo", "chat", json!({})).await;
-    answer_next(
-        &d,
+    d.answer_next(
         &mut ws,
         &s,
         json!({"decision": "allow", "decidedBy": "cli", "remember": "session"}),

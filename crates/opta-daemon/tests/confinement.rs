@@ -401,22 +401,6 @@ async fn an_answer_that_names_a_daemon_decider_is_refused_and_decides_nothing() 
     assert_eq!(end["payload"]["approvedBy"], "client");
 }
 
-/// Answers the next request with `body`; returns the request's payload.
-async fn answer_next(d: &TestDaemon, ws: &mut WsClient, s: &str, body: Value) -> Value {
-    let asked = ws
-        .envelopes_until(|e| e["event"] == "permission.request")
-        .await;
-    let request = asked.last().unwrap()["payload"].clone();
-    let id = request["requestId"].as_str().unwrap();
-    let mut body = body;
-    body["requestId"] = json!(id);
-    let (status, reply) = d
-        .post(&format!("/v3/sessions/{s}/permissions/{id}"), body)
-        .await;
-    assert_eq!(status, StatusCode::OK, "{reply}");
-    request
-}
-
 #[tokio::test]
 async fn a_command_grant_never_covers_arguments_that_run_or_write_other_things() {
     let (lmx, d, dirs, s) = setup().await;
@@ -432,21 +416,16 @@ async fn a_command_grant_never_covers_arguments_that_run_or_write_other_things()
     let mut ws = d.ws(&s, u64::MAX).await;
     let (_, body) = submit(&d, &s, "find", "do").await;
     let turn = body["turnId"].as_str().unwrap().to_owned();
-    answer_next(
-        &d,
+    d.answer_next(
         &mut ws,
         &s,
         json!({"decision": "allow", "decidedBy": "cli", "remember": "session"}),
     )
     .await;
     // The grant for `find .` does not cover -exec: asked, with the reason; denied here.
-    let request = answer_next(
-        &d,
-        &mut ws,
-        &s,
-        json!({"decision": "deny", "decidedBy": "cli"}),
-    )
-    .await;
+    let request = d
+        .answer_next(&mut ws, &s, json!({"decision": "deny", "decidedBy": "cli"}))
+        .await;
     assert!(
         request["summary"]
             .as_str()
@@ -477,13 +456,9 @@ async fn writes_to_git_hooks_and_config_ask_even_in_do_mode_and_under_a_grant() 
     let mut ws = d.ws(&s, u64::MAX).await;
     let (_, body) = submit(&d, &s, "write", "do").await;
     let turn = body["turnId"].as_str().unwrap().to_owned();
-    let request = answer_next(
-        &d,
-        &mut ws,
-        &s,
-        json!({"decision": "deny", "decidedBy": "cli"}),
-    )
-    .await;
+    let request = d
+        .answer_next(&mut ws, &s, json!({"decision": "deny", "decidedBy": "cli"}))
+        .await;
     assert_eq!(
         request["args"]["path"], ".git/hooks/pre-commit",
         "{request}"
@@ -520,8 +495,7 @@ async fn a_git_grant_asks_again_once_a_hook_or_the_config_changed() {
     let mut ws = d.ws(&s, u64::MAX).await;
     let (_, body) = submit(&d, &s, "status", "do").await;
     let turn = body["turnId"].as_str().unwrap().to_owned();
-    answer_next(
-        &d,
+    d.answer_next(
         &mut ws,
         &s,
         json!({"decision": "allow", "decidedBy": "cli", "remember": "session"}),
@@ -549,12 +523,7 @@ async fn a_git_grant_asks_again_once_a_hook_or_the_config_changed() {
     let turn = body["turnId"].as_str().unwrap().to_owned();
     let request = tokio::time::timeout(
         std::time::Duration::from_secs(20),
-        answer_next(
-            &d,
-            &mut ws,
-            &s,
-            json!({"decision": "deny", "decidedBy": "cli"}),
-        ),
+        d.answer_next(&mut ws, &s, json!({"decision": "deny", "decidedBy": "cli"})),
     )
     .await
     .expect("the call after the hook appeared asks");

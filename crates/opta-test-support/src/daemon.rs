@@ -264,6 +264,22 @@ impl TestDaemon {
         body["events"].as_array().cloned().unwrap_or_default()
     }
 
+    /// Waits on `ws` for the next permission request and answers it over HTTP with `body`
+    /// (its `requestId` filled in); returns the request's payload.
+    pub async fn answer_next(&self, ws: &mut WsClient, session: &str, mut body: Value) -> Value {
+        let asked = ws
+            .envelopes_until(|e| e["event"] == "permission.request")
+            .await;
+        let request = asked.last().expect("a permission request")["payload"].clone();
+        let id = request["requestId"].as_str().unwrap_or_default().to_owned();
+        body["requestId"] = json!(id);
+        let (status, answer) = self
+            .post(&format!("/v3/sessions/{session}/permissions/{id}"), body)
+            .await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+        request
+    }
+
     /// Opens the WebSocket plane for `session` after `after_seq`.
     pub async fn ws(&self, session: &str, after_seq: u64) -> WsClient {
         let url = format!(
