@@ -85,6 +85,7 @@ const KEYS: &[(&str, &str, Kind)] = &[
         "command_max_memory_mb",
         Kind::Number,
     ),
+    ("command-tracking", "command_tracking", Kind::Text),
 ];
 
 #[derive(Subcommand)]
@@ -257,6 +258,11 @@ fn set_field(args: &mut DaemonArgs, key: &str, text: &str) -> Result<()> {
         "allow-any-workspace" => args.allow_any_workspace = text == "true",
         "command-max-procs" => args.command_max_procs = number()?,
         "command-max-memory-mb" => args.command_max_memory_mb = number()?,
+        "command-tracking" => {
+            args.command_tracking = text
+                .parse()
+                .map_err(|e| anyhow::anyhow!("config key command-tracking: {e}"))?
+        }
         other => bail!("unknown config key {other:?}"),
     }
     Ok(())
@@ -304,6 +310,7 @@ fn get_field(args: &DaemonArgs, key: &str) -> String {
         "allow-any-workspace" => args.allow_any_workspace.to_string(),
         "command-max-procs" => args.command_max_procs.to_string(),
         "command-max-memory-mb" => args.command_max_memory_mb.to_string(),
+        "command-tracking" => args.command_tracking.as_str().to_owned(),
         _ => String::new(),
     }
 }

@@ -288,6 +288,7 @@ fn agent_config(args: &DaemonArgs) -> Result<opta_daemon::agent::AgentConfig> {
             max_procs: args.command_max_procs,
             max_memory_bytes: args.command_max_memory_mb.saturating_mul(1 << 20),
         },
+        command_tracking: args.command_tracking,
     })
 }
 

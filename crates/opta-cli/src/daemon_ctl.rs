@@ -176,6 +176,16 @@ pub struct DaemonArgs {
         global = true
     )]
     pub command_max_memory_mb: u64,
+    /// How each command's processes are tracked to their end: `auto` (a cgroup where one can
+    /// be made, else a PID namespace, else the process group), `pid-namespace` or
+    /// `process-group`.
+    #[arg(
+        long,
+        env = "OPTA_COMMAND_TRACKING",
+        default_value = "auto",
+        global = true
+    )]
+    pub command_tracking: opta_daemon::process::contain::Tracking,
     /// Mode of `do` and `chat` turns when `--mode` is not given (else `do` for do, `chat` for
     /// chat). A client setting: the daemon does not use it.
     #[arg(long, env = "OPTA_DEFAULT_MODE", global = true, value_parser = crate::do_cmd::parse_mode)]
@@ -233,6 +243,8 @@ impl DaemonArgs {
             self.command_max_procs.to_string(),
             "--command-max-memory-mb".into(),
             self.command_max_memory_mb.to_string(),
+            "--command-tracking".into(),
+            self.command_tracking.as_str().into(),
         ];
         for path in &self.sandbox_write {
             args.push("--sandbox-write".into());

@@ -142,10 +142,14 @@ fn check_processes(kind: Option<&str>) -> Check {
             "processes",
             "cgroup: each command runs in its own, and everything it started dies with it, setsid or not",
         ),
+        Some("pid-namespace") => Check::ok(
+            "processes",
+            "pid-namespace: each command runs in its own, which ends with it and with the daemon; no cgroup, so memory is held by RLIMIT_AS",
+        ),
         Some(other) => Check::warn(
             "processes",
             format!("{other}: a command that detaches (setsid) can outlive its stop"),
-            "run the daemon where it can make cgroup v2 directories (as root, or in a systemd user slice with delegation)",
+            "run the daemon where it can make cgroup v2 directories (as root, or in a systemd user slice with delegation), or allow user namespaces (sysctl user.max_user_namespaces)",
         ),
         None => Check::ok("processes", "reported by the daemon once it runs"),
     }

@@ -15,8 +15,13 @@ use serde_json::{Value, json};
 const TOKEN: &str = "process-test-token-0123456789abcdef";
 
 fn spawn_daemon(home: &Path, lmx_url: &str) -> Child {
+    spawn_daemon_with(home, lmx_url, &[])
+}
+
+fn spawn_daemon_with(home: &Path, lmx_url: &str, extra: &[&str]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_opta"))
         .args(["daemon", "run", "--port", "0", "--lmx-url", lmx_url])
+        .args(extra)
         .env("OPTA_HOME", home)
         .env("OPTA_TOKEN", TOKEN)
         .env("RUST_LOG", "warn")
@@ -527,20 +532,8 @@ async fn pids_in(file: &Path, n: usize) -> Vec<u64> {
     }
 }
 
-#[tokio::test]
-async fn commands_and_what_they_detached_die_with_a_killed_daemon_at_its_restart() {
-    use opta_test_support::{host_has_cgroups, process_alive};
-    if !host_has_cgroups() {
-        eprintln!("no cgroups on this host: processes that call setsid are not tracked");
-        return;
-    }
-    let lmx = ScriptedLmx::start().await.unwrap();
-    let home = tempfile::tempdir().unwrap();
-    let ws = tempfile::tempdir().unwrap();
-    let ws = ws.path().canonicalize().unwrap();
-    let mut daemon = spawn_daemon(home.path(), &lmx.url());
-    let state = wait_ready(home.path(), &mut daemon).await;
-    let port = state["port"].as_u64().unwrap();
+/// Creates session `procs` working in `ws`.
+async fn create_procs_session(port: u64, ws: &Path) {
     let (status, _) = call(
         port,
         reqwest::Method::POST,
@@ -549,20 +542,10 @@ async fn commands_and_what_they_detached_die_with_a_killed_daemon_at_its_restart
     )
     .await;
     assert_eq!(status, 201);
-    // A background process and a plain run_command, each with a child that called setsid.
-    let (status, body) = call(
-        port,
-        reqwest::Method::POST,
-        "/v3/background/start",
-        Some(json!({"sessionId": "procs",
-                    "command": "setsid sleep 300 & echo $! > bg.pids; sleep 300"})),
-    )
-    .await;
-    assert_eq!(status, 201, "{body}");
-    lmx.push(Reply::tool_call(
-        "run_command",
-        json!({"command": "setsid sleep 301 & echo $! > cmd.pids; echo $$ >> cmd.pids; sleep 300"}),
-    ));
+}
+
+/// Submits a `dangerous` turn (commands run without asking) to session `procs`.
+async fn submit_dangerous_turn(port: u64) {
     let (status, body) = call(
         port,
         reqwest::Method::POST,
@@ -574,8 +557,63 @@ async fn commands_and_what_they_detached_die_with_a_killed_daemon_at_its_restart
     )
     .await;
     assert_eq!(status, 202, "{body}");
-    let mut pids = pids_in(&ws.join("bg.pids"), 1).await;
+}
+
+/// Starts a background process and a plain `run_command` in session `procs` (made in `ws`),
+/// each with a child that called `setsid`; answers their pids as the host sees them.
+async fn start_detaching_commands(port: u64, ws: &Path, lmx: &ScriptedLmx) -> Vec<u64> {
+    use opta_test_support::record_own_pid;
+    create_procs_session(port, ws).await;
+    let detached = |file: &str| {
+        format!(
+            "setsid sh -c '{}; exec sleep 300' & {}; sleep 300",
+            record_own_pid(file),
+            record_own_pid(file)
+        )
+    };
+    let (status, body) = call(
+        port,
+        reqwest::Method::POST,
+        "/v3/background/start",
+        Some(json!({"sessionId": "procs", "command": detached("bg.pids")})),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    lmx.push(Reply::tool_call(
+        "run_command",
+        json!({"command": detached("cmd.pids")}),
+    ));
+    submit_dangerous_turn(port).await;
+    let mut pids = pids_in(&ws.join("bg.pids"), 2).await;
     pids.extend(pids_in(&ws.join("cmd.pids"), 2).await);
+    pids
+}
+
+/// Waits (bounded) until none of `pids` runs.
+async fn wait_all_gone(pids: &[u64], when: &str) {
+    use opta_test_support::process_alive;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pids.iter().any(|p| process_alive(*p)) {
+        assert!(Instant::now() < deadline, "still running {when}: {pids:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn commands_and_what_they_detached_die_with_a_killed_daemon_at_its_restart() {
+    use opta_test_support::{host_has_cgroups, process_alive};
+    if !host_has_cgroups() {
+        eprintln!("no cgroups on this host: the cgroup recovery is not tried");
+        return;
+    }
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let ws = tempfile::tempdir().unwrap();
+    let ws = ws.path().canonicalize().unwrap();
+    let mut daemon = spawn_daemon(home.path(), &lmx.url());
+    let state = wait_ready(home.path(), &mut daemon).await;
+    let port = state["port"].as_u64().unwrap();
+    let pids = start_detaching_commands(port, &ws, &lmx).await;
 
     signal(&daemon, "KILL");
     wait_exit(&mut daemon);
@@ -585,14 +623,69 @@ async fn commands_and_what_they_detached_die_with_a_killed_daemon_at_its_restart
     }
     let mut daemon = spawn_daemon(home.path(), &lmx.url());
     wait_ready(home.path(), &mut daemon).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while pids.iter().any(|p| process_alive(*p)) {
-        assert!(
-            Instant::now() < deadline,
-            "still running after the restart: {pids:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    wait_all_gone(&pids, "after the restart").await;
+    signal(&daemon, "TERM");
+    wait_exit(&mut daemon);
+}
+
+#[tokio::test]
+async fn in_pid_namespaces_commands_die_with_a_killed_daemon_at_once() {
+    if !opta_test_support::host_has_user_namespaces() {
+        eprintln!("no user namespaces on this host: PID namespaces are not tried");
+        return;
     }
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let ws = tempfile::tempdir().unwrap();
+    let ws = ws.path().canonicalize().unwrap();
+    let mut daemon = spawn_daemon_with(
+        home.path(),
+        &lmx.url(),
+        &["--command-tracking", "pid-namespace"],
+    );
+    let state = wait_ready(home.path(), &mut daemon).await;
+    let port = state["port"].as_u64().unwrap();
+    let (_, health) = call(port, reqwest::Method::GET, "/v3/health", None).await;
+    assert_eq!(health["processes"], "pid-namespace", "{health}");
+    let pids = start_detaching_commands(port, &ws, &lmx).await;
+
+    signal(&daemon, "KILL");
+    wait_exit(&mut daemon);
+    // No restart needed: each command's supervisor saw the daemon go and ended its namespace.
+    wait_all_gone(&pids, "after the daemon's kill -9").await;
+}
+
+#[tokio::test]
+async fn by_process_group_a_command_left_by_a_killed_daemon_is_ended_at_its_restart() {
+    use opta_test_support::{process_alive, record_own_pid};
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let ws = tempfile::tempdir().unwrap();
+    let ws = ws.path().canonicalize().unwrap();
+    let tracking = ["--command-tracking", "process-group"];
+    let mut daemon = spawn_daemon_with(home.path(), &lmx.url(), &tracking);
+    let state = wait_ready(home.path(), &mut daemon).await;
+    let port = state["port"].as_u64().unwrap();
+    let (_, health) = call(port, reqwest::Method::GET, "/v3/health", None).await;
+    assert_eq!(health["processes"], "process-group", "{health}");
+    create_procs_session(port, &ws).await;
+    // A plain run_command (not a background process): it stays in its process group.
+    let command = format!(
+        "sh -c '{}; exec sleep 300' & {}; sleep 300",
+        record_own_pid("cmd.pids"),
+        record_own_pid("cmd.pids")
+    );
+    lmx.push(Reply::tool_call("run_command", json!({"command": command})));
+    submit_dangerous_turn(port).await;
+    let pids = pids_in(&ws.join("cmd.pids"), 2).await;
+    signal(&daemon, "KILL");
+    wait_exit(&mut daemon);
+    for pid in &pids {
+        assert!(process_alive(*pid), "{pid} died with the daemon already");
+    }
+    let mut daemon = spawn_daemon_with(home.path(), &lmx.url(), &tracking);
+    wait_ready(home.path(), &mut daemon).await;
+    wait_all_gone(&pids, "after the restart").await;
     signal(&daemon, "TERM");
     wait_exit(&mut daemon);
 }

@@ -163,8 +163,11 @@ impl RunningDaemon {
             Err(e) => return Err(Error::Config(format!("--workspace: {e}"))),
         };
         // Commands of a previous run killed with it are still in its cgroups: gone now.
-        let containment =
-            crate::process::contain::Containment::probe(&dir, config.agent.command_caps);
+        let containment = crate::process::contain::Containment::probe(
+            &dir,
+            config.agent.command_caps,
+            config.agent.command_tracking,
+        );
         let left = containment.recover();
         if left > 0 {
             tracing::info!(

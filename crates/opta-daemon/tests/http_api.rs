@@ -40,12 +40,13 @@ async fn health_routes() {
         .and_then(|b| b.remove("processes"))
         .unwrap();
     assert!(
-        processes == "cgroup" || processes == "process-group",
+        ["cgroup", "pid-namespace", "process-group"].contains(&processes.as_str().unwrap()),
         "{processes}"
     );
     assert_eq!(
         body,
         json!({
+            "gitMetadata": "writable",
             "status": "ok", "version": env!("CARGO_PKG_VERSION"),
             "daemonId": d.daemon().state().daemon_id,
             "contract": {"name": "opta-daemon-v3", "version": 1},

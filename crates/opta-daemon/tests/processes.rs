@@ -5,16 +5,23 @@
 
 use std::time::{Duration, Instant};
 
+use opta_daemon::process::contain::Tracking;
 use opta_test_support::{
-    Reply, ScriptedLmx, TestDaemon, WorkspaceDirs, host_has_cgroups, is_terminal_of, process_alive,
+    Reply, ScriptedLmx, TestDaemon, WorkspaceDirs, host_has_cgroups, host_has_user_namespaces,
+    is_terminal_of, process_alive, record_own_pid,
 };
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-/// A command that leaves two processes running outside its process group, writes their pids
-/// to `pids` in the workspace, then does `then`.
+/// A command that leaves two processes running outside its process group (one calls
+/// `setsid`, one is forked twice), which write their pids as the host sees them to `pids` in
+/// the workspace, waits until both did, then does `then`.
 fn escaping(then: &str) -> String {
-    format!("setsid sleep 300 & echo $! > pids; sh -c 'sleep 301 & echo $! >> pids'; {then}")
+    let record = record_own_pid("pids").replace('$', "\\$");
+    format!(
+        "setsid sh -c \"{record}; exec sleep 300\" & sh -c \"sh -c '{record}; exec sleep 301' &\"; \
+         until [ \"$(cat pids 2>/dev/null | wc -l)\" -ge 2 ]; do sleep 0.05; done; {then}"
+    )
 }
 
 /// The pids the command wrote, once both are there.
@@ -52,28 +59,58 @@ async fn all_gone(pids: &[u64]) -> Result<(), Vec<u64>> {
     }
 }
 
-/// Asserts the daemon says `cgroup` where the host allows it, and answers whether it does:
-/// without cgroups, processes that left their group are beyond reach (and reported so).
-async fn tracks_by_cgroup(d: &TestDaemon) -> bool {
-    let (_, health) = d.get("/v3/health").await;
-    let expected = if host_has_cgroups() {
-        "cgroup"
-    } else {
-        "process-group"
-    };
-    assert_eq!(health["processes"], expected, "true to the host: {health}");
-    if expected != "cgroup" {
-        eprintln!("no cgroups on this host: processes that call setsid are not tracked");
+/// The ways this host can track every process of a command, each with the name the daemon
+/// gives it in `/v3/health`: a cgroup (as root with cgroup v2) and a PID namespace (where user
+/// namespaces are allowed). Without either, processes that leave their group are beyond
+/// reach, and the daemon says `process-group` (checked by [`untracked_hosts_say_so`]).
+fn trackings() -> Vec<(Tracking, &'static str)> {
+    let mut ways = Vec::new();
+    if host_has_cgroups() {
+        ways.push((Tracking::Auto, "cgroup"));
     }
-    expected == "cgroup"
+    if host_has_user_namespaces() {
+        ways.push((Tracking::PidNamespace, "pid-namespace"));
+    }
+    if ways.is_empty() {
+        eprintln!("neither cgroups nor user namespaces here: setsid children are not tracked");
+    }
+    ways
 }
 
-async fn setup() -> (ScriptedLmx, TestDaemon, WorkspaceDirs, String) {
+async fn setup(tracking: Tracking, kind: &str) -> (ScriptedLmx, TestDaemon, WorkspaceDirs, String) {
     let lmx = ScriptedLmx::start().await.unwrap();
-    let d = TestDaemon::start(&lmx.url()).await;
+    let configure: fn(&mut opta_daemon::DaemonConfig) = match tracking {
+        Tracking::PidNamespace => |c| c.agent.command_tracking = Tracking::PidNamespace,
+        Tracking::ProcessGroup => |c| c.agent.command_tracking = Tracking::ProcessGroup,
+        Tracking::Auto => |_| {},
+    };
+    let d = TestDaemon::start_with(&lmx.url(), configure).await;
+    let (_, health) = d.get("/v3/health").await;
+    assert_eq!(health["processes"], kind, "true to the host: {health}");
     let dirs = WorkspaceDirs::new();
     let s = d.create_session_in(&dirs.ws).await;
     (lmx, d, dirs, s)
+}
+
+#[tokio::test]
+async fn untracked_hosts_say_so() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let d = TestDaemon::start_with(&lmx.url(), |config| {
+        config.agent.command_tracking = Tracking::ProcessGroup;
+    })
+    .await;
+    let (_, health) = d.get("/v3/health").await;
+    assert_eq!(health["processes"], "process-group", "{health}");
+    let d = TestDaemon::start(&lmx.url()).await;
+    let (_, health) = d.get("/v3/health").await;
+    let expected = if host_has_cgroups() {
+        "cgroup"
+    } else if host_has_user_namespaces() {
+        "pid-namespace"
+    } else {
+        "process-group"
+    };
+    assert_eq!(health["processes"], expected, "{health}");
 }
 
 /// Submits a `dangerous` turn (commands run without asking) and answers its turn id.
@@ -113,10 +150,13 @@ async fn wait_state(d: &TestDaemon, id: &str, done: impl Fn(&str) -> bool) {
 
 #[tokio::test]
 async fn a_run_command_that_ends_leaves_nothing_behind() {
-    let (lmx, d, dirs, s) = setup().await;
-    if !tracks_by_cgroup(&d).await {
-        return;
+    for (tracking, kind) in trackings() {
+        a_run_command_ends(tracking, kind).await;
     }
+}
+
+async fn a_run_command_ends(tracking: Tracking, kind: &str) {
+    let (lmx, d, dirs, s) = setup(tracking, kind).await;
     lmx.push(Reply::tool_call(
         "run_command",
         json!({"command": escaping("echo done")}),
@@ -126,15 +166,18 @@ async fn a_run_command_that_ends_leaves_nothing_behind() {
     let turn = submit(&d, &s).await;
     ws.envelopes_until(is_terminal_of(&turn)).await;
     let pids = escaped_pids(&dirs).await;
-    assert_eq!(all_gone(&pids).await, Ok(()));
+    assert_eq!(all_gone(&pids).await, Ok(()), "{kind}");
 }
 
 #[tokio::test]
 async fn a_run_command_that_times_out_or_is_cancelled_leaves_nothing_behind() {
-    let (lmx, d, dirs, s) = setup().await;
-    if !tracks_by_cgroup(&d).await {
-        return;
+    for (tracking, kind) in trackings() {
+        a_run_command_times_out_or_is_cancelled(tracking, kind).await;
     }
+}
+
+async fn a_run_command_times_out_or_is_cancelled(tracking: Tracking, kind: &str) {
+    let (lmx, d, dirs, s) = setup(tracking, kind).await;
     lmx.push(Reply::tool_call(
         "run_command",
         json!({"command": escaping("sleep 60"), "timeoutSecs": 1}),
@@ -144,7 +187,7 @@ async fn a_run_command_that_times_out_or_is_cancelled_leaves_nothing_behind() {
     let turn = submit(&d, &s).await;
     ws.envelopes_until(is_terminal_of(&turn)).await;
     let pids = escaped_pids(&dirs).await;
-    assert_eq!(all_gone(&pids).await, Ok(()), "after a timeout");
+    assert_eq!(all_gone(&pids).await, Ok(()), "after a timeout ({kind})");
 
     std::fs::remove_file(dirs.ws.join("pids")).unwrap();
     lmx.push(Reply::tool_call(
@@ -158,15 +201,18 @@ async fn a_run_command_that_times_out_or_is_cancelled_leaves_nothing_behind() {
         .await;
     assert_eq!(status, StatusCode::OK);
     ws.envelopes_until(is_terminal_of(&turn)).await;
-    assert_eq!(all_gone(&pids).await, Ok(()), "after a cancel");
+    assert_eq!(all_gone(&pids).await, Ok(()), "after a cancel ({kind})");
 }
 
 #[tokio::test]
 async fn a_background_process_killed_timed_out_ended_or_stopped_with_the_daemon_leaves_nothing() {
-    let (_lmx, d, dirs, s) = setup().await;
-    if !tracks_by_cgroup(&d).await {
-        return;
+    for (tracking, kind) in trackings() {
+        a_background_process_ends(tracking, kind).await;
     }
+}
+
+async fn a_background_process_ends(tracking: Tracking, kind: &str) {
+    let (_lmx, d, dirs, s) = setup(tracking, kind).await;
     // Killed.
     let id = start_background(&d, &s, &escaping("sleep 300"), json!({})).await;
     let pids = escaped_pids(&dirs).await;
@@ -178,25 +224,29 @@ async fn a_background_process_killed_timed_out_ended_or_stopped_with_the_daemon_
         .await;
     assert_eq!(status, StatusCode::OK);
     wait_state(&d, &id, |s| s == "killed").await;
-    assert_eq!(all_gone(&pids).await, Ok(()), "after a kill");
+    assert_eq!(all_gone(&pids).await, Ok(()), "after a kill ({kind})");
     // Timed out.
     std::fs::remove_file(dirs.ws.join("pids")).unwrap();
     let id = start_background(&d, &s, &escaping("sleep 300"), json!({"timeoutMs": 500})).await;
     let pids = escaped_pids(&dirs).await;
     wait_state(&d, &id, |s| s == "timeout").await;
-    assert_eq!(all_gone(&pids).await, Ok(()), "after a timeout");
+    assert_eq!(all_gone(&pids).await, Ok(()), "after a timeout ({kind})");
     // Ended by itself, leaving its children.
     std::fs::remove_file(dirs.ws.join("pids")).unwrap();
     let id = start_background(&d, &s, &escaping("true"), json!({})).await;
     let pids = escaped_pids(&dirs).await;
     wait_state(&d, &id, |s| s == "completed").await;
-    assert_eq!(all_gone(&pids).await, Ok(()), "after it ended");
+    assert_eq!(all_gone(&pids).await, Ok(()), "after it ended ({kind})");
     // Running when the daemon stops.
     std::fs::remove_file(dirs.ws.join("pids")).unwrap();
     start_background(&d, &s, &escaping("sleep 300"), json!({})).await;
     let pids = escaped_pids(&dirs).await;
     d.stop().await;
-    assert_eq!(all_gone(&pids).await, Ok(()), "after the daemon stopped");
+    assert_eq!(
+        all_gone(&pids).await,
+        Ok(()),
+        "after the daemon stopped ({kind})"
+    );
 }
 
 fn small_caps(config: &mut opta_daemon::DaemonConfig) {
@@ -217,7 +267,8 @@ async fn a_command_is_held_to_its_process_and_memory_limits() {
                  wait; if [ -s forks.err ]; then echo fork-refused; fi";
     let id = start_background(&d, &s, forks, json!({})).await;
     wait_state(&d, &id, |s| s != "running").await;
-    let limited = tracks_by_cgroup(&d).await;
+    let (_, health) = d.get("/v3/health").await;
+    let limited = health["processes"] == "cgroup";
     let out = std::fs::read_to_string(dirs.ws.join("forks.err")).unwrap_or_default();
     if limited {
         assert!(!out.is_empty(), "40 processes ran under a limit of 16");

@@ -83,10 +83,17 @@ pub struct V3HealthResponse {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sandbox: Option<String>,
     /// How a command's processes are tracked to their end: `cgroup` (each command in its own,
-    /// killed whole, those that called setsid included), or `process-group` where no cgroup
-    /// can be made.
+    /// killed whole, those that called setsid included), `pid-namespace` (each command in a
+    /// PID namespace of its own, which ends with it and with the daemon), or `process-group`
+    /// where neither can be had.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub processes: Option<String>,
+    /// What sandboxed commands may do to a repository's `.git/config`, `.git/hooks` and
+    /// `.git/info` (which run programs): `writable` (the daemon has no mount namespace to make
+    /// them read-only; the file tools ask before writing there and a `git` grant is asked again
+    /// once they changed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub git_metadata: Option<String>,
 }
 
 /// `GET /v3/metrics`.

@@ -42,6 +42,25 @@ pub fn host_has_cgroups() -> bool {
     root && mounted
 }
 
+/// Whether this host lets a process make a user and PID namespace (so a daemon told to can
+/// track its commands by PID namespace): tried with util-linux's `unshare`.
+pub fn host_has_user_namespaces() -> bool {
+    std::process::Command::new("unshare")
+        .args(["--user", "--pid", "--fork", "true"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// A shell snippet that appends the pid of the shell running it to `file`, as the host sees
+/// it (`/proc/self` opened by the shell itself), even inside a PID namespace where `$$` is
+/// the namespace's number.
+pub fn record_own_pid(file: &str) -> String {
+    format!("read -r p rest < /proc/self/stat; echo $p >> {file}")
+}
+
 /// Whether any live process is in process group `pgid` (zombies, exited but not yet reaped
 /// by whoever inherited them, count as gone).
 pub fn group_alive(pgid: u64) -> bool {

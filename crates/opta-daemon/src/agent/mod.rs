@@ -39,6 +39,8 @@ pub struct AgentConfig {
     pub allow_any_workspace: bool,
     /// What each command may use (`--command-max-procs`, `--command-max-memory-mb`).
     pub command_caps: crate::process::contain::CommandCaps,
+    /// How each command's processes are tracked to their end (`--command-tracking`).
+    pub command_tracking: crate::process::contain::Tracking,
 }
 
 impl Default for AgentConfig {
@@ -52,6 +54,7 @@ impl Default for AgentConfig {
             sandbox_writes: Vec::new(),
             allow_any_workspace: false,
             command_caps: crate::process::contain::CommandCaps::default(),
+            command_tracking: crate::process::contain::Tracking::default(),
         }
     }
 }

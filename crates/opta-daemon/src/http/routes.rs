@@ -43,6 +43,7 @@ pub async fn v3_health(State(state): State<AppState>) -> Json<V3HealthResponse> 
         runtime: state.ctx.counters.snapshot(),
         sandbox: Some(state.ctx.sandbox.kind().to_owned()),
         processes: Some(state.ctx.containment.kind().to_owned()),
+        git_metadata: Some(crate::process::sandbox::GIT_METADATA.to_owned()),
     })
 }
 

@@ -9,14 +9,18 @@
 //! Limits (`--command-max-procs`, `--command-max-memory-mb`) go through whichever hierarchy
 //! has the `pids` and `memory` controllers: cgroup v2 where they are enabled, else the v1
 //! hierarchy that has them (hybrid hosts); memory falls back to `RLIMIT_AS`. Where no cgroup
-//! can be made (no cgroup v2, no permission), commands run in their own process group only
-//! and `/v3/health` says `processes: "process-group"`.
+//! can be made (no cgroup v2, no permission), each command runs in a PID namespace of its own
+//! (`pidns.rs`), which ends with the command and with the daemon; where neither can be had,
+//! commands run in their own process group only. `/v3/health` says which: `processes:
+//! "cgroup"`, `"pid-namespace"` or `"process-group"`.
 
 use std::fs::OpenOptions;
 use std::io::{self, Write as _};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+
+use super::pidns::{LifePipe, Namespace};
 
 /// What each command may use (flags `--command-max-procs`, `--command-max-memory-mb`; 0: no
 /// limit).
@@ -37,12 +41,61 @@ impl Default for CommandCaps {
     }
 }
 
+/// How commands should be tracked (`--command-tracking`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Tracking {
+    /// The strongest the host allows: a cgroup, else a PID namespace, else a process group.
+    #[default]
+    Auto,
+    /// A PID namespace (no cgroup), else a process group.
+    PidNamespace,
+    /// The command's process group only: what leaves it is not tracked.
+    ProcessGroup,
+}
+
+impl Tracking {
+    /// Every value, as the flag takes it.
+    pub const ALL: [&'static str; 3] = ["auto", "pid-namespace", "process-group"];
+
+    /// The flag's value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::PidNamespace => "pid-namespace",
+            Self::ProcessGroup => "process-group",
+        }
+    }
+}
+
+impl std::str::FromStr for Tracking {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "auto" => Ok(Self::Auto),
+            "pid-namespace" => Ok(Self::PidNamespace),
+            "process-group" => Ok(Self::ProcessGroup),
+            other => Err(format!(
+                "unknown command tracking {other:?} (one of {})",
+                Self::ALL.join(", ")
+            )),
+        }
+    }
+}
+
 /// How commands are tracked, probed once at start.
 #[derive(Debug)]
 pub struct Containment {
     caps: CommandCaps,
-    /// The daemon's cgroup v2 directory for this home (`None`: process groups only).
+    /// The daemon's cgroup v2 directory for this home (`None`: no cgroups).
     cgroup: Option<PathBuf>,
+    /// Without a cgroup: a PID namespace per command, and the pipe that tells its
+    /// supervisor the daemon is gone.
+    namespace: Option<(Namespace, LifePipe)>,
+    /// With neither: where each `run_command`'s process group is recorded while it runs
+    /// (`<pgid>-<start ticks>`), so the next start can end what a killed daemon left.
+    /// Background processes are recorded in the store.
+    records: Option<PathBuf>,
     /// Per limited controller, where its cgroups are made and the file that holds the limit.
     limited: Vec<Limit>,
 }
@@ -62,14 +115,22 @@ struct Limit {
 const EMPTY_WAIT: Duration = Duration::from_secs(5);
 
 impl Containment {
-    /// Probes the host for `home`: makes (or finds) the daemon's cgroup directories.
-    pub fn probe(home: &Path, caps: CommandCaps) -> Self {
+    /// Probes the host for `home`: makes (or finds) the daemon's cgroup directories, else
+    /// tries a PID namespace (as `tracking` allows).
+    pub fn probe(home: &Path, caps: CommandCaps, tracking: Tracking) -> Self {
         let name = format!("opta-{:016x}", fnv1a(home.as_os_str().as_encoded_bytes()));
         let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
         let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+        let records = home.join("commands");
+        if tracking != Tracking::Auto {
+            return Self::without_cgroups(caps, tracking, records);
+        }
         let cgroup = hierarchy_dir(&mounts, &own, None)
             .map(|dir| dir.join(&name))
             .filter(|dir| make_dir(dir) && dir.join("cgroup.kill").exists());
+        if cgroup.is_none() {
+            return Self::without_cgroups(caps, Tracking::PidNamespace, records);
+        }
         let mut limited = Vec::new();
         for (controller, v2_file, v1_file, value) in [
             ("pids", "pids.max", "pids.max", caps.max_procs),
@@ -103,11 +164,32 @@ impl Containment {
         Self {
             caps,
             cgroup,
+            namespace: None,
+            records: None,
             limited,
         }
     }
 
-    /// Process groups only, no cgroup and no limit (for tests of what runs inside).
+    /// No cgroup: a PID namespace per command where `tracking` asks for one and the host
+    /// allows it (tried once, with `true`), else process groups, recorded in `records`.
+    fn without_cgroups(caps: CommandCaps, tracking: Tracking, records: PathBuf) -> Self {
+        let namespace = (tracking == Tracking::PidNamespace)
+            .then(LifePipe::new)
+            .and_then(Result::ok)
+            .map(|life| (Namespace::new(&life, caps.max_procs), life))
+            .filter(|(namespace, _)| namespace_works(namespace));
+        let records = namespace.is_none().then_some(records);
+        Self {
+            caps,
+            cgroup: None,
+            namespace,
+            records,
+            limited: Vec::new(),
+        }
+    }
+
+    /// Process groups only, no cgroup, no limit and no record (for tests of what runs
+    /// inside).
     pub fn process_groups_only() -> Self {
         Self {
             caps: CommandCaps {
@@ -115,15 +197,19 @@ impl Containment {
                 max_memory_bytes: 0,
             },
             cgroup: None,
+            namespace: None,
+            records: None,
             limited: Vec::new(),
         }
     }
 
-    /// `cgroup` when every command is tracked to its end, `process-group` when only its
-    /// process group is.
+    /// `cgroup` or `pid-namespace` when every command is tracked to its end,
+    /// `process-group` when only its process group is.
     pub fn kind(&self) -> &'static str {
         if self.cgroup.is_some() {
             "cgroup"
+        } else if self.namespace.is_some() {
+            "pid-namespace"
         } else {
             "process-group"
         }
@@ -131,8 +217,18 @@ impl Containment {
 
     /// Kills what a previous run of this home's daemon left in its cgroups (it was killed,
     /// so it could not) and removes them, the v2 ones first (their kill empties the v1 ones).
-    /// Answers how many cgroup directories were left.
+    /// Also removes the empty command cgroups other homes' daemons left when they ended
+    /// before their clean-up did (test runs end that way). Answers how many cgroup
+    /// directories this home had left.
     pub fn recover(&self) -> usize {
+        if let Some(records) = &self.records {
+            end_recorded_groups(records);
+        }
+        for top in self.tops() {
+            if let Some(parent) = top.parent() {
+                sweep_stale(parent, STALE_AFTER);
+            }
+        }
         let mut found = 0;
         for top in self.tops() {
             for entry in std::fs::read_dir(top).into_iter().flatten().flatten() {
@@ -168,6 +264,7 @@ impl Containment {
             dirs: Vec::new(),
             kill: None,
             joins: Vec::new(),
+            record: None,
         };
         if let Some(top) = &self.cgroup {
             let dir = top.join(&id);
@@ -198,6 +295,10 @@ impl Containment {
         let joins: Vec<i32> = cell.joins.iter().map(AsRawFd::as_raw_fd).collect();
         let address_space = (!memory_limited && self.caps.max_memory_bytes > 0)
             .then_some(self.caps.max_memory_bytes);
+        let namespace = self
+            .namespace
+            .as_ref()
+            .map(|(namespace, _)| namespace.clone());
         // SAFETY: runs in the child between fork and exec; it only makes system calls
         // (write to descriptors opened above, which the child holds until exec; setrlimit)
         // and allocates nothing.
@@ -215,10 +316,56 @@ impl Containment {
                     };
                     rustix::process::setrlimit(rustix::process::Resource::As, limit)?;
                 }
-                Ok(())
+                match &namespace {
+                    // Returns here only in the command's process, inside its namespace.
+                    Some(namespace) => namespace.enter(),
+                    None => Ok(()),
+                }
             });
         }
         Ok(cell)
+    }
+
+    /// Records the process group `pgid` of a command started with `cell`, where nothing
+    /// else would find it after a crash (process groups only); the record goes with the cell.
+    pub fn record(&self, cell: &mut Cell, pgid: u32) {
+        let Some(records) = &self.records else {
+            return;
+        };
+        let Some(ticks) = super::monitor::start_ticks(pgid) else {
+            return;
+        };
+        let path = records.join(format!("{pgid}-{ticks}"));
+        let made = std::fs::create_dir_all(records).and_then(|()| std::fs::write(&path, ""));
+        match made {
+            Ok(()) => cell.record = Some(path),
+            Err(e) => tracing::warn!(error = %e, "a command's process group was not recorded"),
+        }
+    }
+}
+
+/// Kills each recorded process group whose leader is still the process recorded (same start
+/// time: a reused pid is never signalled), and removes the records.
+fn end_recorded_groups(records: &Path) {
+    for entry in std::fs::read_dir(records).into_iter().flatten().flatten() {
+        let name = entry.file_name();
+        let parsed = name
+            .to_str()
+            .and_then(|n| n.split_once('-'))
+            .and_then(|(pgid, ticks)| {
+                Some((pgid.parse::<u32>().ok()?, ticks.parse::<i64>().ok()?))
+            });
+        if let Some((pgid, ticks)) = parsed
+            && super::monitor::start_ticks(pgid) == Some(ticks)
+            && let Ok(pgid) = i32::try_from(pgid)
+        {
+            tracing::info!(pgid, "a command a previous run left behind was killed");
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pgid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let _ = std::fs::remove_file(entry.path());
     }
 }
 
@@ -229,6 +376,8 @@ pub struct Cell {
     dirs: Vec<PathBuf>,
     kill: Option<PathBuf>,
     joins: Vec<OwnedFd>,
+    /// The command's record, where process groups are recorded.
+    record: Option<PathBuf>,
 }
 
 impl Cell {
@@ -245,6 +394,9 @@ impl Drop for Cell {
     fn drop(&mut self) {
         self.kill();
         self.joins.clear();
+        if let Some(record) = self.record.take() {
+            let _ = std::fs::remove_file(record);
+        }
         // Usually empty already (the command ended and left nothing): removed at once;
         // else on a thread that waits for the kill to take.
         let mut dirs = std::mem::take(&mut self.dirs);
@@ -265,6 +417,39 @@ impl Drop for Cell {
             }
         });
     }
+}
+
+/// How old an empty command cgroup must be to be taken for one left behind: a live daemon
+/// moves its command in within milliseconds of making it, and removes it when it ends.
+const STALE_AFTER: Duration = Duration::from_secs(120);
+
+/// Removes, below `parent`, every `opta-*/cmd-*` cgroup that holds no process and is older
+/// than `age`, then every `opta-*` left empty (a cgroup with processes or children cannot be
+/// removed, so a live command is never touched).
+fn sweep_stale(parent: &Path, age: Duration) {
+    let homes = std::fs::read_dir(parent).into_iter().flatten().flatten();
+    for home in homes.filter(|e| e.file_name().to_string_lossy().starts_with("opta-")) {
+        sweep_home(&home.path(), age);
+    }
+}
+
+/// [`sweep_stale`] for one home's directory.
+fn sweep_home(home: &Path, age: Duration) {
+    let commands = std::fs::read_dir(home).into_iter().flatten().flatten();
+    for command in commands.filter(|e| e.file_name().to_string_lossy().starts_with("cmd-")) {
+        let old = command
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|elapsed| elapsed > age);
+        let empty = std::fs::read_to_string(command.path().join("cgroup.procs"))
+            .is_ok_and(|procs| procs.trim().is_empty());
+        if old && empty {
+            let _ = std::fs::remove_dir(command.path());
+        }
+    }
+    let _ = std::fs::remove_dir(home);
 }
 
 /// Removes the home's directory above a command's cgroup `dir`, when that was its last.
@@ -300,6 +485,23 @@ fn kill_and_remove(dir: &Path) {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// Whether a command can be started in a PID namespace here (user namespaces may be off,
+/// or refused by a container's seccomp policy).
+fn namespace_works(namespace: &Namespace) -> bool {
+    use std::os::unix::process::CommandExt as _;
+    let namespace = namespace.clone();
+    let mut probe = std::process::Command::new("true");
+    probe
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: `enter` only makes system calls between fork and exec.
+    unsafe {
+        probe.pre_exec(move || namespace.enter());
+    }
+    probe.status().is_ok_and(|status| status.success())
 }
 
 /// Creates `dir` and its missing parents; again when a parent was removed meanwhile (the
@@ -403,6 +605,43 @@ mod tests {
             hierarchy_dir(nested, "0::/docker/1/app\n", None),
             Some(PathBuf::from("/sys/fs/cgroup/app"))
         );
+    }
+
+    #[test]
+    fn stale_empty_command_cgroups_are_swept_and_live_ones_kept() {
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+        let Some(parent) = hierarchy_dir(&mounts, &own, None) else {
+            return eprintln!("no cgroup v2 here");
+        };
+        // A home of this test's own, below the real hierarchy.
+        let home = parent.join(format!("opta-test-{:016x}", rand::random::<u64>()));
+        if std::fs::create_dir(&home).is_err() {
+            return eprintln!("cgroups cannot be made here");
+        }
+        let (stale, busy) = (home.join("cmd-stale"), home.join("cmd-busy"));
+        std::fs::create_dir(&stale).unwrap();
+        std::fs::create_dir(&busy).unwrap();
+        let mut sleeper = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        std::fs::write(busy.join("cgroup.procs"), sleeper.id().to_string()).unwrap();
+        // Too young: kept. (Only this home is swept: others belong to live daemons.)
+        sweep_home(&home, Duration::from_secs(3600));
+        assert!(stale.exists() && busy.exists());
+        std::thread::sleep(Duration::from_millis(20));
+        sweep_home(&home, Duration::from_millis(1));
+        assert!(!stale.exists(), "an old empty command cgroup is removed");
+        assert!(
+            busy.exists(),
+            "a cgroup with a process is kept, and so its home"
+        );
+        let _ = sleeper.kill();
+        let _ = sleeper.wait();
+        kill_and_remove(&busy);
+        sweep_home(&home, Duration::from_millis(1));
+        assert!(!home.exists(), "an empty home is removed");
     }
 
     #[test]

@@ -10,6 +10,7 @@
 
 pub mod contain;
 mod monitor;
+mod pidns;
 pub mod sandbox;
 
 use std::collections::{HashMap, VecDeque};

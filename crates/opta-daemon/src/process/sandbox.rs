@@ -6,9 +6,10 @@
 //! they also cannot signal processes outside the sandbox (the daemon) or connect to abstract
 //! sockets made outside it.
 //!
-//! Landlock restricts a thread and the processes it starts afterwards, so each sandboxed
-//! command is spawned from a short-lived thread that restricts itself first; the daemon's own
-//! threads stay unrestricted.
+//! The rules are built by the daemon and enforced by the command's own process between fork
+//! and exec (Landlock restricts a thread and what it starts afterwards). Capabilities are
+//! dropped on a short-lived thread that spawns the command; the daemon's own threads keep
+//! theirs.
 
 use std::path::{Path, PathBuf};
 
@@ -18,6 +19,14 @@ use landlock::{
     ABI, Access, AccessFs, PathBeneath, PathFd, Ruleset, RulesetAttr, RulesetCreatedAttr,
     RulesetStatus, Scope,
 };
+
+/// What sandboxed commands may do to `.git/config`, `.git/hooks` and `.git/info` (reported by
+/// `/v3/health`): they stay writable, since `git add` and `git commit` must work and Landlock
+/// cannot take a path out of a writable tree; a mount namespace could bind them read-only,
+/// but a command can still rename `.git` away or plant `.git/commondir`, so that would not be
+/// a boundary either. The boundary is elsewhere: the file tools always ask before writing
+/// there, and a `git` grant holds only while they are unchanged.
+pub const GIT_METADATA: &str = "writable";
 
 /// The Landlock ABI the rules are written for; older kernels enforce what they know.
 const TARGET_ABI: ABI = ABI::V5;
@@ -108,9 +117,13 @@ impl Sandbox {
             .flat_map(|root| except(&root, &self.hidden))
             .collect();
         spawn_from_thread(move || {
-            drop_capabilities()
-                .and_then(|()| confine(&reads, &writes, handle))
-                .and_then(|()| command.spawn())
+            drop_capabilities()?;
+            let ruleset = ruleset(&reads, &writes, handle)?;
+            // SAFETY: two system calls between fork and exec, nothing allocated.
+            unsafe {
+                command.pre_exec(move || restrict(ruleset.as_ref()));
+            }
+            command.spawn()
         })
         .await
     }
@@ -166,12 +179,14 @@ fn drop_capabilities() -> std::io::Result<()> {
     Ok(())
 }
 
-/// Restricts the calling thread (and what it starts) to the rules.
-fn confine(
+/// The ruleset for the rules, to be enforced in the command's process ([`restrict`]), after
+/// whatever else it sets up (a PID namespace's supervisor and init are not confined; they run
+/// only the daemon's code). `None` where the kernel enforces nothing.
+fn ruleset(
     reads: &[PathBuf],
     writes: &[PathBuf],
     workspace: Option<cap_std::fs::Dir>,
-) -> std::io::Result<()> {
+) -> std::io::Result<Option<std::os::fd::OwnedFd>> {
     let all = AccessFs::from_all(TARGET_ABI);
     let read = AccessFs::from_read(TARGET_ABI);
     let fail = |e: landlock::RulesetError| std::io::Error::other(format!("sandbox: {e}"));
@@ -199,7 +214,25 @@ fn confine(
     if let Some(dir) = workspace {
         ruleset = ruleset.add_rule(PathBeneath::new(dir, all)).map_err(fail)?;
     }
-    ruleset.restrict_self().map_err(fail)?;
+    Ok(ruleset.into())
+}
+
+/// Restricts the calling process (a command between fork and exec) to `ruleset`.
+fn restrict(ruleset: Option<&std::os::fd::OwnedFd>) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let Some(ruleset) = ruleset else {
+        return Ok(());
+    };
+    // SAFETY: plain system calls; the descriptor is open (the command owns it until exec).
+    unsafe {
+        // Required to restrict without CAP_SYS_ADMIN; no program it runs gains privileges.
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if libc::syscall(libc::SYS_landlock_restrict_self, ruleset.as_raw_fd(), 0u32) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
     Ok(())
 }
 

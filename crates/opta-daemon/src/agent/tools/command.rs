@@ -225,6 +225,10 @@ pub async fn run(
         None => command.spawn(),
     };
     let mut child = spawned.map_err(|e| format!("could not start sh: {e}"))?;
+    let mut cell = cell;
+    if let Some(pid) = child.id() {
+        containment.record(&mut cell, pid);
+    }
     let mut guard = GroupGuard {
         pgid: child
             .id()

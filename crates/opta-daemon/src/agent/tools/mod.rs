@@ -273,8 +273,11 @@ pub enum Change {
 }
 
 /// What in a repository runs programs at the next `git` command: its configuration (an
-/// `fsmonitor`, an alias), its hooks, its info (attributes, excludes).
-pub const GIT_PROGRAM_PATHS: &[&str] = &[".git/config", ".git/hooks", ".git/info"];
+/// `fsmonitor`, an alias; `config.worktree` too, by prefix), its hooks, its info
+/// (attributes, excludes), and `commondir`, which sends git to another directory's
+/// configuration and hooks.
+pub const GIT_PROGRAM_PATHS: &[&str] =
+    &[".git/config", ".git/hooks", ".git/info", ".git/commondir"];
 
 impl Change {
     /// Why this change is asked about every time, even where the mode or a grant would let
