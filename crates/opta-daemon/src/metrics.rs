@@ -30,13 +30,14 @@ pub struct ErrorLabels {
     pub code: String,
 }
 
-/// A tool call: which tool and how it ended.
+/// A tool call: which tool and how it ended. Every label value comes from a fixed set, never
+/// from a model or a client (a made-up tool name is `unknown`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ToolLabels {
-    /// Tool name.
-    pub tool: String,
+    /// A known tool's name, or `unknown`.
+    pub tool: &'static str,
     /// `ok`, `error` or `denied`.
-    pub outcome: String,
+    pub outcome: &'static str,
 }
 
 /// A permission decision and who made it.
@@ -44,8 +45,9 @@ pub struct ToolLabels {
 pub struct DecisionLabels {
     /// `allow` or `deny`.
     pub decision: String,
-    /// A client id, `timeout`, `cancel`, `interrupted`, `mode`, `grant`.
-    pub decided_by: String,
+    /// `client` (whichever client), or the daemon's own: `timeout`, `cancel`,
+    /// `interrupted`, `mode`, `grant`, `error`, `dangerous`.
+    pub decided_by: &'static str,
 }
 
 /// The daemon's metrics; cheap to update from any task.

@@ -186,11 +186,11 @@ async fn a_write_in_chat_asks_and_a_second_client_allows_it() {
         .await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
     assert_eq!(body["conflict"], true);
-    // The call and the decision are counted.
+    // The call and the decision are counted (a client's own name is never a label).
     let metrics = d.prometheus().await;
     for line in [
         "opta_tool_calls_total{tool=\"write_file\",outcome=\"ok\"} 1",
-        "opta_permission_decisions_total{decision=\"allow\",decided_by=\"web-tab\"} 1",
+        "opta_permission_decisions_total{decision=\"allow\",decided_by=\"client\"} 1",
     ] {
         assert!(
             metrics.lines().any(|l| l == line),

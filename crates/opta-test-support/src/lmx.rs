@@ -78,6 +78,8 @@ pub struct Reply {
     pub tool_calls: Vec<(String, String)>,
     /// The finish reason (default `tool_calls` when there are calls, else `stop`).
     pub finish_reason: Option<String>,
+    /// The id every call gets (default `call_<index>`): a server that repeats ids.
+    pub call_id: Option<String>,
 }
 
 impl Reply {
@@ -94,6 +96,7 @@ impl Reply {
             behaviour: Behaviour::Complete,
             tool_calls: Vec::new(),
             finish_reason: None,
+            call_id: None,
         }
     }
 
@@ -115,6 +118,12 @@ impl Reply {
     pub fn and_call(mut self, name: &str, arguments: Value) -> Self {
         self.tool_calls
             .push((name.to_owned(), arguments.to_string()));
+        self
+    }
+
+    /// Every call with this id.
+    pub fn with_call_id(mut self, id: &str) -> Self {
+        self.call_id = Some(id.to_owned());
         self
     }
 
@@ -610,7 +619,11 @@ async fn chat(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
         )),
         _ => {
             for (index, (name, arguments)) in reply.tool_calls.iter().enumerate() {
-                let call = json!({"tool_calls": [{"index": index, "id": format!("call_{index}"),
+                let id = reply
+                    .call_id
+                    .clone()
+                    .unwrap_or_else(|| format!("call_{index}"));
+                let call = json!({"tool_calls": [{"index": index, "id": id,
                     "type": "function", "function": {"name": name, "arguments": ""}}]});
                 frames.push((reply.chunk_delay, Ok(chunk_json(&model, call, None))));
                 // The arguments in three fragments, cut on char boundaries.

@@ -37,6 +37,16 @@ pub const DAEMON_DECIDERS: &[&str] = &[
     "dangerous",
 ];
 
+/// Who decided, as a metric label: one of [`DAEMON_DECIDERS`], else `client` (a client's
+/// own name never becomes a label: it is unbounded and unescaped).
+pub fn decider_label(by: &str) -> &'static str {
+    DAEMON_DECIDERS
+        .iter()
+        .find(|reserved| **reserved == by)
+        .copied()
+        .unwrap_or("client")
+}
+
 /// A client's `decidedBy` as recorded (`client` when empty), or why it is refused.
 pub fn client_decider(given: &str) -> Result<String, String> {
     let given = given.trim();

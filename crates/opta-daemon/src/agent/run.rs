@@ -206,6 +206,59 @@ pub(crate) async fn run_turn(
 }
 
 /// A call to run, from the server's `tool_calls` or from the text.
+/// `id`, or when this turn gave it out already, `id-2`, `id-3`, ...: the model's history and
+/// every event use the id returned.
+fn unique_id(given: &mut std::collections::HashSet<String>, id: String) -> String {
+    if given.insert(id.clone()) {
+        return id;
+    }
+    (2u32..)
+        .map(|n| format!("{id}-{n}"))
+        .find(|candidate| given.insert(candidate.clone()))
+        .unwrap_or(id)
+}
+
+/// What makes two calls the same for the repeat guard: the tool and its parsed arguments,
+/// written canonically (keys sorted, no whitespace), so spacing or key order never makes a
+/// repeat look new; arguments that do not parse compare as written, trimmed.
+fn repeat_key(call: &PlannedCall) -> String {
+    fn canonical(value: &Value, out: &mut String) {
+        match value {
+            Value::Object(map) => {
+                let mut keys: Vec<&String> = map.keys().collect();
+                keys.sort();
+                out.push('{');
+                for (i, key) in keys.into_iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    out.push_str(&Value::String(key.clone()).to_string());
+                    out.push(':');
+                    canonical(&map[key], out);
+                }
+                out.push('}');
+            }
+            Value::Array(items) => {
+                out.push('[');
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    canonical(item, out);
+                }
+                out.push(']');
+            }
+            other => out.push_str(&other.to_string()),
+        }
+    }
+    let mut key = format!("{}\0", call.name);
+    match &call.arguments {
+        Ok(value) => canonical(value, &mut key),
+        Err(_) => key.push_str(call.raw.trim()),
+    }
+    key
+}
+
 struct PlannedCall {
     id: String,
     name: String,
@@ -268,6 +321,8 @@ impl Turn<'_> {
         let mut rounds = 0u32;
         let mut repeats: Option<(String, u32)> = None;
         let mut next_call = 0u32;
+        // Call ids given out in this turn: clients pair `tool.end` with `tool.start` by id.
+        let mut ids = std::collections::HashSet::new();
         // Built once per turn (it reads AGENTS.md), again only if the model turns out to
         // refuse `tools` mid-turn.
         let mut system: Option<(bool, String)> = None;
@@ -358,7 +413,7 @@ impl Turn<'_> {
                     call.id.clone()
                 };
                 calls.push(PlannedCall {
-                    id,
+                    id: unique_id(&mut ids, id),
                     name: call.name.clone(),
                     arguments,
                     raw: call.arguments.clone(),
@@ -385,7 +440,7 @@ impl Turn<'_> {
                     .map(Value::to_string)
                     .unwrap_or_default();
                 calls.push(PlannedCall {
-                    id: format!("call_{}_{next_call}", self.turn_no),
+                    id: unique_id(&mut ids, format!("call_{}_{next_call}", self.turn_no)),
                     name: call.name,
                     arguments: call.arguments,
                     raw,
@@ -458,7 +513,7 @@ impl Turn<'_> {
             })
             .await;
             for call in calls {
-                let key = format!("{}\0{}", call.name, call.raw.trim());
+                let key = repeat_key(&call);
                 let count = match &mut repeats {
                     Some((last, n)) if *last == key => {
                         *n += 1;
@@ -732,5 +787,41 @@ impl AsyncDeltaSink for &mut RoundSink<'_> {
                 delta,
             })
             .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{PlannedCall, repeat_key, unique_id};
+
+    #[test]
+    fn ids_are_unique_in_a_turn() {
+        let mut given = std::collections::HashSet::new();
+        let ids: Vec<String> = ["same", "same", "other", "same", "same-2"]
+            .into_iter()
+            .map(|id| unique_id(&mut given, id.to_owned()))
+            .collect();
+        assert_eq!(ids, ["same", "same-2", "other", "same-3", "same-2-2"]);
+    }
+
+    #[test]
+    fn repeats_are_found_whatever_the_spacing_and_key_order() {
+        let call = |raw: &str| PlannedCall {
+            id: String::new(),
+            name: "read_file".into(),
+            arguments: serde_json::from_str(raw).map_err(|e| e.to_string()),
+            raw: raw.into(),
+        };
+        let a = repeat_key(&call(r#"{"path":"a.txt","offset":1}"#));
+        let b = repeat_key(&call("{ \"offset\" : 1,\n  \"path\": \"a.txt\" }"));
+        assert_eq!(a, b);
+        let c = repeat_key(&call(r#"{"path":"b.txt","offset":1}"#));
+        assert_ne!(a, c);
+        let nested = repeat_key(&call(r#"{"x":{"b":[1, {"d":2,"c":3}],"a":null}}"#));
+        let nested2 = repeat_key(&call(r#"{"x":{"a":null,"b":[1,{"c":3,"d":2}]}}"#));
+        assert_eq!(nested, nested2);
+        // Unparsed arguments compare as written, trimmed.
+        assert_eq!(repeat_key(&call("{oops")), repeat_key(&call(" {oops\n")));
+        assert_ne!(repeat_key(&call("{oops")), repeat_key(&call("{oops2")));
     }
 }

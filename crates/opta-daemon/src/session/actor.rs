@@ -1163,8 +1163,9 @@ impl SessionActor {
             .metrics
             .tool_calls
             .get_or_create(&crate::metrics::ToolLabels {
-                tool: end.name.clone(),
-                outcome: outcome.to_owned(),
+                // A name the model made up is `unknown`: labels come from a bounded set.
+                tool: crate::agent::tools::spec(&end.name).map_or("unknown", |t| t.name),
+                outcome,
             })
             .inc();
         let turn_id = active.turn.turn_id.clone();
@@ -1241,7 +1242,7 @@ impl SessionActor {
             .permission_decisions
             .get_or_create(&crate::metrics::DecisionLabels {
                 decision: decision.to_owned(),
-                decided_by: by.to_owned(),
+                decided_by: crate::agent::permissions::decider_label(by),
             })
             .inc();
     }

@@ -1,0 +1,146 @@
+//! Bounded under hostile model replies: call ids clients can pair, a repeat guard that sees
+//! through spacing, and metric labels no model can invent or forge.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure report
+
+use opta_test_support::{Reply, ScriptedLmx, TestDaemon, WorkspaceDirs, conversation};
+use serde_json::{Value, json};
+
+fn named<'a>(events: &'a [Value], name: &str) -> Vec<&'a Value> {
+    events.iter().filter(|e| e["event"] == name).collect()
+}
+
+fn ids(events: &[Value], name: &str) -> Vec<String> {
+    named(events, name)
+        .iter()
+        .map(|e| e["payload"]["id"].as_str().unwrap_or("").to_owned())
+        .collect()
+}
+
+async fn setup() -> (ScriptedLmx, TestDaemon, WorkspaceDirs, String) {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let d = TestDaemon::start(&lmx.url()).await;
+    let dirs = WorkspaceDirs::new();
+    std::fs::write(dirs.ws.join("a.txt"), "alpha\n").unwrap();
+    std::fs::write(dirs.ws.join("b.txt"), "beta\n").unwrap();
+    let s = d.create_session_in(&dirs.ws).await;
+    (lmx, d, dirs, s)
+}
+
+#[tokio::test]
+async fn calls_that_share_an_id_get_ids_of_their_own() {
+    let (lmx, d, _dirs, s) = setup().await;
+    lmx.push(
+        Reply::tool_call("read_file", json!({"path": "a.txt"}))
+            .and_call("read_file", json!({"path": "b.txt"}))
+            .with_call_id("same"),
+    );
+    // The next round's server reuses the id again.
+    lmx.push(
+        Reply::tool_call("read_file", json!({"path": "a.txt", "limit": 1})).with_call_id("same"),
+    );
+    lmx.push(Reply::chunks(["done"]));
+    let (_, events) = d.turn(&s, "read both").await;
+    assert_eq!(ids(&events, "tool.start"), ["same", "same-2", "same-3"]);
+    assert_eq!(ids(&events, "tool.end"), ["same", "same-2", "same-3"]);
+    let ends = named(&events, "tool.end");
+    assert!(
+        ends[1]["payload"]["result"]["output"]
+            .as_str()
+            .unwrap()
+            .contains("beta")
+    );
+    // The model's history pairs each result with its call by the new ids.
+    let history = conversation(lmx.requests().last().unwrap());
+    let calls: Vec<&str> = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["tool_calls"].as_array())
+        .flatten()
+        .map(|c| c["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(calls, ["same", "same-2", "same-3"]);
+    let results: Vec<&str> = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["tool_call_id"].as_str())
+        .collect();
+    assert_eq!(results, ["same", "same-2", "same-3"]);
+}
+
+#[tokio::test]
+async fn the_same_call_spaced_differently_is_still_a_repeat() {
+    let (lmx, d, _dirs, s) = setup().await;
+    let spellings = [
+        r#"{"path":"a.txt"}"#,
+        r#"{ "path" : "a.txt" }"#,
+        "{\n  \"path\": \"a.txt\"\n}",
+        r#"{"path":   "a.txt"  }"#,
+    ];
+    for raw in spellings {
+        lmx.push(Reply::tool_call_raw("read_file", raw));
+    }
+    lmx.push(Reply::chunks(["done"]));
+    let (_, events) = d.turn(&s, "read it").await;
+    let ends = named(&events, "tool.end");
+    let ok: Vec<bool> = ends
+        .iter()
+        .map(|e| e["payload"]["result"]["ok"] == true)
+        .collect();
+    // Two run, the third is refused, the fourth ends the turn's tool use.
+    assert_eq!(ok[..3], [true, true, false], "{ends:?}");
+    let refused = ends[2]["payload"]["result"]["error"].as_str().unwrap_or("");
+    assert!(refused.contains("three times"), "{refused}");
+}
+
+#[tokio::test]
+async fn invented_tool_names_never_become_metric_labels() {
+    let (lmx, d, _dirs, s) = setup().await;
+    // Warm the families a normal turn fills, so the size compared is that of a used daemon.
+    lmx.push(Reply::tool_call("read_file", json!({"path": "a.txt"})));
+    lmx.push(Reply::chunks(["ok"]));
+    d.turn(&s, "read").await;
+    lmx.push(Reply::tool_call("made_up", json!({})));
+    lmx.push(Reply::chunks(["ok"]));
+    d.turn(&s, "call a tool that is not there").await;
+    let before = d.prometheus().await;
+
+    // A name that would forge a line, then 3,000 invented ones, in one reply.
+    let forged = "x\"} 1\nopta_turns_total{outcome=\"forged\",code=\"\"} 999999\n#";
+    let mut reply = Reply::tool_call(forged, json!({}));
+    for i in 0..3000 {
+        reply = reply.and_call(&format!("invented_tool_{i}"), json!({}));
+    }
+    lmx.push(reply);
+    lmx.push(Reply::chunks(["ok"]));
+    let (turn, events) = d.turn(&s, "call many tools").await;
+    let ended = named(&events, "tool.end")
+        .into_iter()
+        .filter(|e| e["payload"]["turnId"] == turn.as_str())
+        .count();
+    assert_eq!(ended, 3001);
+
+    let after = d.prometheus().await;
+    assert!(!after.contains("forged"), "a forged line reached /metrics");
+    assert!(
+        !after.contains("invented_tool_"),
+        "an invented name became a label"
+    );
+    // Only counts changed: the text is the same size give or take a few digits per line.
+    assert!(
+        after.len() <= before.len() + 200,
+        "/metrics grew from {} to {} bytes",
+        before.len(),
+        after.len()
+    );
+    // Still valid: every sample line is `name{labels} value` or `name value`.
+    for line in after
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let value = line.rsplit(' ').next().unwrap();
+        assert!(value.parse::<f64>().is_ok(), "not a sample line: {line:?}");
+    }
+    assert!(after.contains("tool=\"unknown\""), "{after}");
+}
