@@ -650,3 +650,78 @@ async fn a_run_command_cancelled_before_background_after_secs_is_stopped_with_it
     }
     assert!(!group_alive(pgid), "the group survived the cancel");
 }
+
+#[tokio::test]
+async fn a_chatty_process_stores_no_more_output_events_than_its_cap() {
+    let lmx = ScriptedLmx::start().await.unwrap();
+    let d = TestDaemon::start_with(&lmx.url(), |c| {
+        c.background.output_cap_bytes = 64 * 1024;
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let s = session_in(&d, &dir.path().canonicalize().unwrap()).await;
+    let mut ws = d.ws(&s, u64::MAX).await;
+    // `yes` for 10 s: hundreds of megabytes offered.
+    let p = start(&d, &s, "yes", json!({"timeoutMs": 10_000})).await;
+    let id = p["processId"].as_str().unwrap().to_owned();
+    let capped = ws
+        .envelopes_until(|e| {
+            e["event"] == "background.status" && e["payload"]["reason"] == "output-capped"
+        })
+        .await;
+    let live: usize = capped
+        .iter()
+        .filter(|e| e["event"] == "background.output")
+        .map(|e| e["payload"]["text"].as_str().unwrap().len())
+        .sum();
+    assert_eq!(live, 64 * 1024, "live events stop at the cap exactly");
+    let ended = wait_for(&d, &id, |p| p["state"] != "running").await;
+    assert_eq!(ended["state"], "timeout");
+    let dropped = ended["droppedBytes"].as_u64().unwrap();
+    assert!(dropped > 10 << 20, "only {dropped} bytes past the cap");
+    // Stored as live: the cap, one notice, nothing after it.
+    let events = d.events(&s, 0).await;
+    let stored: usize = events
+        .iter()
+        .filter(|e| e["event"] == "background.output")
+        .map(|e| e["payload"]["text"].as_str().unwrap().len())
+        .sum();
+    assert_eq!(stored, 64 * 1024);
+    let notices = events
+        .iter()
+        .filter(|e| e["event"] == "background.status" && e["payload"]["reason"] == "output-capped")
+        .count();
+    assert_eq!(notices, 1);
+    // The output route still has the latest output.
+    let (_, out) = d.get(&format!("/v3/background/{id}/output")).await;
+    let tail = out["chunks"].as_array().unwrap();
+    assert!(
+        tail.last().unwrap()["text"]
+            .as_str()
+            .unwrap()
+            .ends_with("y\n")
+    );
+}
+
+#[tokio::test]
+async fn a_character_split_between_two_writes_arrives_whole() {
+    let (_lmx, d, _dir, s) = daemon_with_session().await;
+    // The euro sign's three bytes in two writes, 200 ms apart.
+    let p = start(
+        &d,
+        &s,
+        r"printf '\342\202'; sleep 0.2; printf '\254 and \360\237\246'; sleep 0.2; printf '\200\n'",
+        json!({}),
+    )
+    .await;
+    let id = p["processId"].as_str().unwrap().to_owned();
+    wait_for(&d, &id, |p| p["state"] == "completed").await;
+    let (_, out) = d.get(&format!("/v3/background/{id}/output")).await;
+    let text: String = out["chunks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(text, "€ and 🦀\n");
+}

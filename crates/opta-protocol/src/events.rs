@@ -532,6 +532,10 @@ pub struct BackgroundProcess {
     pub runtime_ms: u64,
     /// Timeout in milliseconds.
     pub timeout_ms: Option<u64>,
+    /// Output bytes past the event cap (`background-output-kib`): not sent as
+    /// `background.output` events; the output route still has the latest of them.
+    #[serde(default)]
+    pub dropped_bytes: u64,
 }
 
 /// Payload of `background.status`.

@@ -106,6 +106,8 @@ enum RunnerCommand {
     Chunk {
         id: String,
         chunk: OutputChunk,
+        /// The process's output past its event cap so far.
+        dropped_bytes: u64,
     },
     /// From a monitor: the process ended (its final record).
     Ended {
@@ -286,10 +288,15 @@ impl Runner {
                     };
                     let _ = reply.send(answer);
                 }
-                RunnerCommand::Chunk { id, chunk } => {
+                RunnerCommand::Chunk {
+                    id,
+                    chunk,
+                    dropped_bytes,
+                } => {
                     let cap = self.ctx.background.output_cap_bytes;
                     if let Some(p) = self.procs.get_mut(&id) {
                         p.keep(chunk, cap);
+                        p.info.dropped_bytes = dropped_bytes;
                     }
                 }
                 RunnerCommand::Ended { process } => {

@@ -25,7 +25,7 @@ const KILL_GRACE: Duration = Duration::from_secs(5);
 /// After a timeout's SIGTERM, the group gets this long before SIGKILL.
 const TIMEOUT_GRACE: Duration = Duration::from_secs(3);
 /// Bytes read at a time: one chunk (one event) per read.
-const READ_SIZE: usize = 8 * 1024;
+const READ_SIZE: usize = 64 * 1024;
 
 pub(super) struct Started {
     pub info: BackgroundProcess,
@@ -79,6 +79,7 @@ pub(super) async fn spawn(
         timeout_ms: spec
             .timeout
             .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+        dropped_bytes: 0,
     };
     let (control, control_rx) = mpsc::channel(4);
     let (chunks_tx, chunks) = mpsc::channel(64);
@@ -99,6 +100,8 @@ pub(super) async fn spawn(
         runner,
         seq: 0,
         started: std::time::Instant::now(),
+        evented: 0,
+        event_cap: ctx.background.output_cap_bytes,
         panics: ctx
             .faults
             .monitor_panics_on
@@ -117,18 +120,61 @@ async fn read_stream(
     stream: OutputStream,
     chunks: mpsc::Sender<(OutputStream, String)>,
 ) {
+    use futures_util::FutureExt as _;
     let mut buf = vec![0u8; READ_SIZE];
+    // Bytes of a character the last read cut in two, kept for the next.
+    let mut carried = 0;
     loop {
-        match reader.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => {
-                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
-                if chunks.send((stream, text)).await.is_err() {
-                    return;
-                }
+        let mut filled = carried;
+        let mut ended = false;
+        match reader.read(&mut buf[filled..]).await {
+            Ok(0) | Err(_) => ended = true,
+            Ok(n) => filled += n,
+        }
+        // What is there already joins this chunk: a chatty process makes few large events.
+        while !ended && filled < buf.len() {
+            match reader.read(&mut buf[filled..]).now_or_never() {
+                Some(Ok(0) | Err(_)) => ended = true,
+                Some(Ok(n)) => filled += n,
+                None => break,
             }
         }
+        carried = if ended {
+            0
+        } else {
+            incomplete_tail(&buf[..filled])
+        };
+        let complete = filled - carried;
+        if complete > 0 {
+            let text = String::from_utf8_lossy(&buf[..complete]).into_owned();
+            if chunks.send((stream, text)).await.is_err() {
+                return;
+            }
+        }
+        if ended {
+            return;
+        }
+        buf.copy_within(complete..filled, 0);
     }
+}
+
+/// How many bytes at the end of `bytes` begin a UTF-8 character that is not complete yet
+/// (0 to 3).
+fn incomplete_tail(bytes: &[u8]) -> usize {
+    for back in 1..=bytes.len().min(3) {
+        let byte = bytes[bytes.len() - back];
+        if byte & 0xC0 == 0x80 {
+            continue; // a continuation byte: the lead is further back
+        }
+        let needs = match byte {
+            0xF0..=0xFF => 4,
+            0xE0..=0xEF => 3,
+            0xC0..=0xDF => 2,
+            _ => 1,
+        };
+        return if needs > back { back } else { 0 };
+    }
+    0
 }
 
 struct Monitor {
@@ -141,6 +187,9 @@ struct Monitor {
     runner: mpsc::Sender<RunnerCommand>,
     seq: u64,
     started: std::time::Instant,
+    /// Output bytes sent as `background.output` events so far, and the most there may be.
+    evented: usize,
+    event_cap: usize,
     /// Injected fault (tests only).
     panics: bool,
 }
@@ -244,9 +293,20 @@ impl Monitor {
             .await;
     }
 
+    /// Keeps a chunk in the runner's tail (for the output route) and sends it as a
+    /// `background.output` event while the process is within its event cap; past it, events
+    /// stop (live and stored alike) and one `background.status` with reason `output-capped`
+    /// says so.
     async fn chunk(&mut self, stream: OutputStream, text: String) {
         self.seq += 1;
         let ts = now_iso();
+        let room = self.event_cap.saturating_sub(self.evented);
+        let mut sent = text.len().min(room);
+        while !text.is_char_boundary(sent) {
+            sent -= 1;
+        }
+        let was_capped = self.info.dropped_bytes > 0;
+        self.info.dropped_bytes += (text.len() - sent) as u64;
         let _ = self
             .runner
             .send(RunnerCommand::Chunk {
@@ -257,19 +317,29 @@ impl Monitor {
                     text: text.clone(),
                     ts: ts.clone(),
                 },
+                dropped_bytes: self.info.dropped_bytes,
             })
             .await;
-        let event = Event::BackgroundOutput(BackgroundOutput {
-            process_id: self.info.process_id.clone(),
-            session_id: self.info.session_id.clone(),
-            pid: self.info.pid,
-            seq: self.seq,
-            ts,
-            stream,
-            text,
-        });
-        if let Err(e) = self.session.background(event, None).await {
-            tracing::debug!(process = %self.info.process_id, error = %e, "output not recorded");
+        if sent > 0 {
+            self.evented += sent;
+            let mut text = text;
+            text.truncate(sent);
+            let event = Event::BackgroundOutput(BackgroundOutput {
+                process_id: self.info.process_id.clone(),
+                session_id: self.info.session_id.clone(),
+                pid: self.info.pid,
+                seq: self.seq,
+                ts,
+                stream,
+                text,
+            });
+            if let Err(e) = self.session.background(event, None).await {
+                tracing::debug!(process = %self.info.process_id, error = %e, "output not recorded");
+            }
+        }
+        if !was_capped && self.info.dropped_bytes > 0 {
+            self.status("output-capped", Some(ProcessState::Running), None)
+                .await;
         }
     }
 
@@ -300,4 +370,22 @@ pub(crate) fn start_ticks(pid: u32) -> Option<i64> {
     // The command name (field 2) may hold spaces and parentheses: count from its end.
     let after_name = stat.rsplit_once(')')?.1;
     after_name.split_whitespace().nth(19)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::incomplete_tail;
+
+    #[test]
+    fn a_cut_character_waits_for_its_rest() {
+        let crab = "🦀".as_bytes();
+        assert_eq!(incomplete_tail(b"plain"), 0);
+        assert_eq!(incomplete_tail("ab€".as_bytes()), 0);
+        assert_eq!(incomplete_tail(&crab[..1]), 1);
+        assert_eq!(incomplete_tail(&crab[..3]), 3);
+        assert_eq!(incomplete_tail(&[b'a', crab[0], crab[1]]), 2);
+        // Not UTF-8 at all: nothing is held back (it decodes as replacement characters).
+        assert_eq!(incomplete_tail(&[0x80, 0x80, 0x80, 0x80]), 0);
+        assert_eq!(incomplete_tail(&[]), 0);
+    }
 }
