@@ -86,6 +86,7 @@ const KEYS: &[(&str, &str, Kind)] = &[
         Kind::Number,
     ),
     ("command-tracking", "command_tracking", Kind::Text),
+    ("tool-result-kib", "tool_result_kib", Kind::Number),
 ];
 
 #[derive(Subcommand)]
@@ -258,6 +259,7 @@ fn set_field(args: &mut DaemonArgs, key: &str, text: &str) -> Result<()> {
         "allow-any-workspace" => args.allow_any_workspace = text == "true",
         "command-max-procs" => args.command_max_procs = number()?,
         "command-max-memory-mb" => args.command_max_memory_mb = number()?,
+        "tool-result-kib" => args.tool_result_kib = number()?.max(1),
         "command-tracking" => {
             args.command_tracking = text
                 .parse()
@@ -311,6 +313,7 @@ fn get_field(args: &DaemonArgs, key: &str) -> String {
         "command-max-procs" => args.command_max_procs.to_string(),
         "command-max-memory-mb" => args.command_max_memory_mb.to_string(),
         "command-tracking" => args.command_tracking.as_str().to_owned(),
+        "tool-result-kib" => args.tool_result_kib.to_string(),
         _ => String::new(),
     }
 }

@@ -289,6 +289,8 @@ fn agent_config(args: &DaemonArgs) -> Result<opta_daemon::agent::AgentConfig> {
             max_memory_bytes: args.command_max_memory_mb.saturating_mul(1 << 20),
         },
         command_tracking: args.command_tracking,
+        tool_result_bytes: usize::try_from(args.tool_result_kib.max(1).saturating_mul(1024))
+            .unwrap_or(usize::MAX),
     })
 }
 

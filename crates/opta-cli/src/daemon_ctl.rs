@@ -186,6 +186,15 @@ pub struct DaemonArgs {
         global = true
     )]
     pub command_tracking: opta_daemon::process::contain::Tracking,
+    /// The most of one tool result the model and clients get, in KiB; past it the result is
+    /// cut with a note of what was left out and how to page on.
+    #[arg(
+        long,
+        env = "OPTA_TOOL_RESULT_KIB",
+        default_value_t = 64,
+        global = true
+    )]
+    pub tool_result_kib: u64,
     /// Mode of `do` and `chat` turns when `--mode` is not given (else `do` for do, `chat` for
     /// chat). A client setting: the daemon does not use it.
     #[arg(long, env = "OPTA_DEFAULT_MODE", global = true, value_parser = crate::do_cmd::parse_mode)]
@@ -245,6 +254,8 @@ impl DaemonArgs {
             self.command_max_memory_mb.to_string(),
             "--command-tracking".into(),
             self.command_tracking.as_str().into(),
+            "--tool-result-kib".into(),
+            self.tool_result_kib.to_string(),
         ];
         for path in &self.sandbox_write {
             args.push("--sandbox-write".into());

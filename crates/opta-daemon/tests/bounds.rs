@@ -144,3 +144,43 @@ async fn invented_tool_names_never_become_metric_labels() {
     }
     assert!(after.contains("tool=\"unknown\""), "{after}");
 }
+
+#[tokio::test]
+async fn a_huge_listing_reaches_the_model_and_clients_cut_to_the_result_cap() {
+    let (lmx, d, dirs, s) = setup().await;
+    let many = dirs.ws.join("many");
+    std::fs::create_dir(&many).unwrap();
+    for i in 0..20_000 {
+        std::fs::write(
+            many.join(format!("a-rather-long-file-name-number-{i:06}.txt")),
+            "",
+        )
+        .unwrap();
+    }
+    lmx.push(Reply::tool_call("list_dir", json!({"path": "many"})));
+    lmx.push(Reply::chunks(["done"]));
+    let (turn, events) = d.turn(&s, "list").await;
+    let end = named(&events, "tool.end")
+        .into_iter()
+        .find(|e| e["payload"]["turnId"] == turn.as_str())
+        .unwrap();
+    let output = end["payload"]["result"]["output"].as_str().unwrap();
+    assert!(output.len() <= 64 * 1024 + 200, "{} bytes", output.len());
+    let tail = &output[output.len().saturating_sub(200)..];
+    assert!(output.contains("bytes left out"), "{tail}");
+    assert!(output.contains("list a subdirectory"));
+    // The model got no more than that (its history may shorten it further), never the
+    // whole listing.
+    let history = conversation(lmx.requests().last().unwrap());
+    let sent = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["role"] == "tool")
+        .unwrap()["content"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(sent.len() <= output.len(), "{} bytes sent", sent.len());
+    assert!(sent.starts_with(&output[..200]), "{:?}", &sent[..100]);
+}

@@ -41,6 +41,8 @@ pub struct AgentConfig {
     pub command_caps: crate::process::contain::CommandCaps,
     /// How each command's processes are tracked to their end (`--command-tracking`).
     pub command_tracking: crate::process::contain::Tracking,
+    /// The most bytes of one tool result the model and clients get (`--tool-result-kib`).
+    pub tool_result_bytes: usize,
 }
 
 impl Default for AgentConfig {
@@ -55,6 +57,7 @@ impl Default for AgentConfig {
             allow_any_workspace: false,
             command_caps: crate::process::contain::CommandCaps::default(),
             command_tracking: crate::process::contain::Tracking::default(),
+            tool_result_bytes: 64 * 1024,
         }
     }
 }

@@ -206,6 +206,35 @@ pub(crate) async fn run_turn(
 }
 
 /// A call to run, from the server's `tool_calls` or from the text.
+/// `output` cut to `cap` bytes (on a character boundary) with a note of what was left out
+/// and how the tool pages on; as it is when it fits. Every tool's result goes through here,
+/// to the model and to clients alike.
+fn cap_result(tool: &str, mut output: String, cap: usize) -> String {
+    if output.len() <= cap {
+        return output;
+    }
+    let total = output.len();
+    let mut end = cap;
+    while !output.is_char_boundary(end) {
+        end -= 1;
+    }
+    output.truncate(end);
+    let how = match tool {
+        "read_file" => "read on with `offset` (and `limit`)",
+        "list_dir" => "list a subdirectory",
+        "find_files" => "use a narrower `pattern` or `path`",
+        "search_files" => "narrow the search with `path` or `glob`",
+        "run_command" | "bg_output" => "filter the output (e.g. `| head`, `| tail`, `grep`)",
+        _ => "ask for less at a time",
+    };
+    output.push_str(&format!(
+        "\n[… {} of {total} bytes left out (the result limit is {} KiB): {how} …]",
+        total - end,
+        cap / 1024
+    ));
+    output
+}
+
 /// `id`, or when this turn gave it out already, `id-2`, `id-3`, ...: the model's history and
 /// every event use the id returned.
 fn unique_id(given: &mut std::collections::HashSet<String>, id: String) -> String {
@@ -577,7 +606,10 @@ impl Turn<'_> {
         started: Instant,
     ) -> ChatMessage {
         let (result, content) = match outcome {
-            Ok(output) => (json!({"ok": true, "output": output}), output),
+            Ok(output) => {
+                let output = cap_result(&call.name, output, self.ctx.agent.tool_result_bytes);
+                (json!({"ok": true, "output": output}), output)
+            }
             Err(error) => {
                 let content = format!("Error: {error}");
                 (json!({"ok": false, "error": error}), content)
@@ -793,6 +825,21 @@ impl AsyncDeltaSink for &mut RoundSink<'_> {
 #[cfg(test)]
 mod tests {
     use super::{PlannedCall, repeat_key, unique_id};
+
+    #[test]
+    fn results_past_the_cap_are_cut_with_a_note() {
+        let small = super::cap_result("list_dir", "a\nb\n".into(), 64);
+        assert_eq!(small, "a\nb\n");
+        let big = "é".repeat(100); // 200 bytes
+        let cut = super::cap_result("read_file", big, 51);
+        assert!(
+            cut.starts_with(&"é".repeat(25)),
+            "cut on a character boundary"
+        );
+        assert!(!cut.starts_with(&"é".repeat(26)));
+        assert!(cut.contains("150 of 200 bytes left out"), "{cut}");
+        assert!(cut.contains("`offset`"), "{cut}");
+    }
 
     #[test]
     fn ids_are_unique_in_a_turn() {
