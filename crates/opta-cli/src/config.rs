@@ -87,6 +87,7 @@ const KEYS: &[(&str, &str, Kind)] = &[
     ),
     ("command-tracking", "command_tracking", Kind::Text),
     ("tool-result-kib", "tool_result_kib", Kind::Number),
+    ("max-edit-kib", "max_edit_kib", Kind::Number),
 ];
 
 #[derive(Subcommand)]
@@ -260,6 +261,7 @@ fn set_field(args: &mut DaemonArgs, key: &str, text: &str) -> Result<()> {
         "command-max-procs" => args.command_max_procs = number()?,
         "command-max-memory-mb" => args.command_max_memory_mb = number()?,
         "tool-result-kib" => args.tool_result_kib = number()?.max(1),
+        "max-edit-kib" => args.max_edit_kib = number()?.max(1),
         "command-tracking" => {
             args.command_tracking = text
                 .parse()
@@ -314,6 +316,7 @@ fn get_field(args: &DaemonArgs, key: &str) -> String {
         "command-max-memory-mb" => args.command_max_memory_mb.to_string(),
         "command-tracking" => args.command_tracking.as_str().to_owned(),
         "tool-result-kib" => args.tool_result_kib.to_string(),
+        "max-edit-kib" => args.max_edit_kib.to_string(),
         _ => String::new(),
     }
 }

@@ -291,6 +291,8 @@ fn agent_config(args: &DaemonArgs) -> Result<opta_daemon::agent::AgentConfig> {
         command_tracking: args.command_tracking,
         tool_result_bytes: usize::try_from(args.tool_result_kib.max(1).saturating_mul(1024))
             .unwrap_or(usize::MAX),
+        max_edit_bytes: usize::try_from(args.max_edit_kib.max(1).saturating_mul(1024))
+            .unwrap_or(usize::MAX),
     })
 }
 

@@ -195,6 +195,10 @@ pub struct DaemonArgs {
         global = true
     )]
     pub tool_result_kib: u64,
+    /// The most text one `edit_file` or `multi_edit` may add to a file, in KiB (an edit that
+    /// would add more is refused before it is built).
+    #[arg(long, env = "OPTA_MAX_EDIT_KIB", default_value_t = 1024, global = true)]
+    pub max_edit_kib: u64,
     /// Mode of `do` and `chat` turns when `--mode` is not given (else `do` for do, `chat` for
     /// chat). A client setting: the daemon does not use it.
     #[arg(long, env = "OPTA_DEFAULT_MODE", global = true, value_parser = crate::do_cmd::parse_mode)]
@@ -256,6 +260,8 @@ impl DaemonArgs {
             self.command_tracking.as_str().into(),
             "--tool-result-kib".into(),
             self.tool_result_kib.to_string(),
+            "--max-edit-kib".into(),
+            self.max_edit_kib.to_string(),
         ];
         for path in &self.sandbox_write {
             args.push("--sandbox-write".into());

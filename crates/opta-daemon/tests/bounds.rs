@@ -184,3 +184,111 @@ async fn a_huge_listing_reaches_the_model_and_clients_cut_to_the_result_cap() {
     assert!(sent.len() <= output.len(), "{} bytes sent", sent.len());
     assert!(sent.starts_with(&output[..200]), "{:?}", &sent[..100]);
 }
+
+/// This process's resident memory (the daemon runs in it), in MiB.
+fn rss_mib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap()
+        / 1024
+}
+
+async fn run_in(d: &TestDaemon, s: &str, mode: &str) -> Vec<Value> {
+    let mut ws = d.ws(s, u64::MAX).await;
+    let (status, body) = d
+        .post(
+            &format!("/v3/sessions/{s}/turns"),
+            json!({"clientId": "t", "writerId": "w", "content": "go", "mode": mode}),
+        )
+        .await;
+    assert_eq!(status, reqwest::StatusCode::ACCEPTED, "{body}");
+    let turn = body["turnId"].as_str().unwrap().to_owned();
+    ws.envelopes_until(opta_test_support::is_terminal_of(&turn))
+        .await
+}
+
+#[tokio::test]
+async fn plan_mode_reads_and_edits_cannot_exhaust_the_daemons_memory() {
+    let (lmx, d, dirs, s) = setup().await;
+    // 20,000 occurrences, each to become 1 MiB: 20 GB if it were built.
+    std::fs::write(dirs.ws.join("many.txt"), "ab\n".repeat(20_000)).unwrap();
+    // A 1 GiB file of one line (sparse: zeros, no line end).
+    let huge = std::fs::File::create(dirs.ws.join("huge.txt")).unwrap();
+    huge.set_len(1 << 30).unwrap();
+    let before = rss_mib();
+    let big = "x".repeat(1 << 20);
+    lmx.push(Reply::tool_call(
+        "edit_file",
+        json!({"path": "many.txt", "oldString": "ab", "newString": big, "replaceAll": true}),
+    ));
+    lmx.push(Reply::tool_call(
+        "read_file",
+        json!({"path": "huge.txt", "limit": 1}),
+    ));
+    lmx.push(Reply::tool_call(
+        "read_file",
+        json!({"path": "huge.txt", "byteOffset": 1_000_000_000u64}),
+    ));
+    lmx.push(Reply::chunks(["done"]));
+    let events = run_in(&d, &s, "plan").await;
+    let ends = named(&events, "tool.end");
+    assert_eq!(ends.len(), 3);
+    // Refused by the mode before anything was read or built (not by the edit cap).
+    let refused = ends[0]["payload"]["result"]["error"].as_str().unwrap();
+    assert!(refused.contains("denied in plan mode"), "{refused}");
+    let read = ends[1]["payload"]["result"]["output"].as_str().unwrap();
+    // 63 KiB shown: the note fits in the 64 KiB result.
+    assert!(
+        read.contains("read on with byteOffset 64512"),
+        "{}",
+        &read[read.len() - 300..]
+    );
+    assert!(read.len() < 70 * 1024, "{} bytes", read.len());
+    let at = ends[2]["payload"]["result"]["output"].as_str().unwrap();
+    assert!(at.starts_with("[from byte 1000000000]"), "{}", &at[..100]);
+    let grown = rss_mib().saturating_sub(before);
+    assert!(grown < 50, "the daemon grew by {grown} MiB");
+    assert_eq!(
+        std::fs::read_to_string(dirs.ws.join("many.txt"))
+            .unwrap()
+            .len(),
+        60_000,
+        "plan mode changed nothing"
+    );
+}
+
+#[tokio::test]
+async fn an_edit_that_would_add_more_than_the_cap_is_refused_before_it_is_built() {
+    let (lmx, d, dirs, s) = setup().await;
+    std::fs::write(dirs.ws.join("many.txt"), "ab\n".repeat(20_000)).unwrap();
+    lmx.push(Reply::tool_call(
+        "read_file",
+        json!({"path": "many.txt", "limit": 1}),
+    ));
+    lmx.push(Reply::tool_call(
+        "edit_file",
+        json!({"path": "many.txt", "oldString": "ab", "newString": "x".repeat(100), "replaceAll": true}),
+    ));
+    lmx.push(Reply::tool_call(
+        "edit_file",
+        json!({"path": "many.txt", "oldString": "ab", "newString": "abc", "replaceAll": true}),
+    ));
+    lmx.push(Reply::chunks(["done"]));
+    let events = run_in(&d, &s, "do").await;
+    let ends = named(&events, "tool.end");
+    let refused = ends[1]["payload"]["result"]["error"].as_str().unwrap();
+    assert!(refused.contains("--max-edit-kib"), "{refused}");
+    assert!(refused.contains("20000 replacements"), "{refused}");
+    // 20 KB added: within the cap, made.
+    assert_eq!(ends[2]["payload"]["result"]["ok"], true, "{:?}", ends[2]);
+    assert_eq!(
+        std::fs::read_to_string(dirs.ws.join("many.txt"))
+            .unwrap()
+            .len(),
+        80_000
+    );
+}

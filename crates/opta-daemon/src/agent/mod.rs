@@ -43,6 +43,8 @@ pub struct AgentConfig {
     pub command_tracking: crate::process::contain::Tracking,
     /// The most bytes of one tool result the model and clients get (`--tool-result-kib`).
     pub tool_result_bytes: usize,
+    /// The most text one edit may add to a file (`--max-edit-kib`).
+    pub max_edit_bytes: usize,
 }
 
 impl Default for AgentConfig {
@@ -58,6 +60,7 @@ impl Default for AgentConfig {
             command_caps: crate::process::contain::CommandCaps::default(),
             command_tracking: crate::process::contain::Tracking::default(),
             tool_result_bytes: 64 * 1024,
+            max_edit_bytes: 1024 * 1024,
         }
     }
 }

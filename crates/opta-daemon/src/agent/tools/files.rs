@@ -16,8 +16,11 @@ use super::{Change, FileMemory, Prepared};
 use crate::agent::Workspace;
 use crate::agent::workspace::{Stamp, WorkspaceError};
 
-/// Largest file `read_file` returns whole; beyond it, a marker says to use offset/limit.
-pub const READ_CAP_BYTES: usize = 64 * 1024;
+/// Most text one `read_file` returns (less when the tool result cap is lower); beyond it, a
+/// note says how to read on.
+const READ_CAP_BYTES: usize = 64 * 1024;
+/// Room kept below the tool result cap for the line numbers and notes.
+const NOTE_ROOM: usize = 1024;
 /// Lines `read_file` returns when no limit is given.
 const DEFAULT_LINES: usize = 2000;
 
@@ -32,6 +35,10 @@ pub struct ReadFileArgs {
     /// How many lines to return.
     #[serde(default)]
     pub limit: Option<usize>,
+    /// Read raw text from this byte instead (to go on inside a line too long to show whole;
+    /// the cut line's note gives the offset).
+    #[serde(default, rename = "byteOffset", alias = "byte_offset")]
+    pub byte_offset: Option<u64>,
 }
 
 /// `write_file` arguments.
@@ -158,61 +165,49 @@ async fn load(
     Ok((key, Some((text, stamp, cut))))
 }
 
-/// `read_file`: numbered lines, `offset`/`limit` in lines, capped at [`READ_CAP_BYTES`].
+/// `read_file`: numbered lines, `offset`/`limit` in lines, capped at [`READ_CAP_BYTES`], read
+/// as a stream (`read.rs`); or raw text from `byteOffset`.
 pub async fn read_file(
     workspace: &Workspace,
     memory: &mut FileMemory,
     args: ReadFileArgs,
+    result_bytes: usize,
 ) -> Result<String, String> {
     let (key, found) = find(workspace, &args.path).await?;
     let Some((file, stamp)) = found else {
         return Err(format!("{} does not exist", workspace.display(&key)));
     };
     let cache_key = format!(
-        "read_file\0{}\0{:?}\0{:?}",
+        "read_file\0{}\0{:?}\0{:?}\0{:?}",
         key.display(),
         args.offset,
-        args.limit
+        args.limit,
+        args.byte_offset
     );
     memory.saw(&key, stamp);
     if let Some(hit) = memory.cached(&cache_key, stamp) {
         return Ok(hit);
     }
-    let (text, cut) = read_open(workspace, &key, file).await?;
-    let total = text.lines().count();
-    let first = args.offset.unwrap_or(1).max(1);
-    let limit = args.limit.unwrap_or(DEFAULT_LINES).max(1);
-    let mut out = String::new();
-    let mut last = first.saturating_sub(1);
-    for (n, line) in text.lines().enumerate().skip(first - 1).take(limit) {
-        if out.len() + line.len() > READ_CAP_BYTES {
-            break;
-        }
-        let _ = writeln!(out, "{:>6}\t{line}", n + 1);
-        last = n + 1;
-    }
-    if total == 0 {
-        out.push_str("(empty file)\n");
-    } else if first > total {
-        let _ = writeln!(
-            out,
-            "(the file has {total} lines; offset {first} is past its end)"
-        );
-    } else if last < total {
-        let _ = writeln!(
-            out,
-            "[… lines {}-{total} not shown: read on with offset {} …]",
-            last + 1,
-            last + 1
-        );
-    }
-    if cut {
-        let _ = writeln!(
-            out,
-            "[… the file is larger than {} MiB; only its beginning was read …]",
-            READ_MAX_BYTES >> 20
-        );
-    }
+    // A line longer than what may be shown is cut with the byte offset to go on from.
+    let shown_bytes = READ_CAP_BYTES.min(result_bytes.saturating_sub(NOTE_ROOM).max(NOTE_ROOM));
+    let limits = super::read::Limits {
+        lines: args.limit.unwrap_or(DEFAULT_LINES).max(1),
+        out_bytes: shown_bytes,
+        line_bytes: shown_bytes,
+        scan_bytes: READ_MAX_BYTES,
+    };
+    let first = args.offset.unwrap_or(1);
+    let byte_offset = args.byte_offset;
+    let shown = workspace.display(&key);
+    // Streamed on a blocking thread: it stops at the limits, whatever the file's size.
+    let out = blocking(workspace, move |_| {
+        let read = match byte_offset {
+            Some(offset) => super::read::from_byte(file, offset, limits),
+            None => super::read::numbered(std::io::BufReader::new(file), first, limits),
+        };
+        read.map_err(|e| format!("reading {shown}: {e}"))
+    })
+    .await?;
     memory.remember(cache_key, stamp, &out);
     Ok(out)
 }
@@ -264,6 +259,7 @@ pub async fn prepare_edits(
     memory: &FileMemory,
     path: &str,
     edits: Vec<Edit>,
+    max_growth: usize,
 ) -> Prepared {
     let (key, found) = match load(workspace, path).await {
         Ok(found) => found,
@@ -291,6 +287,13 @@ pub async fn prepare_edits(
         } else {
             String::new()
         };
+        // What the edit would add is known before it is made: never build a result
+        // that large (20,000 occurrences times a long new_string).
+        if let Some(why) = too_much_growth(&old, &new, edit, max_growth) {
+            return Prepared::Finished(Err(format!(
+                "{which}{why} in {shown}; nothing was changed"
+            )));
+        }
         match apply_edit(&new, edit) {
             Ok(next) => new = next,
             Err(e) => {
@@ -314,6 +317,32 @@ pub async fn prepare_edits(
             expected: Some(stamp),
         },
     }
+}
+
+/// Why applying `edit` to `current` (the original `old` with the edits before) would add
+/// more than `max` bytes to the file, if it would.
+fn too_much_growth(old: &str, current: &str, edit: &Edit, max: usize) -> Option<String> {
+    if edit.new_string.len() <= edit.old_string.len() || edit.old_string.is_empty() {
+        return None;
+    }
+    let times = if edit.replace_all {
+        current.matches(edit.old_string.as_str()).count()
+    } else {
+        1
+    };
+    let after = current
+        .len()
+        .saturating_add(times.saturating_mul(edit.new_string.len() - edit.old_string.len()));
+    let added = after.saturating_sub(old.len());
+    (added > max).then(|| {
+        format!(
+            "the edit would add {} KiB ({times} replacement{}), more than the {} KiB an edit may \
+             add (--max-edit-kib); make smaller edits or write the file with write_file",
+            added / 1024,
+            if times == 1 { "" } else { "s" },
+            max / 1024
+        )
+    })
 }
 
 /// Applies one replacement to `text`, or says why it cannot.
@@ -494,8 +523,9 @@ mod tests {
             path: "f.txt".into(),
             offset: Some(3),
             limit: Some(2),
+            byte_offset: None,
         };
-        let out = read_file(&ws, &mut memory, args).await.unwrap();
+        let out = read_file(&ws, &mut memory, args, 64 * 1024).await.unwrap();
         assert_eq!(
             out,
             "     3\tline 3\n     4\tline 4\n[… lines 5-10 not shown: read on with offset 5 …]\n"

@@ -6,6 +6,7 @@
 pub mod background;
 pub mod command;
 pub mod files;
+mod read;
 pub mod search;
 
 use std::collections::HashMap;
@@ -55,7 +56,8 @@ pub const TOOLS: &[ToolSpec] = &[
     ToolSpec {
         name: "read_file",
         description: "Read a text file of the workspace. Lines come numbered; use offset and \
-                      limit (in lines) for long files.",
+                      limit (in lines) for long files, and byteOffset to go on inside a line \
+                      too long to show whole.",
         kind: ToolKind::Read,
         schema: schema_of::<files::ReadFileArgs>,
     },
@@ -320,6 +322,11 @@ pub struct ToolEnv<'a> {
     pub sandbox: Option<&'a crate::process::sandbox::Sandbox>,
     /// How commands are tracked to their end (every turn, `dangerous` included).
     pub containment: &'a crate::process::contain::Containment,
+    /// The most text one edit may add to a file (`--max-edit-kib`).
+    pub max_edit_bytes: usize,
+    /// The most of one result the model gets (`--tool-result-kib`): a read stops short of it,
+    /// so its note on how to read on is never what the cut leaves out.
+    pub result_bytes: usize,
 }
 
 /// A call turned into what happens next.
@@ -370,7 +377,7 @@ pub async fn prepare(tool: &ToolSpec, args: &Value, env: &mut ToolEnv<'_>) -> Pr
     let workspace = env.workspace;
     let result = match tool.name {
         "read_file" => match parse_args(tool, args) {
-            Ok(a) => files::read_file(workspace, env.memory, a).await,
+            Ok(a) => files::read_file(workspace, env.memory, a, env.result_bytes).await,
             Err(e) => Err(e),
         },
         "list_dir" => match parse_args(tool, args) {
@@ -391,12 +398,29 @@ pub async fn prepare(tool: &ToolSpec, args: &Value, env: &mut ToolEnv<'_>) -> Pr
         },
         "edit_file" => match parse_args::<files::EditFileArgs>(tool, args) {
             Ok(a) => {
-                return files::prepare_edits(workspace, env.memory, &a.path, vec![a.edit]).await;
+                let edits = vec![a.edit];
+                return files::prepare_edits(
+                    workspace,
+                    env.memory,
+                    &a.path,
+                    edits,
+                    env.max_edit_bytes,
+                )
+                .await;
             }
             Err(e) => Err(e),
         },
         "multi_edit" => match parse_args::<files::MultiEditArgs>(tool, args) {
-            Ok(a) => return files::prepare_edits(workspace, env.memory, &a.path, a.edits).await,
+            Ok(a) => {
+                return files::prepare_edits(
+                    workspace,
+                    env.memory,
+                    &a.path,
+                    a.edits,
+                    env.max_edit_bytes,
+                )
+                .await;
+            }
             Err(e) => Err(e),
         },
         "run_command" => match parse_args(tool, args) {
