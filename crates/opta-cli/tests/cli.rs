@@ -762,13 +762,15 @@ async fn a_closed_stdout_ends_quietly_and_cancels_the_turn() {
         .as_str()
         .unwrap()
         .to_owned();
-    // A listing read only in part: no panic, no backtrace. A finished turn of 3,000 tokens of
-    // 40 bytes makes the listing far larger than a pipe's buffer (64 KiB) even when the daemon
-    // joins deltas that arrive together (it does under load), so its writes do hit the
-    // closed end.
-    lmx.push(Reply::chunks(
-        (0..3000).map(|i| format!("word-{i:05}-with-padding-to-forty-bytes ")),
-    ));
+    // A listing read only in part: no panic, no backtrace. A turn of 1,500 tool calls makes
+    // 3,000 events the daemon never joins (deltas it may join under load), so the listing is
+    // far larger than a pipe's buffer and its writes do hit the closed end.
+    let mut calls = Reply::tool_call("no_such_tool", json!({"n": 0}));
+    for n in 1..1500 {
+        calls = calls.and_call("no_such_tool", json!({"n": n}));
+    }
+    lmx.push(calls);
+    lmx.push(Reply::chunks(["done"]));
     let long = home.opta(&["do", "--session", &id, "long answer"]).await;
     assert!(long.status.success(), "{}", text(&long.stderr));
     for args in [

@@ -68,6 +68,9 @@ async fn stop_interrupts_the_running_turn_and_queued_turns_run_after_restart() {
     let queued = d.submit(&s, "queued until restart").await;
     ws.envelopes_until(|e| e["event"] == "turn.start" && e["payload"]["turnId"] == running)
         .await;
+    // The hanging reply must be taken by the running turn before the stop: on a loaded
+    // machine its request can lag behind turn.start, and the queued turn would get it instead.
+    lmx.wait_chat_requests(2).await;
 
     let d = d.restart().await;
     let events = d.events(&s, 0).await;

@@ -1488,6 +1488,18 @@ impl SessionActor {
             state,
             finished_at: Some(now.clone()),
         });
+        if error_code == Some(TurnErrorCode::StorageFull) {
+            // A turn the full store ended leaves no token events behind, even when its end
+            // fits as it is: they are what filled it, its text is in the reply stored here,
+            // and the turns queued behind it need the room.
+            ops.insert(
+                0,
+                WriteOp::DropTurnDeltas {
+                    session_id: self.id_arc.clone(),
+                    turn_id: turn.turn_id.0.clone(),
+                },
+            );
+        }
         events.push(terminal);
         let previous_updated_at = std::mem::replace(&mut self.meta.updated_at, now);
         ops.push(WriteOp::UpdateSession(self.meta.clone()));
@@ -1508,7 +1520,7 @@ impl SessionActor {
             None => self.emit(&events, ops.clone()).await,
         };
         let result = match result {
-            Err(Error::StorageFull(_)) => {
+            Err(Error::StorageFull(_)) if error_code != Some(TurnErrorCode::StorageFull) => {
                 // The turn's own token events are the likely space hog and its text is in
                 // the reply being stored: drop them in the same commit to make room for its
                 // end (whenever that commit happens).

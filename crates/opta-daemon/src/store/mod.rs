@@ -514,9 +514,11 @@ mod tests {
             store.write(vec![event(seq)]).await.unwrap();
             largest = largest.max(std::fs::metadata(&wal).map_or(0, |m| m.len()));
         }
-        // The limit plus a few commits' pages (a truncation that meets the checkpointer's
-        // passive checkpoint waits for the next commit). Unchecked, it reaches megabytes.
-        assert!(largest < 2 * limit, "the WAL reached {largest} bytes");
+        // The limit plus the commits made while the checkpointer's passive checkpoint held
+        // off a truncation (each is tried again at the next commit; past 4x the commits wait
+        // for it): 7x the limit beside `stress-ng --cpu 4` on 2 cores before they waited.
+        // Unchecked, it reaches 3 MB.
+        assert!(largest < 5 * limit, "the WAL reached {largest} bytes");
         store.shutdown().await.unwrap();
     }
 

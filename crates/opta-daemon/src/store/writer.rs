@@ -57,9 +57,27 @@ impl WalLimit {
         };
         let _ = conn.busy_timeout(wait);
         // One row: (busy, log frames, checkpointed frames); busy = 1 when readers held it off.
-        match conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
-            r.get::<_, i64>(0)
-        }) {
+        // (busy, log frames, checkpointed frames): busy = 1 when it could not finish; the
+        // frame counts are -1 when it could not run at all, which is another connection (the
+        // checkpointer's passive checkpoint) holding the checkpoint lock.
+        let truncate = || {
+            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+            })
+        };
+        let mut result = truncate();
+        // SQLite never waits for the checkpoint lock, and a loaded machine can make the
+        // checkpointer's run slow enough for the log to grow many times its limit meanwhile:
+        // past 4x, the commits wait for it (briefly: it always ends), unlike a long reader,
+        // which they never wait for.
+        let mut tries = 0;
+        while matches!(result, Ok((1, -1))) && size > 4 * self.max_bytes && tries < 100 {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            result = truncate();
+            tries += 1;
+        }
+        let result = result.map(|(busy, _)| busy);
+        match result {
             Ok(0) => self.held_off = false,
             Ok(_) => self.held_off = true,
             Err(e) => {
