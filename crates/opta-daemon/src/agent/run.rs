@@ -675,6 +675,11 @@ impl Turn<'_> {
                 );
             }
         };
+        // A call the mode refuses whatever it is does no work first: a plan-mode edit must not
+        // build its result and diff before it is refused.
+        if let Policy::Deny(reason) = permissions::policy(mode, overrides, spec.kind) {
+            return (Err(reason), None);
+        }
         let ctx = self.ctx;
         let (updates, turn_no) = (self.updates, self.turn_no);
         let session = self.session.clone();
@@ -695,11 +700,6 @@ impl Turn<'_> {
             max_edit_bytes: ctx.agent.max_edit_bytes,
             result_bytes: ctx.agent.tool_result_bytes,
         };
-        // A call the mode refuses whatever it is does no work first: a plan-mode edit must not
-        // build its result and diff before it is refused.
-        if let Policy::Deny(reason) = permissions::policy(mode, overrides, spec.kind) {
-            return (Err(reason), None);
-        }
         match tools::prepare(spec, args, &mut env).await {
             Prepared::Finished(result) => (result, Some("mode".to_owned())),
             Prepared::Change {

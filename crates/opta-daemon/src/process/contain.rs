@@ -118,13 +118,13 @@ impl Containment {
     /// Probes the host for `home`: makes (or finds) the daemon's cgroup directories, else
     /// tries a PID namespace (as `tracking` allows).
     pub fn probe(home: &Path, caps: CommandCaps, tracking: Tracking) -> Self {
-        let name = format!("opta-{:016x}", fnv1a(home.as_os_str().as_encoded_bytes()));
-        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
         let records = home.join("commands");
         if tracking != Tracking::Auto {
             return Self::without_cgroups(caps, tracking, records);
         }
+        let name = format!("opta-{:016x}", fnv1a(home.as_os_str().as_encoded_bytes()));
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
         let cgroup = hierarchy_dir(&mounts, &own, None)
             .map(|dir| dir.join(&name))
             .filter(|dir| make_dir(dir) && dir.join("cgroup.kill").exists());

@@ -307,6 +307,9 @@ impl Monitor {
         }
         let was_capped = self.info.dropped_bytes > 0;
         self.info.dropped_bytes += (text.len() - sent) as u64;
+        // The event's copy first (only what fits under the cap); the chunk itself moves on
+        // to the runner's tail, so a capped process copies nothing per chunk.
+        let evented = (sent > 0).then(|| text[..sent].to_owned());
         let _ = self
             .runner
             .send(RunnerCommand::Chunk {
@@ -314,16 +317,14 @@ impl Monitor {
                 chunk: OutputChunk {
                     seq: self.seq,
                     stream,
-                    text: text.clone(),
+                    text,
                     ts: ts.clone(),
                 },
                 dropped_bytes: self.info.dropped_bytes,
             })
             .await;
-        if sent > 0 {
-            self.evented += sent;
-            let mut text = text;
-            text.truncate(sent);
+        if let Some(text) = evented {
+            self.evented += text.len();
             let event = Event::BackgroundOutput(BackgroundOutput {
                 process_id: self.info.process_id.clone(),
                 session_id: self.info.session_id.clone(),
